@@ -1,0 +1,649 @@
+//! Configuration: one TOML file with documented defaults, every key overridable from the environment.
+//!
+//! Loading goes file → TOML table → environment overrides (`TSUSAGE_` + key path upper-cased, sections
+//! joined by `__`, e.g. `TSUSAGE_PLAN__CHUNK_SIZE=100`) → typed [`Config`] → [`Config::validate`].
+//! Secrets (`api.app_key`, `api.app_secret`, `api.username`, `api.password`, `callbacks.username`,
+//! `callbacks.password`) come from the environment only: a file that holds one is rejected, and
+//! `Debug` never shows them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable prefix for overrides.
+pub const ENV_PREFIX: &str = "TSUSAGE_";
+/// Environment variables with the prefix that are not configuration keys.
+pub const ENV_RESERVED: &[&str] = &["TSUSAGE_LOG"];
+
+/// Default `plan.window_days`: one request per UTC day.
+pub const DEFAULT_WINDOW_DAYS: u32 = 1;
+/// Default `plan.chunk_size`: related vendor endpoints fail above 200 devices per request.
+pub const DEFAULT_CHUNK_SIZE: u32 = 200;
+/// Largest accepted `plan.chunk_size`.
+pub const MAX_CHUNK_SIZE: u32 = 10_000;
+/// Default `api.base_url`: the vendor's production gateway.
+pub const DEFAULT_API_BASE_URL: &str = "https://thingspace.verizon.com/api";
+/// Default `api.requests_per_sec`: conservative, the real limit is per contract.
+pub const DEFAULT_REQUESTS_PER_SEC: u32 = 5;
+/// Default `api.max_in_flight`: concurrent requests to the vendor.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 8;
+/// Default `callbacks.listen_addr`: 9001 is one of the ports the vendor will call.
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:9001";
+/// Default `callbacks.public_url`.
+pub const DEFAULT_PUBLIC_URL: &str = "https://etl.example.com:9001/callbacks";
+/// Default `callbacks.drop_dir`.
+pub const DEFAULT_DROP_DIR: &str = "inbox";
+/// Default `callbacks.deadline_secs`: wait half an hour for a request's callbacks.
+pub const DEFAULT_DEADLINE_SECS: u64 = 1800;
+/// Default `callbacks.max_resubmits`.
+pub const DEFAULT_MAX_RESUBMITS: u32 = 2;
+/// Default `callbacks.max_file_bytes`: a drop-directory file larger than this is skipped (256 MiB).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+/// Default `output.dir`.
+pub const DEFAULT_OUTPUT_DIR: &str = "out";
+/// Default `output.max_rows_per_file`: a partition is split into several files past this.
+pub const DEFAULT_MAX_ROWS_PER_FILE: u64 = 1_000_000;
+/// Default `output.zstd_level`.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Default `state.path`.
+pub const DEFAULT_STATE_PATH: &str = "state/tsusage.db";
+/// Default `sim.listen_addr`.
+pub const DEFAULT_SIM_LISTEN_ADDR: &str = "127.0.0.1:9010";
+
+/// The keys that hold secrets: environment only, never in the file, never printed.
+const SECRET_KEYS: &[(&str, &str)] = &[
+    ("api", "app_key"),
+    ("api", "app_secret"),
+    ("api", "username"),
+    ("api", "password"),
+    ("callbacks", "username"),
+    ("callbacks", "password"),
+];
+
+/// A configuration problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config {path}: {key}: {message}")]
+    Key {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error(
+        "config {path}: {key} is a secret and must not be in the file; set {env} in the environment"
+    )]
+    SecretInFile {
+        path: PathBuf,
+        key: String,
+        env: String,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+/// A secret string: never shown by `Debug`, never serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret's value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(\"[redacted]\")")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// The whole configuration (DESIGN §6).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The billing account, kept as text: it has leading zeros (`0000123456-00001`).
+    pub account_name: String,
+    #[serde(default)]
+    pub input: InputConfig,
+    #[serde(default)]
+    pub plan: PlanConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub callbacks: CallbacksConfig,
+    pub output: OutputConfig,
+    pub state: StateConfig,
+    #[serde(default)]
+    pub sim: SimConfig,
+}
+
+/// `[input]`: the ICCID lists.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// CSV files: a column named `iccid` (any case), or the only column.
+    pub paths: Vec<PathBuf>,
+    /// Reject ICCIDs whose Luhn check digit is wrong (default: warn and keep them; some real ones fail).
+    pub strict_luhn: bool,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        InputConfig {
+            paths: vec![PathBuf::from("data/iccids.csv")],
+            strict_luhn: false,
+        }
+    }
+}
+
+/// `[plan]`: how a date range and an ICCID list become requests.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanConfig {
+    /// Days per request window.
+    pub window_days: u32,
+    /// ICCIDs per request.
+    pub chunk_size: u32,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            window_days: DEFAULT_WINDOW_DAYS,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+        }
+    }
+}
+
+/// `[api]`: the vendor API (or the simulator).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Base URL; OAuth lives at `{base_url}/ts/v1/...`, everything else at `{base_url}/m2m/v1/...`.
+    pub base_url: String,
+    /// Sustained request rate to the vendor.
+    pub requests_per_sec: u32,
+    /// Concurrent requests to the vendor.
+    pub max_in_flight: u32,
+    #[serde(skip_serializing)]
+    pub app_key: Option<Secret>,
+    #[serde(skip_serializing)]
+    pub app_secret: Option<Secret>,
+    #[serde(skip_serializing)]
+    pub username: Option<Secret>,
+    #[serde(skip_serializing)]
+    pub password: Option<Secret>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            base_url: DEFAULT_API_BASE_URL.to_owned(),
+            requests_per_sec: DEFAULT_REQUESTS_PER_SEC,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            app_key: None,
+            app_secret: None,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+/// Where callbacks come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackSource {
+    /// An in-process HTTP listener during `run`.
+    Listener,
+    /// A separate `tsusage listen` journaling into the shared state store.
+    External,
+    /// JSON files dropped in `callbacks.drop_dir`.
+    DropDir,
+}
+
+/// `[callbacks]`: receiving the vendor's callbacks.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbacksConfig {
+    pub source: CallbackSource,
+    pub listen_addr: SocketAddr,
+    /// What ThingSpace is told to call.
+    pub public_url: String,
+    pub drop_dir: PathBuf,
+    /// How long to wait for a request's callbacks before re-requesting it.
+    pub deadline_secs: u64,
+    pub max_resubmits: u32,
+    /// Drop-directory files larger than this are skipped and reported.
+    pub max_file_bytes: u64,
+    #[serde(skip_serializing)]
+    pub username: Option<Secret>,
+    #[serde(skip_serializing)]
+    pub password: Option<Secret>,
+}
+
+impl Default for CallbacksConfig {
+    fn default() -> Self {
+        CallbacksConfig {
+            source: CallbackSource::Listener,
+            listen_addr: parse_default_addr(DEFAULT_LISTEN_ADDR),
+            public_url: DEFAULT_PUBLIC_URL.to_owned(),
+            drop_dir: PathBuf::from(DEFAULT_DROP_DIR),
+            deadline_secs: DEFAULT_DEADLINE_SECS,
+            max_resubmits: DEFAULT_MAX_RESUBMITS,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+/// How the output is partitioned: by the data's own date, never by run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionBy {
+    /// `usage_date=YYYY-MM-DD/`
+    Day,
+    /// `usage_month=YYYY-MM/`
+    Month,
+}
+
+/// `[output]`: Parquet, rejects and run reports.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Parquet under `{dir}/usage/`, rejects under `{dir}/rejects/`, run reports under `{dir}/runs/`.
+    pub dir: PathBuf,
+    #[serde(default = "default_partition_by")]
+    pub partition_by: PartitionBy,
+    #[serde(default = "default_max_rows_per_file")]
+    pub max_rows_per_file: u64,
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+}
+
+fn default_partition_by() -> PartitionBy {
+    PartitionBy::Day
+}
+fn default_max_rows_per_file() -> u64 {
+    DEFAULT_MAX_ROWS_PER_FILE
+}
+fn default_zstd_level() -> i32 {
+    DEFAULT_ZSTD_LEVEL
+}
+
+/// `[state]`: the SQLite state store.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    pub path: PathBuf,
+}
+
+/// `[sim]`: the built-in simulator.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Where `tsusage sim` serves the fake vendor API (base URL `http://ADDR/api`).
+    pub listen_addr: SocketAddr,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            listen_addr: parse_default_addr(DEFAULT_SIM_LISTEN_ADDR),
+        }
+    }
+}
+
+fn parse_default_addr(text: &str) -> SocketAddr {
+    text.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+impl Config {
+    /// Loads `path`, applies the `TSUSAGE_*` variables of the process environment, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, std::env::vars())
+    }
+
+    /// [`Config::load`] with an explicit environment, for tests.
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml_str(&text, path, env)
+    }
+
+    /// Parses configuration text; `path` only names the source in errors.
+    pub fn from_toml_str(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        for (section, key) in SECRET_KEYS {
+            let in_file = table
+                .get(*section)
+                .and_then(toml::Value::as_table)
+                .is_some_and(|t| t.contains_key(*key));
+            if in_file {
+                return Err(ConfigError::SecretInFile {
+                    path: path.to_owned(),
+                    key: format!("{section}.{key}"),
+                    env: env_name(&[section, key]),
+                });
+            }
+        }
+        let overridden = apply_env(&mut table, env)?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let full = e.inner().to_string();
+                // toml appends "in `section`"; the key path already says where.
+                let message = full.lines().next().unwrap_or_default().to_owned();
+                let message = match overridden.iter().find(|(k, _)| *k == key) {
+                    Some((_, var)) => format!("{message} (set by {var})"),
+                    None => message,
+                };
+                ConfigError::Key {
+                    path: path.to_owned(),
+                    key,
+                    message,
+                }
+            })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: ranges, non-empty names, URL schemes.
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Key {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if self.account_name.trim().is_empty() {
+            return Err(bad("account_name", "must not be empty".into()));
+        }
+        if self.account_name.chars().any(char::is_control) {
+            return Err(bad("account_name", "must not hold control characters".into()));
+        }
+        if !(1..=366).contains(&self.plan.window_days) {
+            return Err(bad(
+                "plan.window_days",
+                format!("{} is out of range 1..=366", self.plan.window_days),
+            ));
+        }
+        if !(1..=MAX_CHUNK_SIZE).contains(&self.plan.chunk_size) {
+            return Err(bad(
+                "plan.chunk_size",
+                format!("{} is out of range 1..={MAX_CHUNK_SIZE}", self.plan.chunk_size),
+            ));
+        }
+        if self.api.requests_per_sec == 0 {
+            return Err(bad("api.requests_per_sec", "must be at least 1".into()));
+        }
+        if self.api.max_in_flight == 0 {
+            return Err(bad("api.max_in_flight", "must be at least 1".into()));
+        }
+        for (key, url) in [
+            ("api.base_url", &self.api.base_url),
+            ("callbacks.public_url", &self.callbacks.public_url),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(key, format!("{url:?} is not an http:// or https:// URL")));
+            }
+        }
+        if self.output.max_rows_per_file == 0 {
+            return Err(bad("output.max_rows_per_file", "must be at least 1".into()));
+        }
+        if !(1..=22).contains(&self.output.zstd_level) {
+            return Err(bad(
+                "output.zstd_level",
+                format!("{} is out of range 1..=22", self.output.zstd_level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `TSUSAGE_` + the key path upper-cased, joined by `__`.
+pub fn env_name(path: &[&str]) -> String {
+    format!("{ENV_PREFIX}{}", path.join("__").to_uppercase())
+}
+
+/// Applies `TSUSAGE_*` variables to `table`. A value is read as the type the key has by default
+/// (integer, boolean, list), else as a string. Returns the keys set, with their variable names.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let defaults = default_table();
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+        .collect();
+    vars.sort();
+    let mut overridden = Vec::new();
+    for (var, raw) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) || path.len() > 2 {
+            return Err(ConfigError::Env {
+                var,
+                message: "not a configuration key (expected TSUSAGE_KEY or TSUSAGE_SECTION__KEY)"
+                    .into(),
+            });
+        }
+        let default = lookup(&defaults, &path);
+        let value = env_value(&raw, default).map_err(|message| ConfigError::Env {
+            var: var.clone(),
+            message,
+        })?;
+        let (last, sections) = match path.split_last() {
+            Some(split) => split,
+            None => continue,
+        };
+        let mut target = &mut *table;
+        for section in sections {
+            let entry = target
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            target = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: format!("`{section}` is not a section"),
+                    });
+                }
+            };
+        }
+        target.insert(last.clone(), value);
+        overridden.push((path.join("."), var));
+    }
+    Ok(overridden)
+}
+
+fn env_value(raw: &str, default: Option<&toml::Value>) -> Result<toml::Value, String> {
+    let typed = |what: &str| -> Result<toml::Value, String> {
+        let doc: toml::Table = format!("v = {raw}")
+            .parse()
+            .map_err(|_| format!("{raw:?} is not {what}"))?;
+        doc.get("v").cloned().ok_or_else(|| format!("{raw:?} is not {what}"))
+    };
+    match default {
+        Some(toml::Value::Integer(_)) => typed("an integer"),
+        Some(toml::Value::Float(_)) => typed("a number"),
+        Some(toml::Value::Boolean(_)) => typed("true or false"),
+        Some(toml::Value::Array(_)) => typed("a TOML list such as [\"a.csv\", \"b.csv\"]"),
+        _ => Ok(toml::Value::String(raw.to_owned())),
+    }
+}
+
+fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let value = table.get(first)?;
+    if rest.is_empty() {
+        return Some(value);
+    }
+    lookup(value.as_table()?, rest)
+}
+
+/// The defaults as a TOML table, to learn each key's type for environment overrides.
+fn default_table() -> toml::Table {
+    let defaults = Config {
+        account_name: String::new(),
+        input: InputConfig::default(),
+        plan: PlanConfig::default(),
+        api: ApiConfig::default(),
+        callbacks: CallbacksConfig::default(),
+        output: OutputConfig {
+            dir: PathBuf::from(DEFAULT_OUTPUT_DIR),
+            partition_by: default_partition_by(),
+            max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+        },
+        state: StateConfig {
+            path: PathBuf::from(DEFAULT_STATE_PATH),
+        },
+        sim: SimConfig::default(),
+    };
+    toml::Table::try_from(defaults).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+account_name = "0000123456-00001"
+[output]
+dir = "out"
+[state]
+path = "state/tsusage.db"
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_toml_str(text, Path::new("t.toml"), env)
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = load(MINIMAL, &[]).expect("minimal config is valid");
+        assert_eq!(c.account_name, "0000123456-00001");
+        assert_eq!(c.plan.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert_eq!(c.plan.window_days, 1);
+        assert_eq!(c.api.requests_per_sec, 5);
+        assert_eq!(c.callbacks.source, CallbackSource::Listener);
+        assert_eq!(c.callbacks.listen_addr.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.output.partition_by, PartitionBy::Day);
+        assert!(!c.input.strict_luhn);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_file_and_key() {
+        let text = format!("{MINIMAL}\n[plan]\nchunksize = 5\n");
+        let err = load(&text, &[]).expect_err("unknown key").to_string();
+        assert!(err.starts_with("config t.toml: plan.chunksize: unknown field `chunksize`"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_keys_with_their_types() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("TSUSAGE_PLAN__CHUNK_SIZE", "50"),
+                ("TSUSAGE_INPUT__STRICT_LUHN", "true"),
+                ("TSUSAGE_ACCOUNT_NAME", "0000999"),
+                ("TSUSAGE_CALLBACKS__SOURCE", "drop_dir"),
+                ("TSUSAGE_INPUT__PATHS", r#"["a.csv", "b.csv"]"#),
+                ("TSUSAGE_LOG", "debug"),
+            ],
+        )
+        .expect("valid overrides");
+        assert_eq!(c.plan.chunk_size, 50);
+        assert!(c.input.strict_luhn);
+        assert_eq!(c.account_name, "0000999");
+        assert_eq!(c.callbacks.source, CallbackSource::DropDir);
+        assert_eq!(c.input.paths, vec![PathBuf::from("a.csv"), PathBuf::from("b.csv")]);
+    }
+
+    #[test]
+    fn bad_environment_value_names_the_variable() {
+        let err = load(MINIMAL, &[("TSUSAGE_PLAN__CHUNK_SIZE", "many")])
+            .expect_err("not an integer")
+            .to_string();
+        assert!(err.contains("TSUSAGE_PLAN__CHUNK_SIZE") && err.contains("integer"), "{err}");
+        let err = load(MINIMAL, &[("TSUSAGE_PLAN__CHUNK_SIZE", "0")])
+            .expect_err("out of range")
+            .to_string();
+        assert!(err.contains("plan.chunk_size: 0 is out of range"), "{err}");
+        let err = load(MINIMAL, &[("TSUSAGE_PLNA__CHUNK_SIZE", "5")])
+            .expect_err("unknown section")
+            .to_string();
+        assert!(err.contains("unknown field `plna`"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_never_show_in_debug() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("TSUSAGE_API__PASSWORD", "hunter2-sentinel"),
+                ("TSUSAGE_CALLBACKS__PASSWORD", "98765"),
+            ],
+        )
+        .expect("secrets from env");
+        assert_eq!(c.api.password.as_ref().map(Secret::expose), Some("hunter2-sentinel"));
+        assert_eq!(c.callbacks.password.as_ref().map(Secret::expose), Some("98765"));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2-sentinel") && !debug.contains("98765"), "{debug}");
+        assert!(debug.contains("[redacted]"));
+    }
+
+    #[test]
+    fn secret_in_the_file_is_refused() {
+        let text = format!("{MINIMAL}\n[api]\npassword = \"x\"\n");
+        let err = load(&text, &[]).expect_err("secret in file").to_string();
+        assert!(err.contains("api.password is a secret") && err.contains("TSUSAGE_API__PASSWORD"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let err = load("account_name = \"1\"\n[output]\ndir = \"o\"\n", &[])
+            .expect_err("no state")
+            .to_string();
+        assert!(err.contains("missing field `state`"), "{err}");
+    }
+}

@@ -1,0 +1,51 @@
+//! The crate error: one enum that every stage's error converts into, and the exit code it maps to.
+
+use std::path::PathBuf;
+
+use crate::config::ConfigError;
+use crate::state::StateError;
+use crate::write::WriteError;
+
+/// Everything that can stop a command. Per-record problems are not errors: they are rejects,
+/// counted in the run report, and the run goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration file or an environment override is invalid (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The command line names something that cannot be used (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The state store failed: nothing after this point can be trusted (exit code 1).
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Writing Parquet, rejects or the run report failed (exit code 1).
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// Any other I/O failure, with the path it concerns (exit code 1).
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The process exit code for this error (DESIGN §6): 2 for usage or config errors, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::Usage(_) => crate::report::EXIT_USAGE,
+            _ => crate::report::EXIT_FAILED,
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,191 @@
+//! `Iccid`: a SIM card id (ITU-T E.118), validated once at the edge and then passed around as a value.
+
+use std::fmt;
+
+/// A validated ICCID: 19 or 20 ASCII digits starting with `89`.
+///
+/// Stored as the number it spells (up to 20 digits exceed `u64`, so `u128`): 16 bytes, `Copy`, cheap
+/// to hash. The `89` prefix means there are no leading zeros to lose, so `Display` gives the exact text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Iccid(u128);
+
+/// Why a text is not an ICCID. The messages are what a user reads in the rejects file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IccidError {
+    #[error("empty ICCID")]
+    Empty,
+    #[error(
+        "looks like a spreadsheet number in scientific notation ({0}): its trailing digits are lost; export the column as text"
+    )]
+    SpreadsheetNumber(String),
+    #[error("contains {what} at position {position}; an ICCID is ASCII digits only")]
+    NotDigits { what: String, position: usize },
+    #[error("has {0} digits; an ICCID has 19 or 20")]
+    Length(usize),
+    #[error("does not start with 89 (the telecom prefix every ICCID has)")]
+    Prefix,
+    #[error("fails the Luhn check (last digit should be {expected})")]
+    Luhn { expected: u8 },
+}
+
+impl IccidError {
+    /// A short stable code for counting rejects by reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            IccidError::Empty => "iccid_empty",
+            IccidError::SpreadsheetNumber(_) => "iccid_spreadsheet_number",
+            IccidError::NotDigits { .. } => "iccid_not_digits",
+            IccidError::Length(_) => "iccid_length",
+            IccidError::Prefix => "iccid_prefix",
+            IccidError::Luhn { .. } => "iccid_luhn",
+        }
+    }
+}
+
+impl Iccid {
+    /// Parses an ICCID strictly: ASCII digits only, 19 or 20 of them, `89` first.
+    ///
+    /// The Luhn check is separate ([`Iccid::luhn_check`]) because some real ICCIDs fail it: the caller
+    /// decides whether that is a warning or a reject.
+    ///
+    /// ```
+    /// use tsusage::ingest::Iccid;
+    /// let id = Iccid::parse("8914800000080013970").unwrap();
+    /// assert_eq!(id.to_string(), "8914800000080013970");
+    /// assert!(Iccid::parse("8.91480E+19").is_err());
+    /// ```
+    pub fn parse(text: &str) -> Result<Iccid, IccidError> {
+        if text.is_empty() {
+            return Err(IccidError::Empty);
+        }
+        if let Some((position, c)) = text.chars().enumerate().find(|(_, c)| !c.is_ascii_digit()) {
+            if looks_like_scientific(text) {
+                return Err(IccidError::SpreadsheetNumber(text.to_owned()));
+            }
+            return Err(IccidError::NotDigits {
+                what: describe_char(c),
+                position: position + 1,
+            });
+        }
+        if !(19..=20).contains(&text.len()) {
+            return Err(IccidError::Length(text.len()));
+        }
+        if !text.starts_with("89") {
+            return Err(IccidError::Prefix);
+        }
+        let value = text
+            .bytes()
+            .fold(0u128, |acc, b| acc * 10 + u128::from(b - b'0'));
+        Ok(Iccid(value))
+    }
+
+    /// `Ok` when the last digit is the Luhn check digit of the others.
+    pub fn luhn_check(self) -> Result<(), IccidError> {
+        let digits = self.to_string().into_bytes();
+        let (last, body) = match digits.split_last() {
+            Some(split) => split,
+            None => return Err(IccidError::Empty),
+        };
+        let sum: u32 = body
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, b)| {
+                let d = u32::from(b - b'0');
+                if i % 2 == 0 {
+                    let d2 = d * 2;
+                    if d2 > 9 { d2 - 9 } else { d2 }
+                } else {
+                    d
+                }
+            })
+            .sum();
+        let expected = ((10 - sum % 10) % 10) as u8;
+        if last - b'0' == expected {
+            Ok(())
+        } else {
+            Err(IccidError::Luhn { expected })
+        }
+    }
+
+    /// The number the ICCID spells.
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Display for Iccid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Debug for Iccid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Iccid({})", self.0)
+    }
+}
+
+/// `8.91480E+19`, `8.9148E19`, `89148000000800000000.0`: what a spreadsheet makes of a long number.
+fn looks_like_scientific(text: &str) -> bool {
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some(split) => split,
+        None => return text.contains('.') && text.replacen('.', "", 1).bytes().all(|b| b.is_ascii_digit()),
+    };
+    let exponent = exponent.strip_prefix('+').unwrap_or(exponent);
+    !exponent.is_empty()
+        && exponent.bytes().all(|b| b.is_ascii_digit())
+        && !mantissa.is_empty()
+        && mantissa.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// A character as a user can see it in a message, even when it is invisible.
+pub(crate) fn describe_char(c: char) -> String {
+    match c {
+        ' ' => "a space".to_owned(),
+        '\t' => "a tab".to_owned(),
+        c if c.is_ascii_graphic() => format!("'{c}'"),
+        c if c.is_numeric() => format!("the non-ASCII digit '{c}' (U+{:04X})", u32::from(c)),
+        c => format!("U+{:04X}", u32::from(c)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_19_and_20_digit_iccids() {
+        assert_eq!(Iccid::parse("8914800000080013970").map(|i| i.to_string()).as_deref(), Ok("8914800000080013970"));
+        assert_eq!(Iccid::parse("89148000000800139708").map(|i| i.to_string()).as_deref(), Ok("89148000000800139708"));
+    }
+
+    #[test]
+    fn rejects_wrong_length_prefix_and_characters() {
+        assert_eq!(Iccid::parse("891480000008001397"), Err(IccidError::Length(18)));
+        assert_eq!(Iccid::parse("891480000008001397081"), Err(IccidError::Length(21)));
+        assert_eq!(Iccid::parse("79148000000800139708"), Err(IccidError::Prefix));
+        let err = Iccid::parse("8914 8000000800139708").expect_err("space").to_string();
+        assert_eq!(err, "contains a space at position 5; an ICCID is ASCII digits only");
+        let err = Iccid::parse("8914800000080013970\u{200b}").expect_err("zero width").to_string();
+        assert!(err.contains("U+200B"), "{err}");
+        let err = Iccid::parse("８9148000000800139708").expect_err("fullwidth").to_string();
+        assert!(err.contains("non-ASCII digit"), "{err}");
+    }
+
+    #[test]
+    fn explains_spreadsheet_scientific_notation() {
+        let err = Iccid::parse("8.91480E+19").expect_err("excel");
+        assert_eq!(err, IccidError::SpreadsheetNumber("8.91480E+19".into()));
+        assert!(err.to_string().contains("export the column as text"));
+    }
+
+    #[test]
+    fn luhn_check_finds_the_wrong_check_digit() {
+        // The vendor's own example ICCID fails Luhn; 8914800000080013970 + check digit 2 passes.
+        let vendor = Iccid::parse("89148000000800139708").expect("valid shape");
+        assert_eq!(vendor.luhn_check(), Err(IccidError::Luhn { expected: 2 }));
+        let good = Iccid::parse("89148000000800139702").expect("valid shape");
+        assert_eq!(good.luhn_check(), Ok(()));
+    }
+}

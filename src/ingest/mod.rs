@@ -1,0 +1,21 @@
+//! Stage 1, ingest: ICCID lists from CSV files → a deduplicated `Vec<Iccid>`, bad rows to the rejects file.
+
+mod csv_list;
+mod iccid;
+
+pub use csv_list::{IngestOptions, IngestStats, IccidList, read_iccid_files};
+pub use iccid::{Iccid, IccidError};
+pub(crate) use iccid::describe_char;
+
+/// An input file that cannot be read at all (a bad row is a reject, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Rejects(#[from] crate::write::WriteError),
+}

@@ -1,0 +1,36 @@
+//! tsusage: Verizon ThingSpace usage, reconciled to the byte.
+//!
+//! # Layout
+//!
+//! The pipeline, stage by stage, with the type that flows between each pair (DESIGN §1):
+//!
+//! ```text
+//!  ICCID CSV ──▶ ingest ──Iccid──▶ plan ──Job──▶ submit ──requestId──▶ ThingSpace
+//!                                                                        │ callbacks
+//!  drop dir / listener ──body──▶ collect ──Prepared──▶ state (journal) ◀─┘
+//!                                                        │ StoredCallback
+//!                                           normalize ──UsageRow──▶ write (Parquet) ──▶ report
+//! ```
+//!
+//! - [`ingest`]: ICCID lists from CSV → validated, deduplicated [`ingest::Iccid`]s; bad rows rejected.
+//! - [`collect`]: callback bodies from a drop directory → stripped of credentials → journaled durably.
+//! - [`state`]: the state store (SQLite): callback journal, jobs, requests, runs, written partitions.
+//! - [`normalize`]: the one payload parser and the value policy → typed [`normalize::UsageRow`]s.
+//! - [`write`]: Parquet partitions published atomically; rejects files.
+//! - [`report`]: the run report and exit codes.
+//! - [`pipeline`]: each command's wiring, in the order above.
+//! - [`config`]: the TOML configuration with environment overrides.
+//!
+//! Planning and submission (`plan`, `submit`), the HTTP listener and the simulator come next.
+
+pub mod collect;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod normalize;
+pub mod pipeline;
+pub mod report;
+pub mod state;
+pub mod write;
+
+pub use error::{Error, Result};

@@ -1,0 +1,312 @@
+//! The one callback parser: a JSON body → credentials stripped → [`Callback`] (usage, completion, fault).
+//!
+//! Both callback sources (the HTTP listener and the drop directory) and the journal replay go through
+//! [`strip_credentials`] and [`parse_callback`], so a payload means the same thing wherever it came from.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// The echoed registration credentials: removed before anything rests on disk.
+pub const CREDENTIAL_KEYS: &[&str] = &["username", "password"];
+
+/// Longest accepted requestId.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Why a whole body was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("not a callback: the top level is not a JSON object")]
+    NotObject,
+    #[error("duplicate key `{0}` at the top level")]
+    DuplicateKey(String),
+    #[error("not a callback: {0}")]
+    NotCallback(String),
+}
+
+impl BodyError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            BodyError::Json(_) => "body_not_json",
+            BodyError::NotObject => "body_not_object",
+            BodyError::DuplicateKey(_) => "body_duplicate_key",
+            BodyError::NotCallback(_) => "body_not_callback",
+        }
+    }
+}
+
+/// The top-level members of a JSON object, in order, values kept as raw text.
+struct TopLevel<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if members.iter().any(|(k, _)| *k == key) {
+                        return Err(de::Error::custom(format_args!("\u{0}dup:{key}")));
+                    }
+                    let value: &'de RawValue = map.next_value()?;
+                    members.push((key, value));
+                }
+                Ok(TopLevel(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Removes the top-level `username` and `password` members and returns the body to journal.
+///
+/// Everything else is kept byte for byte (values are copied as raw JSON text), so the journal holds
+/// what the vendor sent minus the credentials.
+///
+/// ```
+/// use tsusage::normalize::payload::strip_credentials;
+/// let body = r#"{"username":"u","password":"p","requestId":"r1","deviceResponse":{}}"#;
+/// assert_eq!(strip_credentials(body).unwrap(), r#"{"requestId":"r1","deviceResponse":{}}"#);
+/// ```
+pub fn strip_credentials(body: &str) -> Result<String, BodyError> {
+    let top: TopLevel<'_> = serde_json::from_str(body).map_err(|e| {
+        let message = e.to_string();
+        if let Some(key) = message.strip_prefix("\u{0}dup:") {
+            let key = key.split(" at line").next().unwrap_or(key);
+            BodyError::DuplicateKey(key.to_owned())
+        } else if e.classify() == serde_json::error::Category::Data {
+            BodyError::NotObject
+        } else {
+            BodyError::Json(message)
+        }
+    })?;
+    let mut out = String::with_capacity(body.len());
+    out.push('{');
+    for (key, value) in top.0.iter().filter(|(k, _)| !CREDENTIAL_KEYS.contains(&k.as_ref())) {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        // Serializing a str cannot fail.
+        out.push_str(&serde_json::to_string(key.as_ref()).unwrap_or_default());
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    Ok(out)
+}
+
+/// A recognized callback.
+#[derive(Debug, Clone)]
+pub struct Callback<'a> {
+    pub request_id: Cow<'a, str>,
+    /// Delivery attempt (1 for the first); redeliveries carry higher numbers.
+    pub callback_count: Option<u32>,
+    pub kind: CallbackKind<'a>,
+}
+
+/// What a callback says.
+#[derive(Debug, Clone)]
+pub enum CallbackKind<'a> {
+    /// Usage records (`deviceResponse.devicePromoUsageResponse[]`), each still raw: a bad record is
+    /// rejected on its own by [`super::record::parse_record`] while the rest of the callback lands.
+    Usage(Vec<&'a RawValue>),
+    /// "Request Completed Processing": `deviceResponse` is empty.
+    Completion,
+    /// `faultResponse`: the vendor could not process the request.
+    Fault {
+        code: Option<String>,
+        message: Option<String>,
+    },
+}
+
+impl CallbackKind<'_> {
+    /// A short name for the journal and for counting.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CallbackKind::Usage(_) => "usage",
+            CallbackKind::Completion => "completion",
+            CallbackKind::Fault { .. } => "fault",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireCallback<'a> {
+    #[serde(rename = "requestId", borrow, default)]
+    request_id: Option<&'a RawValue>,
+    #[serde(rename = "deviceResponse", borrow, default)]
+    device_response: Option<&'a RawValue>,
+    #[serde(rename = "faultResponse", borrow, default)]
+    fault_response: Option<&'a RawValue>,
+    #[serde(rename = "callbackCount", borrow, default)]
+    callback_count: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct WireDeviceResponse<'a> {
+    #[serde(rename = "devicePromoUsageResponse", borrow, default)]
+    records: Option<Vec<&'a RawValue>>,
+    #[serde(flatten)]
+    other: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct WireFault {
+    #[serde(default)]
+    faultcode: Option<serde_json::Value>,
+    #[serde(default)]
+    faultstring: Option<serde_json::Value>,
+}
+
+/// Recognizes a (credential-stripped or raw) callback body.
+///
+/// ```
+/// use tsusage::normalize::payload::{parse_callback, CallbackKind};
+/// let cb = parse_callback(r#"{"requestId":"r1","deviceResponse":{},"comment":"Request Completed Processing"}"#).unwrap();
+/// assert_eq!(cb.request_id, "r1");
+/// assert!(matches!(cb.kind, CallbackKind::Completion));
+/// ```
+pub fn parse_callback(body: &str) -> Result<Callback<'_>, BodyError> {
+    let wire: WireCallback<'_> = serde_json::from_str(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data if e.to_string().starts_with("invalid type") => {
+            BodyError::NotObject
+        }
+        serde_json::error::Category::Data => BodyError::NotCallback(e.to_string()),
+        _ => BodyError::Json(e.to_string()),
+    })?;
+    let request_id = match wire.request_id {
+        None => return Err(BodyError::NotCallback("no requestId".into())),
+        Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+            Ok(id) if valid_request_id(&id) => id,
+            _ => {
+                return Err(BodyError::NotCallback(
+                    "requestId is not a non-empty string of printable characters".into(),
+                ));
+            }
+        },
+    };
+    let callback_count = wire.callback_count.and_then(|raw| {
+        serde_json::from_str::<u32>(raw.get())
+            .ok()
+            .or_else(|| serde_json::from_str::<&str>(raw.get()).ok()?.trim().parse().ok())
+    });
+    let kind = match (wire.device_response, wire.fault_response) {
+        (_, Some(fault)) if fault.get() != "null" => {
+            let fault: WireFault = serde_json::from_str(fault.get()).map_err(|_| {
+                BodyError::NotCallback("faultResponse is not an object".into())
+            })?;
+            let text = |v: Option<serde_json::Value>| match v {
+                Some(serde_json::Value::String(s)) => Some(s),
+                Some(serde_json::Value::Null) | None => None,
+                Some(other) => Some(other.to_string()),
+            };
+            CallbackKind::Fault {
+                code: text(fault.faultcode),
+                message: text(fault.faultstring),
+            }
+        }
+        (Some(device_response), _) => {
+            let response: WireDeviceResponse<'_> = serde_json::from_str(device_response.get())
+                .map_err(|_| {
+                    BodyError::NotCallback(
+                        "deviceResponse is not an object with a devicePromoUsageResponse list".into(),
+                    )
+                })?;
+            match response.records {
+                Some(records) => CallbackKind::Usage(records),
+                None if response.other.is_empty() => CallbackKind::Completion,
+                None => {
+                    let keys: Vec<&str> = response.other.keys().map(String::as_str).collect();
+                    return Err(BodyError::NotCallback(format!(
+                        "deviceResponse holds {} but no devicePromoUsageResponse",
+                        keys.join(", ")
+                    )));
+                }
+            }
+        }
+        (None, _) => {
+            return Err(BodyError::NotCallback(
+                "neither deviceResponse nor faultResponse".into(),
+            ));
+        }
+    };
+    Ok(Callback {
+        request_id,
+        callback_count,
+        kind,
+    })
+}
+
+fn valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && !id.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USAGE: &str = include_str!("../../data/samples/usage.json");
+    const COMPLETION: &str = include_str!("../../data/samples/completion.json");
+
+    #[test]
+    fn strips_only_the_credentials() {
+        let stripped = strip_credentials(USAGE).expect("sample is an object");
+        assert!(!stripped.contains("username") && !stripped.contains("password"));
+        let original: serde_json::Value = serde_json::from_str(USAGE).expect("json");
+        let mut expected = original.as_object().cloned().expect("object");
+        expected.remove("username");
+        expected.remove("password");
+        let got: serde_json::Value = serde_json::from_str(&stripped).expect("still json");
+        assert_eq!(got, serde_json::Value::Object(expected));
+    }
+
+    #[test]
+    fn recognizes_the_vendor_samples() {
+        let usage = parse_callback(USAGE).expect("usage sample");
+        assert_eq!(usage.request_id, "595f5c44-c31c-4552-8670-020a1545a84d");
+        assert_eq!(usage.callback_count, Some(1));
+        assert!(matches!(usage.kind, CallbackKind::Usage(ref r) if r.len() == 1));
+        let done = parse_callback(COMPLETION).expect("completion sample");
+        assert!(matches!(done.kind, CallbackKind::Completion));
+    }
+
+    #[test]
+    fn recognizes_fault_responses() {
+        let body = r#"{"requestId":"r9","faultResponse":{"faultcode":"REQUEST_FAILED.UnexpectedError","faultstring":"boom","status":"Failed"}}"#;
+        let cb = parse_callback(body).expect("fault");
+        let CallbackKind::Fault { code, message } = cb.kind else {
+            panic!("not a fault: {:?}", cb.kind);
+        };
+        assert_eq!(code.as_deref(), Some("REQUEST_FAILED.UnexpectedError"));
+        assert_eq!(message.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn rejects_bodies_that_are_not_callbacks() {
+        let cases: &[(&str, &str)] = &[
+            ("{\"requestId\":", "body_not_json"),
+            ("[1,2]", "body_not_object"),
+            ("\"text\"", "body_not_object"),
+            (r#"{"deviceResponse":{}}"#, "body_not_callback"),
+            (r#"{"requestId":"","deviceResponse":{}}"#, "body_not_callback"),
+            (r#"{"requestId":42,"deviceResponse":{}}"#, "body_not_callback"),
+            (r#"{"requestId":"r"}"#, "body_not_callback"),
+            (r#"{"requestId":"r","deviceResponse":{"other":[]}}"#, "body_not_callback"),
+        ];
+        for (body, code) in cases {
+            let err = strip_credentials(body).and_then(|s| parse_callback(&s).map(|_| ()));
+            assert_eq!(err.map_err(|e| e.code()), Err(*code), "for {body}");
+        }
+        let dup = strip_credentials(r#"{"requestId":"a","requestId":"b"}"#);
+        assert_eq!(dup, Err(BodyError::DuplicateKey("requestId".into())));
+    }
+}

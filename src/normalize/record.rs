@@ -1,0 +1,223 @@
+//! One usage record (`devicePromoUsageResponse[i]`) → a typed [`ParsedRecord`], or a reject naming the field.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::values::{RawScalar, ValueError, parse_count, parse_timestamp};
+use crate::ingest::{Iccid, IccidError};
+
+/// A usage record that passed the value policy. Times are µs since the epoch, UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParsedRecord {
+    pub iccid: Iccid,
+    pub usage_start: i64,
+    pub usage_end: i64,
+    pub data_usage_bytes: i64,
+    pub sms_usage: i64,
+    pub mo_sms: i64,
+    pub mt_sms: i64,
+    /// Some value needed leniency (whitespace around digits, a JSON integer).
+    pub recovered: bool,
+    /// The ICCID's Luhn check digit is wrong (kept unless strict).
+    pub luhn_warning: bool,
+}
+
+/// Why a record was rejected: the first field that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordError {
+    /// The ICCID as received, when there was one.
+    pub iccid: Option<String>,
+    pub field: &'static str,
+    pub raw: Option<String>,
+    pub code: &'static str,
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+struct WireRecord<'a> {
+    #[serde(rename = "deviceIdentifierCollection", borrow, default)]
+    ids: RawScalarOrList<'a>,
+    #[serde(rename = "dataUsage", borrow, default)]
+    data_usage: RawScalar<'a>,
+    #[serde(rename = "smsUsage", borrow, default)]
+    sms_usage: RawScalar<'a>,
+    #[serde(rename = "moSms", borrow, default)]
+    mo_sms: RawScalar<'a>,
+    #[serde(rename = "mtSms", borrow, default)]
+    mt_sms: RawScalar<'a>,
+    #[serde(rename = "startDate", borrow, default)]
+    start_date: RawScalar<'a>,
+    #[serde(rename = "endDate", borrow, default)]
+    end_date: RawScalar<'a>,
+}
+
+/// `deviceIdentifierCollection`, kept raw so a malformed one rejects the record, not the callback.
+#[derive(Default)]
+struct RawScalarOrList<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawScalarOrList<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(|v| RawScalarOrList(Some(v)))
+    }
+}
+
+#[derive(Deserialize)]
+struct WireId<'a> {
+    #[serde(borrow, default)]
+    id: RawScalar<'a>,
+    #[serde(borrow, default)]
+    kind: RawScalar<'a>,
+}
+
+/// Applies the value policy to one record. `strict_luhn` turns a failed Luhn check into a reject.
+pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, RecordError> {
+    let wire: WireRecord<'_> = serde_json::from_str(raw.get()).map_err(|e| RecordError {
+        iccid: None,
+        field: "(record)",
+        raw: None,
+        code: "record_malformed",
+        reason: format!("not a usage record object: {e}"),
+    })?;
+    let (iccid_text, iccid) = parse_iccid(wire.ids.0)?;
+    let fail = |field: &'static str, raw: &RawScalar<'_>, e: ValueError| RecordError {
+        iccid: Some(iccid_text.clone()),
+        field,
+        raw: raw.raw_text(),
+        code: e.code,
+        reason: e.reason,
+    };
+    let mut luhn_warning = false;
+    if let Err(e @ IccidError::Luhn { .. }) = iccid.luhn_check() {
+        if strict_luhn {
+            return Err(RecordError {
+                iccid: Some(iccid_text.clone()),
+                field: "deviceIdentifierCollection",
+                raw: Some(iccid_text.clone()),
+                code: e.code(),
+                reason: format!("ICCID {e} (input.strict_luhn = true)"),
+            });
+        }
+        luhn_warning = true;
+    }
+    let usage_start =
+        parse_timestamp(&wire.start_date).map_err(|e| fail("startDate", &wire.start_date, e))?;
+    let usage_end = parse_timestamp(&wire.end_date).map_err(|e| fail("endDate", &wire.end_date, e))?;
+    if usage_start >= usage_end {
+        return Err(fail(
+            "endDate",
+            &wire.end_date,
+            ValueError {
+                code: "window_not_increasing",
+                reason: "endDate is not after startDate".into(),
+            },
+        ));
+    }
+    let mut recovered = false;
+    let mut count = |field: &'static str, raw: &RawScalar<'_>| {
+        parse_count(raw)
+            .map(|c| {
+                recovered |= c.recovered;
+                c.value
+            })
+            .map_err(|e| fail(field, raw, e))
+    };
+    let data_usage_bytes = count("dataUsage", &wire.data_usage)?;
+    let sms_usage = count("smsUsage", &wire.sms_usage)?;
+    let mo_sms = count("moSms", &wire.mo_sms)?;
+    let mt_sms = count("mtSms", &wire.mt_sms)?;
+    Ok(ParsedRecord {
+        iccid,
+        usage_start,
+        usage_end,
+        data_usage_bytes,
+        sms_usage,
+        mo_sms,
+        mt_sms,
+        recovered,
+        luhn_warning,
+    })
+}
+
+/// Finds the `kind: "ICCID"` entry (any case) and validates its id.
+fn parse_iccid(ids: Option<&RawValue>) -> Result<(String, Iccid), RecordError> {
+    let reject = |iccid: Option<String>, raw: Option<String>, code: &'static str, reason: String| RecordError {
+        iccid,
+        field: "deviceIdentifierCollection",
+        raw,
+        code,
+        reason,
+    };
+    let Some(ids) = ids else {
+        return Err(reject(None, None, "iccid_missing", "no deviceIdentifierCollection".into()));
+    };
+    let list: Vec<WireId<'_>> = serde_json::from_str(ids.get()).map_err(|_| {
+        reject(
+            None,
+            Some(super::record_raw(ids.get())),
+            "iccid_missing",
+            "deviceIdentifierCollection is not a list of {id, kind}".into(),
+        )
+    })?;
+    let entry = list.iter().find(|id| match &id.kind {
+        RawScalar::Str(k) => k.eq_ignore_ascii_case("iccid"),
+        _ => false,
+    });
+    let Some(entry) = entry else {
+        return Err(reject(None, None, "iccid_missing", "no identifier of kind ICCID".into()));
+    };
+    let RawScalar::Str(text) = &entry.id else {
+        return Err(reject(None, entry.id.raw_text(), "iccid_not_digits", "the ICCID is not a string".into()));
+    };
+    match Iccid::parse(text) {
+        Ok(iccid) => Ok((text.to_string(), iccid)),
+        Err(e) => Err(reject(Some(text.to_string()), Some(text.to_string()), e.code(), format!("ICCID {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(fields: &str) -> Result<ParsedRecord, RecordError> {
+        let json = format!(
+            r#"{{"deviceIdentifierCollection":[{{"id":"89148000000800139702","kind":"ICCID"}}],{fields}}}"#
+        );
+        let raw: Box<RawValue> = serde_json::from_str(&json).expect("test json");
+        parse_record(&raw, false)
+    }
+
+    const DATES: &str = r#""startDate":"2021-08-15T00:00:00.0000000","endDate":"2021-08-16T00:00:00.0000000""#;
+
+    #[test]
+    fn parses_a_clean_record() {
+        let r = record(&format!(r#""dataUsage":"3072","smsUsage":"4","moSms":"1","mtSms":"3",{DATES}"#))
+            .expect("clean");
+        assert_eq!(r.iccid.to_string(), "89148000000800139702");
+        assert_eq!((r.data_usage_bytes, r.sms_usage, r.mo_sms, r.mt_sms), (3072, 4, 1, 3));
+        assert_eq!(r.usage_end - r.usage_start, 86_400_000_000);
+        assert!(!r.recovered && !r.luhn_warning);
+    }
+
+    #[test]
+    fn names_the_failing_field() {
+        let err = record(&format!(r#""dataUsage":"-1","smsUsage":"4","moSms":"1","mtSms":"3",{DATES}"#))
+            .expect_err("signed");
+        assert_eq!((err.field, err.code, err.raw.as_deref()), ("dataUsage", "value_signed", Some("-1")));
+        assert_eq!(err.iccid.as_deref(), Some("89148000000800139702"));
+        let err = record(r#""dataUsage":"1","smsUsage":"4","moSms":"1","mtSms":"3","startDate":"2021-08-16T00:00:00","endDate":"2021-08-15T00:00:00""#)
+            .expect_err("backwards");
+        assert_eq!((err.field, err.code), ("endDate", "window_not_increasing"));
+        let err = record(&format!(r#""dataUsage":"1","smsUsage":"4","moSms":"1",{DATES}"#)).expect_err("missing");
+        assert_eq!((err.field, err.code), ("mtSms", "value_missing"));
+    }
+
+    #[test]
+    fn luhn_failure_warns_unless_strict() {
+        let json = format!(
+            r#"{{"deviceIdentifierCollection":[{{"id":"89148000000800139708","kind":"iccid"}}],"dataUsage":"1","smsUsage":"0","moSms":"0","mtSms":"0",{DATES}}}"#
+        );
+        let raw: Box<RawValue> = serde_json::from_str(&json).expect("test json");
+        assert!(parse_record(&raw, false).expect("kept").luhn_warning);
+        assert_eq!(parse_record(&raw, true).expect_err("strict").code, "iccid_luhn");
+    }
+}

@@ -1,0 +1,156 @@
+//! The run report: what each stage counted, what was written, where the rejects are, and the exit code.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::collect::CallbackStats;
+use crate::collect::drop_dir::DropDirStats;
+use crate::ingest::IngestStats;
+use crate::normalize::RecordStats;
+use crate::write::{WriteError, write_atomic};
+
+/// Exit code: everything asked for is complete.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: failed; nothing trustworthy was written for the failed part.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: usage or configuration error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: finished, but with rejects (or, in a full run, failed requests or missing callbacks).
+pub const EXIT_PARTIAL: u8 = 3;
+
+/// One partition written by this run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionReport {
+    /// e.g. `usage_date=2021-08-15`
+    pub partition: String,
+    /// Rows in the partition now (it is rewritten whole).
+    pub rows: u64,
+    pub files: u64,
+    /// Usage records read from the journal for it, before collapsing.
+    pub records_in: u64,
+    /// Records replaced by a newer one for the same (iccid, usage_start, usage_end).
+    pub collapsed: u64,
+}
+
+/// What the write stage did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OutputReport {
+    pub partitions: Vec<PartitionReport>,
+    pub rows_written: u64,
+    pub files_written: u64,
+    pub collapsed: u64,
+}
+
+/// The run report, written as JSON to `{output.dir}/runs/{run_id}.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub command: String,
+    pub tool_version: String,
+    pub started_at: String,
+    pub finished_at: String,
+    /// `complete` (exit 0) or `partial` (exit 3).
+    pub status: String,
+    pub exit_code: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iccids: Option<IngestStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_dir: Option<DropDirStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callbacks: Option<CallbackStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub records: Option<RecordStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputReport>,
+    /// Rejects files written by this run.
+    pub rejects_files: Vec<PathBuf>,
+}
+
+impl RunReport {
+    pub fn new(run_id: &str, command: &str) -> Self {
+        RunReport {
+            run_id: run_id.to_owned(),
+            command: command.to_owned(),
+            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: now_text(),
+            finished_at: String::new(),
+            status: String::new(),
+            exit_code: EXIT_OK,
+            iccids: None,
+            drop_dir: None,
+            callbacks: None,
+            records: None,
+            output: None,
+            rejects_files: Vec::new(),
+        }
+    }
+
+    /// Sets the status and exit code from what was counted: any reject makes the run partial.
+    pub fn finish(&mut self) {
+        let rejected = self.iccids.as_ref().map_or(0, |s| s.rejected)
+            + self.callbacks.as_ref().map_or(0, |s| s.rejected)
+            + self.records.as_ref().map_or(0, |s| s.rejected)
+            + self.drop_dir.as_ref().map_or(0, |s| s.rejected + s.too_large);
+        self.exit_code = if rejected > 0 { EXIT_PARTIAL } else { EXIT_OK };
+        self.status = if rejected > 0 { "partial" } else { "complete" }.to_owned();
+        self.finished_at = now_text();
+    }
+
+    /// Writes the report atomically to `{out_dir}/runs/{run_id}.json` and returns its path.
+    pub fn save(&self, out_dir: &Path) -> Result<PathBuf, WriteError> {
+        let path = out_dir.join("runs").join(format!("{}.json", self.run_id));
+        let json = serde_json::to_vec_pretty(self).map_err(|e| WriteError::io(&path, e.into()))?;
+        write_atomic(&path, &json)?;
+        Ok(path)
+    }
+
+    /// The one-line summary printed before the report's path.
+    pub fn summary(&self) -> String {
+        let mut parts = vec![format!("{} {}", self.command, self.status)];
+        if let Some(s) = &self.iccids {
+            parts.push(format!(
+                "{} files, {} rows: {} ICCIDs, {} duplicates, {} rejected, {} Luhn warnings",
+                s.files, s.rows, s.accepted, s.duplicates, s.rejected, s.luhn_warnings
+            ));
+        }
+        if let Some(d) = &self.drop_dir {
+            parts.push(format!("{} files ({} rejected, {} skipped)", d.files, d.rejected, d.skipped + d.too_large));
+        }
+        if let Some(c) = &self.callbacks {
+            parts.push(format!(
+                "{} callbacks ({} new, {} already journaled, {} rejected)",
+                c.received, c.journaled, c.already_journaled, c.rejected
+            ));
+        }
+        if let Some(r) = &self.records {
+            parts.push(format!(
+                "{} records ({} accepted, {} recovered, {} rejected)",
+                r.records, r.accepted, r.recovered, r.rejected
+            ));
+        }
+        if let Some(o) = &self.output {
+            parts.push(format!(
+                "{} rows in {} partitions ({} files)",
+                o.rows_written,
+                o.partitions.len(),
+                o.files_written
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A new run id: UTC time to the second plus a process-unique suffix, sortable by start.
+pub fn new_run_id() -> String {
+    let now = chrono::Utc::now();
+    format!(
+        "{}-{:05x}",
+        now.format("%Y%m%dT%H%M%SZ"),
+        (std::process::id() ^ now.timestamp_subsec_micros()) & 0xfffff
+    )
+}

@@ -1,0 +1,119 @@
+//! The state store: the durable truth (callback journal, jobs, requests, runs, written partitions).
+//!
+//! [`Store`] is the small surface the pipeline needs; [`SqliteStore`] is the embedded implementation
+//! (one SQLite file in WAL mode). A PostgreSQL store for several listeners behind a load balancer is a
+//! second implementation of the same trait, with the same tables.
+
+mod sqlite;
+
+use std::collections::BTreeSet;
+
+pub use sqlite::SqliteStore;
+
+/// A state store failure. Nothing after it can be trusted, so the command stops (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state store {path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("state store {path}: cannot create its directory: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A callback about to be journaled: its body already stripped of credentials.
+#[derive(Debug, Clone)]
+pub struct NewCallback<'a> {
+    pub request_id: &'a str,
+    /// `usage`, `completion` or `fault`.
+    pub kind: &'static str,
+    /// Where it came from: a file path (with line or index) or `listener`.
+    pub source: &'a str,
+    pub body: &'a str,
+    /// Output partitions its usage records fall in (empty for completion and fault callbacks).
+    pub partitions: &'a BTreeSet<String>,
+}
+
+/// What the journal did with one callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journaled {
+    /// Newly stored under this journal id.
+    New(i64),
+    /// The same body was journaled before (a re-dropped file, a redelivery with identical content).
+    AlreadyJournaled,
+}
+
+/// A partition whose journal holds callbacks newer than its last write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingPartition {
+    /// The partition directory name, e.g. `usage_date=2021-08-15`.
+    pub partition: String,
+    /// The highest journal id that touches it; writing it covers everything up to here.
+    pub through_id: i64,
+}
+
+/// A journaled callback, as read back for normalization.
+#[derive(Debug, Clone)]
+pub struct StoredCallback {
+    pub id: i64,
+    pub request_id: String,
+    /// µs since the epoch, UTC.
+    pub received_at: i64,
+    pub body: String,
+    /// The account of the job this request belongs to, when the request is known.
+    pub account_name: Option<String>,
+}
+
+/// The durable state the pipeline needs.
+pub trait Store {
+    /// Records the start of a run.
+    fn begin_run(&mut self, run_id: &str, command: &str) -> Result<(), StateError>;
+
+    /// Records the end of a run with its report.
+    fn finish_run(&mut self, run_id: &str, exit_code: u8, report_json: &str)
+    -> Result<(), StateError>;
+
+    /// Journals a batch in one durable commit (fsync before return); all or nothing.
+    /// `received_at` is µs since the epoch, shared by the batch.
+    fn journal(
+        &mut self,
+        batch: &[NewCallback<'_>],
+        received_at: i64,
+    ) -> Result<Vec<Journaled>, StateError>;
+
+    /// Partitions with journaled callbacks not yet written.
+    fn pending_partitions(&self) -> Result<Vec<PendingPartition>, StateError>;
+
+    /// Every journaled callback touching `partition` with id ≤ `through_id`, oldest received first
+    /// (ties by journal id), so that later ones win when collapsed.
+    fn callbacks_for_partition(
+        &self,
+        partition: &str,
+        through_id: i64,
+        each: &mut dyn FnMut(StoredCallback) -> Result<(), crate::Error>,
+    ) -> Result<(), crate::Error>;
+
+    /// Records that `partition` now holds everything journaled up to `through_id`.
+    fn mark_written(
+        &mut self,
+        partition: &str,
+        through_id: i64,
+        rows: u64,
+        files: u64,
+        run_id: &str,
+    ) -> Result<(), StateError>;
+
+    /// Whether a request with this id was sent by a job of this store.
+    fn known_request(&self, request_id: &str) -> Result<bool, StateError>;
+
+    /// How many callbacks the journal holds.
+    fn journal_len(&self) -> Result<u64, StateError>;
+}

@@ -1,0 +1,390 @@
+//! `SqliteStore`: the state store in one SQLite file (WAL mode, `synchronous=FULL`: a commit is on disk
+//! when it returns), with versioned migrations.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use super::{Journaled, NewCallback, PendingPartition, StateError, Store, StoredCallback};
+
+/// How long a writer waits for another process (a `tsusage listen`) to finish its commit.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The schema, one entry per version. A store is brought up to the last version when opened.
+const MIGRATIONS: &[&str] = &[
+    // v1
+    r#"
+    CREATE TABLE runs (
+        run_id      TEXT PRIMARY KEY,
+        command     TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        finished_at TEXT,
+        exit_code   INTEGER,
+        report      TEXT
+    );
+    CREATE TABLE jobs (
+        job_id       TEXT PRIMARY KEY,
+        account_name TEXT NOT NULL,
+        window_start TEXT NOT NULL,
+        window_end   TEXT NOT NULL,
+        iccids       TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        last_error   TEXT,
+        created_at   TEXT NOT NULL,
+        updated_at   TEXT NOT NULL
+    );
+    CREATE TABLE requests (
+        request_id   TEXT PRIMARY KEY,
+        job_id       TEXT NOT NULL REFERENCES jobs(job_id),
+        submitted_at TEXT NOT NULL,
+        completed_at TEXT
+    );
+    CREATE INDEX requests_by_job ON requests(job_id);
+    CREATE TABLE callbacks (
+        id          INTEGER PRIMARY KEY,
+        request_id  TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        source      TEXT NOT NULL,
+        body_sha256 BLOB NOT NULL UNIQUE,
+        body        TEXT NOT NULL
+    );
+    CREATE INDEX callbacks_by_request ON callbacks(request_id);
+    CREATE TABLE callback_partitions (
+        partition   TEXT NOT NULL,
+        callback_id INTEGER NOT NULL REFERENCES callbacks(id),
+        PRIMARY KEY (partition, callback_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE partitions (
+        partition       TEXT PRIMARY KEY,
+        written_through INTEGER NOT NULL,
+        rows            INTEGER NOT NULL,
+        files           INTEGER NOT NULL,
+        written_at      TEXT NOT NULL,
+        run_id          TEXT NOT NULL
+    );
+    "#,
+];
+
+/// The embedded state store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+    path: String,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` and migrates it to the current schema.
+    pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
+        let display = path.display().to_string();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
+                path: display.clone(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|source| StateError::Sqlite {
+            path: display.clone(),
+            source,
+        })?;
+        let mut store = SqliteStore {
+            conn,
+            path: display,
+        };
+        store.configure()?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
+        |source| StateError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn configure(&mut self) -> Result<(), StateError> {
+        self.conn.busy_timeout(BUSY_TIMEOUT).map_err(self.err())?;
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(self.err())?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StateError::Invalid {
+                path: self.path.clone(),
+                message: format!("cannot switch to WAL mode (got {mode})"),
+            });
+        }
+        // FULL: the WAL is fsynced at every commit, so a committed callback survives power loss.
+        self.conn
+            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(self.err())
+    }
+
+    fn migrate(&mut self) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            .map_err(err)?;
+        let current: i64 = tx
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .optional()
+            .map_err(err)?
+            .unwrap_or(0);
+        let known = MIGRATIONS.len() as i64;
+        if current > known {
+            return Err(StateError::Invalid {
+                path,
+                message: format!(
+                    "schema version {current} was written by a newer tsusage (this one knows {known})"
+                ),
+            });
+        }
+        for sql in &MIGRATIONS[current as usize..] {
+            tx.execute_batch(sql).map_err(err)?;
+        }
+        if current == 0 {
+            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [known])
+                .map_err(err)?;
+        } else if current < known {
+            tx.execute("UPDATE schema_version SET version = ?1", [known])
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// The schema version the store is at.
+    pub fn schema_version(&self) -> Result<i64, StateError> {
+        self.conn
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+}
+
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+impl Store for SqliteStore {
+    fn begin_run(&mut self, run_id: &str, command: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO runs (run_id, command, started_at) VALUES (?1, ?2, ?3)",
+                params![run_id, command, now_text()],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    fn finish_run(
+        &mut self,
+        run_id: &str,
+        exit_code: u8,
+        report_json: &str,
+    ) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "UPDATE runs SET finished_at = ?2, exit_code = ?3, report = ?4 WHERE run_id = ?1",
+                params![run_id, now_text(), exit_code, report_json],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    fn journal(
+        &mut self,
+        batch: &[NewCallback<'_>],
+        received_at: i64,
+    ) -> Result<Vec<Journaled>, StateError> {
+        let path = self.path.clone();
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO callbacks (request_id, kind, received_at, source, body_sha256, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            let mut index = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO callback_partitions (partition, callback_id) VALUES (?1, ?2)",
+                )
+                .map_err(err)?;
+            for cb in batch {
+                let digest = Sha256::digest(cb.body.as_bytes());
+                let inserted = insert
+                    .execute(params![
+                        cb.request_id,
+                        cb.kind,
+                        received_at,
+                        cb.source,
+                        digest.as_slice(),
+                        cb.body
+                    ])
+                    .map_err(err)?;
+                if inserted == 0 {
+                    outcomes.push(Journaled::AlreadyJournaled);
+                    continue;
+                }
+                let id = tx.last_insert_rowid();
+                for partition in cb.partitions {
+                    index.execute(params![partition, id]).map_err(err)?;
+                }
+                outcomes.push(Journaled::New(id));
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(outcomes)
+    }
+
+    fn pending_partitions(&self) -> Result<Vec<PendingPartition>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT cp.partition, MAX(cp.callback_id) AS through
+                 FROM callback_partitions cp
+                 LEFT JOIN partitions p ON p.partition = cp.partition
+                 GROUP BY cp.partition
+                 HAVING through > COALESCE(MAX(p.written_through), 0)
+                 ORDER BY cp.partition",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PendingPartition {
+                    partition: r.get(0)?,
+                    through_id: r.get(1)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    fn callbacks_for_partition(
+        &self,
+        partition: &str,
+        through_id: i64,
+        each: &mut dyn FnMut(StoredCallback) -> Result<(), crate::Error>,
+    ) -> Result<(), crate::Error> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT c.id, c.request_id, c.received_at, c.body, j.account_name
+                 FROM callback_partitions cp
+                 JOIN callbacks c ON c.id = cp.callback_id
+                 LEFT JOIN requests r ON r.request_id = c.request_id
+                 LEFT JOIN jobs j ON j.job_id = r.job_id
+                 WHERE cp.partition = ?1 AND cp.callback_id <= ?2
+                 ORDER BY c.received_at, c.id",
+            )
+            .map_err(self.err())?;
+        let mut rows = stmt.query(params![partition, through_id]).map_err(self.err())?;
+        while let Some(row) = rows.next().map_err(self.err())? {
+            let cb = (|| {
+                Ok(StoredCallback {
+                    id: row.get(0)?,
+                    request_id: row.get(1)?,
+                    received_at: row.get(2)?,
+                    body: row.get(3)?,
+                    account_name: row.get(4)?,
+                })
+            })()
+            .map_err(self.err())?;
+            each(cb)?;
+        }
+        Ok(())
+    }
+
+    fn mark_written(
+        &mut self,
+        partition: &str,
+        through_id: i64,
+        rows: u64,
+        files: u64,
+        run_id: &str,
+    ) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO partitions (partition, written_through, rows, files, written_at, run_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (partition) DO UPDATE SET
+                   written_through = MAX(written_through, excluded.written_through),
+                   rows = excluded.rows, files = excluded.files,
+                   written_at = excluded.written_at, run_id = excluded.run_id",
+                params![partition, through_id, rows as i64, files as i64, now_text(), run_id],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    fn known_request(&self, request_id: &str) -> Result<bool, StateError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM requests WHERE request_id = ?1")
+            .and_then(|mut stmt| stmt.exists([request_id]))
+            .map_err(self.err())
+    }
+
+    fn journal_len(&self) -> Result<u64, StateError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM callbacks", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn journal_is_idempotent_on_identical_bodies_and_tracks_partitions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s/t.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        assert_eq!(store.schema_version().expect("version"), MIGRATIONS.len() as i64);
+        let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
+        let cb = NewCallback {
+            request_id: "r1",
+            kind: "usage",
+            source: "a.json",
+            body: r#"{"requestId":"r1"}"#,
+            partitions: &parts,
+        };
+        let first = store.journal(&[cb.clone()], 10).expect("journal");
+        assert!(matches!(first[0], Journaled::New(_)));
+        let again = store.journal(&[cb], 20).expect("journal");
+        assert_eq!(again, vec![Journaled::AlreadyJournaled]);
+        assert_eq!(store.journal_len().expect("len"), 1);
+
+        let pending = store.pending_partitions().expect("pending");
+        assert_eq!(pending.len(), 1);
+        store
+            .mark_written("usage_date=2021-08-15", pending[0].through_id, 1, 1, "run")
+            .expect("mark");
+        assert!(store.pending_partitions().expect("pending").is_empty());
+
+        // Reopening keeps everything and does not migrate twice.
+        drop(store);
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.journal_len().expect("len"), 1);
+    }
+}

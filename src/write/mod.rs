@@ -1,0 +1,62 @@
+//! Stage 6, write: usage rows → Parquet partitions published atomically; rejects files; run reports.
+//!
+//! - [`parquet`]: schema v1, the writer, and the atomic partition publish.
+//! - [`rejects`]: the rejects files (CSV for ICCID lists, JSON lines for callbacks).
+
+pub mod parquet;
+pub mod rejects;
+
+use std::path::{Path, PathBuf};
+
+/// A failure to write output. The previous output stays as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: writing Parquet: {message}")]
+    Parquet { path: PathBuf, message: String },
+    #[error("{path}: writing CSV: {message}")]
+    Csv { path: PathBuf, message: String },
+}
+
+impl WriteError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        WriteError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    pub(crate) fn csv(path: &Path, e: csv::Error) -> Self {
+        WriteError::Csv {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Syncs a directory so that a rename or a new entry in it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), WriteError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| WriteError::io(dir, e))
+}
+
+/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| WriteError::io(dir, e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp).map_err(|e| WriteError::io(&tmp, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| WriteError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| WriteError::io(path, e))?;
+    sync_dir(dir)
+}

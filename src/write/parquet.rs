@@ -1,0 +1,273 @@
+//! Parquet schema v1 and the partition writer: zstd, statistics, key-value metadata, atomic publish.
+//!
+//! A partition (`usage/usage_date=2021-08-15/`) is always written whole: its files are built in
+//! `{out}/.staging/`, fsynced, and swapped in with one `renameat2(RENAME_EXCHANGE)` (or a plain rename
+//! when the partition is new), then the directory is fsynced. A reader lists either the old partition
+//! or the new one, never a mix, never a half-written file. File names are deterministic:
+//! `part-00000.parquet`, `part-00001.parquet`, ... (a new file past `output.max_rows_per_file` rows).
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use tsusage::ingest::Iccid;
+//! use tsusage::normalize::UsageRow;
+//! use tsusage::write::parquet::{PartitionWriter, WriterOptions};
+//! let out = tempfile::tempdir()?;
+//! let row = UsageRow {
+//!     account_name: Arc::from("0000123456-00001"),
+//!     iccid: Iccid::parse("89148000000800139702")?,
+//!     usage_start: 1_628_985_600_000_000,
+//!     usage_end: 1_629_072_000_000_000,
+//!     data_usage_bytes: 3072, sms_usage: 0, mo_sms: 0, mt_sms: 0,
+//!     request_id: Arc::from("595f5c44-c31c-4552-8670-020a1545a84d"),
+//!     received_at: 1_629_072_100_000_000,
+//! };
+//! let writer = PartitionWriter::new(out.path(), WriterOptions::new("run-1"));
+//! let written = writer.write("usage_date=2021-08-15", &[row])?;
+//! assert_eq!((written.rows, written.files), (1, 1));
+//! assert!(out.path().join("usage/usage_date=2021-08-15/part-00000.parquet").exists());
+//! # Ok(()) }
+//! ```
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+
+use super::{WriteError, sync_dir};
+use crate::normalize::UsageRow;
+
+/// Version of the output schema, stored in each file's key-value metadata.
+pub const SCHEMA_VERSION: &str = "1";
+/// Metadata keys on every file.
+pub const META_SCHEMA_VERSION: &str = "tsusage.schema_version";
+pub const META_TOOL_VERSION: &str = "tsusage.tool_version";
+pub const META_RUN_ID: &str = "tsusage.run_id";
+/// Rows per Arrow batch handed to the Parquet writer (bounds the memory of one write step).
+const BATCH_ROWS: usize = 64 * 1024;
+
+/// Schema v1 (DESIGN §5). Timestamps are µs, UTC; counts are Int64; `data_usage_bytes` is bytes.
+pub fn schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("account_name", DataType::Utf8, false),
+        Field::new("iccid", DataType::Utf8, false),
+        Field::new("usage_start", ts.clone(), false),
+        Field::new("usage_end", ts.clone(), false),
+        Field::new("data_usage_bytes", DataType::Int64, false),
+        Field::new("sms_usage", DataType::Int64, false),
+        Field::new("mo_sms", DataType::Int64, false),
+        Field::new("mt_sms", DataType::Int64, false),
+        Field::new("request_id", DataType::Utf8, false),
+        Field::new("received_at", ts, false),
+    ]))
+}
+
+/// How files are written.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub run_id: String,
+    pub zstd_level: i32,
+    pub max_rows_per_file: u64,
+}
+
+impl WriterOptions {
+    pub fn new(run_id: &str) -> Self {
+        WriterOptions {
+            run_id: run_id.to_owned(),
+            zstd_level: crate::config::DEFAULT_ZSTD_LEVEL,
+            max_rows_per_file: crate::config::DEFAULT_MAX_ROWS_PER_FILE,
+        }
+    }
+}
+
+/// What a partition write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub rows: u64,
+    pub files: u64,
+}
+
+/// Writes whole partitions under `{out}/usage/`.
+#[derive(Debug)]
+pub struct PartitionWriter {
+    usage_dir: PathBuf,
+    staging_dir: PathBuf,
+    options: WriterOptions,
+}
+
+impl PartitionWriter {
+    pub fn new(out_dir: &Path, options: WriterOptions) -> Self {
+        PartitionWriter {
+            usage_dir: out_dir.join("usage"),
+            staging_dir: out_dir.join(".staging"),
+            options,
+        }
+    }
+
+    /// Removes what an interrupted write left in the staging area (never visible to readers).
+    pub fn clean_staging(&self) -> Result<(), WriteError> {
+        match std::fs::remove_dir_all(&self.staging_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(WriteError::io(&self.staging_dir, e)),
+        }
+    }
+
+    /// Replaces partition `name` (e.g. `usage_date=2021-08-15`) with `rows`, atomically.
+    pub fn write(&self, name: &str, rows: &[UsageRow]) -> Result<Written, WriteError> {
+        let stage = self
+            .staging_dir
+            .join(format!("{name}.{}", self.options.run_id));
+        if stage.exists() {
+            std::fs::remove_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
+        }
+        std::fs::create_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
+        let per_file = usize::try_from(self.options.max_rows_per_file).unwrap_or(usize::MAX).max(1);
+        let mut files = 0u64;
+        for (i, chunk) in rows.chunks(per_file).enumerate() {
+            let path = stage.join(format!("part-{i:05}.parquet"));
+            self.write_file(&path, chunk)?;
+            files += 1;
+        }
+        sync_dir(&stage)?;
+        std::fs::create_dir_all(&self.usage_dir).map_err(|e| WriteError::io(&self.usage_dir, e))?;
+        let target = self.usage_dir.join(name);
+        publish(&stage, &target)?;
+        sync_dir(&self.usage_dir)?;
+        // After the swap, `stage` holds the previous partition (if any): no reader can reach it.
+        if stage.exists() {
+            std::fs::remove_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
+        }
+        Ok(Written {
+            rows: rows.len() as u64,
+            files,
+        })
+    }
+
+    fn write_file(&self, path: &Path, rows: &[UsageRow]) -> Result<(), WriteError> {
+        let parquet_err = |e: parquet::errors::ParquetError| WriteError::Parquet {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
+        let file = File::create(path).map_err(|e| WriteError::io(path, e))?;
+        let level = ZstdLevel::try_new(self.options.zstd_level).map_err(parquet_err)?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_statistics_enabled(EnabledStatistics::Page)
+            .set_created_by(format!("tsusage {}", env!("CARGO_PKG_VERSION")))
+            .set_key_value_metadata(Some(vec![
+                KeyValue::new(META_SCHEMA_VERSION.to_owned(), SCHEMA_VERSION.to_owned()),
+                KeyValue::new(META_TOOL_VERSION.to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+                KeyValue::new(META_RUN_ID.to_owned(), self.options.run_id.clone()),
+            ]))
+            .build();
+        let schema = schema();
+        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
+        for chunk in rows.chunks(BATCH_ROWS) {
+            let batch = to_batch(&schema, chunk).map_err(|e| WriteError::Parquet {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            writer.write(&batch).map_err(parquet_err)?;
+        }
+        let file = writer.into_inner().map_err(parquet_err)?;
+        file.sync_all().map_err(|e| WriteError::io(path, e))
+    }
+}
+
+/// Builds one Arrow batch of schema v1 from rows.
+pub fn to_batch(schema: &SchemaRef, rows: &[UsageRow]) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let n = rows.len();
+    let mut account = StringBuilder::with_capacity(n, n * 16);
+    let mut iccid = StringBuilder::with_capacity(n, n * 20);
+    let mut start = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut end = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut data = Int64Builder::with_capacity(n);
+    let mut sms = Int64Builder::with_capacity(n);
+    let mut mo = Int64Builder::with_capacity(n);
+    let mut mt = Int64Builder::with_capacity(n);
+    let mut request = StringBuilder::with_capacity(n, n * 36);
+    let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut text = String::with_capacity(20);
+    for r in rows {
+        account.append_value(&r.account_name);
+        text.clear();
+        std::fmt::Write::write_fmt(&mut text, format_args!("{}", r.iccid)).ok();
+        iccid.append_value(&text);
+        start.append_value(r.usage_start);
+        end.append_value(r.usage_end);
+        data.append_value(r.data_usage_bytes);
+        sms.append_value(r.sms_usage);
+        mo.append_value(r.mo_sms);
+        mt.append_value(r.mt_sms);
+        request.append_value(&r.request_id);
+        received.append_value(r.received_at);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(account.finish()),
+        Arc::new(iccid.finish()),
+        Arc::new(start.finish()),
+        Arc::new(end.finish()),
+        Arc::new(data.finish()),
+        Arc::new(sms.finish()),
+        Arc::new(mo.finish()),
+        Arc::new(mt.finish()),
+        Arc::new(request.finish()),
+        Arc::new(received.finish()),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// Puts `stage` at `target`: an atomic exchange when `target` exists (leaving the old one at `stage`),
+/// a rename when it does not.
+fn publish(stage: &Path, target: &Path) -> Result<(), WriteError> {
+    if !target.exists() {
+        return std::fs::rename(stage, target).map_err(|e| WriteError::io(target, e));
+    }
+    match exchange(stage, target) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
+            // The filesystem cannot exchange: move the old partition aside, then the new one in.
+            // Readers may briefly see no partition, but never a mixed or half-written one.
+            let aside = stage.with_extension("old");
+            std::fs::rename(target, &aside).map_err(|e| WriteError::io(target, e))?;
+            std::fs::rename(stage, target).map_err(|e| WriteError::io(target, e))?;
+            std::fs::rename(&aside, stage).map_err(|e| WriteError::io(&aside, e))
+        }
+        Err(e) => Err(WriteError::io(target, e)),
+    }
+}
+
+/// Swaps two paths atomically (Linux `renameat2` with `RENAME_EXCHANGE`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let to_c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (a, b) = (to_c(a)?, to_c(b)?);
+    // SAFETY: both pointers are valid NUL-terminated strings that live across the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
