@@ -344,10 +344,12 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: e.to_string().trim_end().to_owned(),
+                })?;
         for (section, key) in SECRET_KEYS {
             let in_file = table
                 .get(*section)
@@ -362,8 +364,8 @@ impl Config {
             }
         }
         let overridden = apply_env(&mut table, env)?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
                 let full = e.inner().to_string();
                 // toml appends "in `section`"; the key path already says where.
@@ -393,7 +395,10 @@ impl Config {
             return Err(bad("account_name", "must not be empty".into()));
         }
         if self.account_name.chars().any(char::is_control) {
-            return Err(bad("account_name", "must not hold control characters".into()));
+            return Err(bad(
+                "account_name",
+                "must not hold control characters".into(),
+            ));
         }
         if !(1..=366).contains(&self.plan.window_days) {
             return Err(bad(
@@ -404,7 +409,10 @@ impl Config {
         if !(1..=MAX_CHUNK_SIZE).contains(&self.plan.chunk_size) {
             return Err(bad(
                 "plan.chunk_size",
-                format!("{} is out of range 1..={MAX_CHUNK_SIZE}", self.plan.chunk_size),
+                format!(
+                    "{} is out of range 1..={MAX_CHUNK_SIZE}",
+                    self.plan.chunk_size
+                ),
             ));
         }
         if self.api.requests_per_sec == 0 {
@@ -418,7 +426,10 @@ impl Config {
             ("callbacks.public_url", &self.callbacks.public_url),
         ] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(bad(key, format!("{url:?} is not an http:// or https:// URL")));
+                return Err(bad(
+                    key,
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ));
             }
         }
         if self.output.max_rows_per_file == 0 {
@@ -499,7 +510,9 @@ fn env_value(raw: &str, default: Option<&toml::Value>) -> Result<toml::Value, St
         let doc: toml::Table = format!("v = {raw}")
             .parse()
             .map_err(|_| format!("{raw:?} is not {what}"))?;
-        doc.get("v").cloned().ok_or_else(|| format!("{raw:?} is not {what}"))
+        doc.get("v")
+            .cloned()
+            .ok_or_else(|| format!("{raw:?} is not {what}"))
     };
     match default {
         Some(toml::Value::Integer(_)) => typed("an integer"),
@@ -575,7 +588,10 @@ path = "state/tsusage.db"
     fn unknown_key_is_rejected_with_file_and_key() {
         let text = format!("{MINIMAL}\n[plan]\nchunksize = 5\n");
         let err = load(&text, &[]).expect_err("unknown key").to_string();
-        assert!(err.starts_with("config t.toml: plan.chunksize: unknown field `chunksize`"), "{err}");
+        assert!(
+            err.starts_with("config t.toml: plan.chunksize: unknown field `chunksize`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -596,7 +612,10 @@ path = "state/tsusage.db"
         assert!(c.input.strict_luhn);
         assert_eq!(c.account_name, "0000999");
         assert_eq!(c.callbacks.source, CallbackSource::DropDir);
-        assert_eq!(c.input.paths, vec![PathBuf::from("a.csv"), PathBuf::from("b.csv")]);
+        assert_eq!(
+            c.input.paths,
+            vec![PathBuf::from("a.csv"), PathBuf::from("b.csv")]
+        );
     }
 
     #[test]
@@ -604,7 +623,10 @@ path = "state/tsusage.db"
         let err = load(MINIMAL, &[("TSUSAGE_PLAN__CHUNK_SIZE", "many")])
             .expect_err("not an integer")
             .to_string();
-        assert!(err.contains("TSUSAGE_PLAN__CHUNK_SIZE") && err.contains("integer"), "{err}");
+        assert!(
+            err.contains("TSUSAGE_PLAN__CHUNK_SIZE") && err.contains("integer"),
+            "{err}"
+        );
         let err = load(MINIMAL, &[("TSUSAGE_PLAN__CHUNK_SIZE", "0")])
             .expect_err("out of range")
             .to_string();
@@ -625,10 +647,19 @@ path = "state/tsusage.db"
             ],
         )
         .expect("secrets from env");
-        assert_eq!(c.api.password.as_ref().map(Secret::expose), Some("hunter2-sentinel"));
-        assert_eq!(c.callbacks.password.as_ref().map(Secret::expose), Some("98765"));
+        assert_eq!(
+            c.api.password.as_ref().map(Secret::expose),
+            Some("hunter2-sentinel")
+        );
+        assert_eq!(
+            c.callbacks.password.as_ref().map(Secret::expose),
+            Some("98765")
+        );
         let debug = format!("{c:?}");
-        assert!(!debug.contains("hunter2-sentinel") && !debug.contains("98765"), "{debug}");
+        assert!(
+            !debug.contains("hunter2-sentinel") && !debug.contains("98765"),
+            "{debug}"
+        );
         assert!(debug.contains("[redacted]"));
     }
 
@@ -636,7 +667,10 @@ path = "state/tsusage.db"
     fn secret_in_the_file_is_refused() {
         let text = format!("{MINIMAL}\n[api]\npassword = \"x\"\n");
         let err = load(&text, &[]).expect_err("secret in file").to_string();
-        assert!(err.contains("api.password is a secret") && err.contains("TSUSAGE_API__PASSWORD"), "{err}");
+        assert!(
+            err.contains("api.password is a secret") && err.contains("TSUSAGE_API__PASSWORD"),
+            "{err}"
+        );
     }
 
     #[test]

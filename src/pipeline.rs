@@ -36,14 +36,19 @@ pub fn validate(config: &Config, files: &[PathBuf]) -> Result<Outcome> {
         strict_luhn: config.input.strict_luhn,
     };
     let list = ingest::read_iccid_files(files, options, &mut rejects).map_err(|e| match e {
-        ingest::IngestError::Read { path, source } => Error::Usage(format!("{}: cannot read: {source}", path.display())),
+        ingest::IngestError::Read { path, source } => {
+            Error::Usage(format!("{}: cannot read: {source}", path.display()))
+        }
         ingest::IngestError::Rejects(w) => Error::Write(w),
     })?;
     report.iccids = Some(list.stats);
     report.rejects_files.extend(rejects.finish()?);
     report.finish();
     let report_path = report.save(out)?;
-    Ok(Outcome { report, report_path })
+    Ok(Outcome {
+        report,
+        report_path,
+    })
 }
 
 /// `tsusage ingest DIR`: journals every callback file in `dir`, then writes what the journal holds
@@ -59,17 +64,29 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
     let out = &config.output.dir;
 
     let mut intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
-    let mut rejects = RecordRejects::new(rejects_dir(out).join(format!("{run_id}-callbacks.jsonl")));
+    let mut rejects =
+        RecordRejects::new(rejects_dir(out).join(format!("{run_id}-callbacks.jsonl")));
     let options = DropDirOptions {
         keep_files,
         max_file_bytes: config.callbacks.max_file_bytes,
     };
     let progress = progress_bar("files");
-    let dropped = drop_dir::collect(dir, options, &mut intake, &mut store, &mut rejects, &progress);
+    let dropped = drop_dir::collect(
+        dir,
+        options,
+        &mut intake,
+        &mut store,
+        &mut rejects,
+        &progress,
+    );
     progress.finish_and_clear();
     report.drop_dir = Some(dropped?);
     report.rejects_files.extend(rejects.finish()?);
-    tracing::info!(callbacks = intake.callbacks.received, new = intake.callbacks.journaled, "journaled");
+    tracing::info!(
+        callbacks = intake.callbacks.received,
+        new = intake.callbacks.journaled,
+        "journaled"
+    );
 
     report.output = Some(write_pending(config, &mut store, &run_id)?);
     report.callbacks = Some(intake.callbacks);
@@ -78,12 +95,19 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
     let report_path = report.save(out)?;
     let json = serde_json::to_string(&report).unwrap_or_default();
     store.finish_run(&run_id, report.exit_code, &json)?;
-    Ok(Outcome { report, report_path })
+    Ok(Outcome {
+        report,
+        report_path,
+    })
 }
 
 /// Rewrites every partition whose journal has callbacks newer than its last write (invariant 3: the
 /// output is a function of the journal, so this can run at any time).
-pub fn write_pending<S: Store + ?Sized>(config: &Config, store: &mut S, run_id: &str) -> Result<OutputReport> {
+pub fn write_pending<S: Store + ?Sized>(
+    config: &Config,
+    store: &mut S,
+    run_id: &str,
+) -> Result<OutputReport> {
     let writer = PartitionWriter::new(
         &config.output.dir,
         WriterOptions {
@@ -109,8 +133,19 @@ pub fn write_pending<S: Store + ?Sized>(config: &Config, store: &mut S, run_id: 
         let (records_in, collapsed) = (collapser.records_in, collapser.collapsed);
         let rows = collapser.into_rows();
         let written = writer.write(&pending.partition, &rows)?;
-        store.mark_written(&pending.partition, pending.through_id, written.rows, written.files, run_id)?;
-        tracing::info!(partition = pending.partition, rows = written.rows, files = written.files, "partition written");
+        store.mark_written(
+            &pending.partition,
+            pending.through_id,
+            written.rows,
+            written.files,
+            run_id,
+        )?;
+        tracing::info!(
+            partition = pending.partition,
+            rows = written.rows,
+            files = written.files,
+            "partition written"
+        );
         output.rows_written += written.rows;
         output.files_written += written.files;
         output.collapsed += collapsed;

@@ -91,7 +91,10 @@ impl RunReport {
         let rejected = self.iccids.as_ref().map_or(0, |s| s.rejected)
             + self.callbacks.as_ref().map_or(0, |s| s.rejected)
             + self.records.as_ref().map_or(0, |s| s.rejected)
-            + self.drop_dir.as_ref().map_or(0, |s| s.rejected + s.too_large);
+            + self
+                .drop_dir
+                .as_ref()
+                .map_or(0, |s| s.rejected + s.too_large);
         self.exit_code = if rejected > 0 { EXIT_PARTIAL } else { EXIT_OK };
         self.status = if rejected > 0 { "partial" } else { "complete" }.to_owned();
         self.finished_at = now_text();
@@ -115,7 +118,12 @@ impl RunReport {
             ));
         }
         if let Some(d) = &self.drop_dir {
-            parts.push(format!("{} files ({} rejected, {} skipped)", d.files, d.rejected, d.skipped + d.too_large));
+            parts.push(format!(
+                "{} files ({} rejected, {} skipped)",
+                d.files,
+                d.rejected,
+                d.skipped + d.too_large
+            ));
         }
         if let Some(c) = &self.callbacks {
             parts.push(format!(

@@ -92,9 +92,14 @@ pub fn collect<S: Store + ?Sized>(
             Ok(None) => {
                 stats.too_large += 1;
                 tracing::warn!(file = %path.display(), limit = options.max_file_bytes, "file over callbacks.max_file_bytes left in place");
-                rejects.push(&file_reject(&path, "file_too_large", format!(
-                    "larger than callbacks.max_file_bytes ({} bytes); left in place", options.max_file_bytes
-                )))?;
+                rejects.push(&file_reject(
+                    &path,
+                    "file_too_large",
+                    format!(
+                        "larger than callbacks.max_file_bytes ({} bytes); left in place",
+                        options.max_file_bytes
+                    ),
+                ))?;
                 continue;
             }
             Err(e) => {
@@ -104,7 +109,14 @@ pub fn collect<S: Store + ?Sized>(
             }
         };
         let before = batch.len();
-        let bodies_rejected = split_and_prepare(&path, &bytes, format, intake, &mut batch, &mut record_rejects);
+        let bodies_rejected = split_and_prepare(
+            &path,
+            &bytes,
+            format,
+            intake,
+            &mut batch,
+            &mut record_rejects,
+        );
         for reject in record_rejects.drain(..).chain(bodies_rejected) {
             rejects.push(&reject)?;
         }
@@ -159,7 +171,11 @@ fn flush<S: Store + ?Sized>(
 }
 
 /// Decides whether an entry is a callback file to read.
-fn candidate(path: &Path, name: &std::ffi::OsStr, stats: &mut DropDirStats) -> Result<Option<Format>> {
+fn candidate(
+    path: &Path,
+    name: &std::ffi::OsStr,
+    stats: &mut DropDirStats,
+) -> Result<Option<Format>> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return Ok(None); // processed/, rejected/ and anything else: not ours to read
@@ -221,11 +237,11 @@ fn split_and_prepare(
 ) -> Vec<RecordReject> {
     let shown = path.display();
     let mut body_rejects = Vec::new();
-    let mut take = |body: &str, source: String, body_rejects: &mut Vec<RecordReject>| {
-        match intake.prepare(body, source, record_rejects) {
-            Ok(p) => batch.push(p),
-            Err(r) => body_rejects.push(r),
-        }
+    let mut take = |body: &str, source: String, body_rejects: &mut Vec<RecordReject>| match intake
+        .prepare(body, source, record_rejects)
+    {
+        Ok(p) => batch.push(p),
+        Err(r) => body_rejects.push(*r),
     };
     match format {
         Format::Lines => {
@@ -239,18 +255,30 @@ fn split_and_prepare(
                 bodies += 1;
                 match std::str::from_utf8(line) {
                     Ok(text) => take(text, source, &mut body_rejects),
-                    Err(e) => body_rejects.push(text_reject(source, "body_not_utf8", format!("not UTF-8: {e}"))),
+                    Err(e) => body_rejects.push(text_reject(
+                        source,
+                        "body_not_utf8",
+                        format!("not UTF-8: {e}"),
+                    )),
                 }
             }
             if bodies == 0 {
-                body_rejects.push(file_reject(path, "file_empty", "no callbacks in the file".into()));
+                body_rejects.push(file_reject(
+                    path,
+                    "file_empty",
+                    "no callbacks in the file".into(),
+                ));
             }
         }
         Format::Json => {
             let text = match std::str::from_utf8(bytes) {
                 Ok(text) => text.trim_start_matches('\u{feff}'),
                 Err(e) => {
-                    body_rejects.push(file_reject(path, "body_not_utf8", format!("not UTF-8: {e}")));
+                    body_rejects.push(file_reject(
+                        path,
+                        "body_not_utf8",
+                        format!("not UTF-8: {e}"),
+                    ));
                     return body_rejects;
                 }
             };
@@ -260,14 +288,22 @@ fn split_and_prepare(
             } else if trimmed.starts_with('[') {
                 match serde_json::from_str::<Vec<&RawValue>>(text) {
                     Ok(items) if items.is_empty() => {
-                        body_rejects.push(file_reject(path, "file_empty", "an empty JSON array".into()));
+                        body_rejects.push(file_reject(
+                            path,
+                            "file_empty",
+                            "an empty JSON array".into(),
+                        ));
                     }
                     Ok(items) => {
                         for (i, item) in items.iter().enumerate() {
                             take(item.get(), format!("{shown}[{i}]"), &mut body_rejects);
                         }
                     }
-                    Err(e) => body_rejects.push(file_reject(path, "body_not_json", format!("not valid JSON: {e}"))),
+                    Err(e) => body_rejects.push(file_reject(
+                        path,
+                        "body_not_json",
+                        format!("not valid JSON: {e}"),
+                    )),
                 }
             } else {
                 take(text, shown.to_string(), &mut body_rejects);
@@ -296,7 +332,10 @@ fn text_reject(source: String, code: &str, reason: String) -> RecordReject {
 
 /// `dir/name`, or `dir/stem-1.ext`, `dir/stem-2.ext`, ... when taken.
 fn free_name(dir: &Path, path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let first = dir.join(&name);
     if !first.exists() {
         return first;

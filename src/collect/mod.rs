@@ -75,7 +75,7 @@ impl Intake {
         body: &str,
         source: String,
         rejects: &mut Vec<RecordReject>,
-    ) -> Result<Prepared, RecordReject> {
+    ) -> Result<Prepared, Box<RecordReject>> {
         self.callbacks.received += 1;
         let checked = strip_credentials(body).and_then(|stripped| {
             let cb = parse_callback(&stripped)?;
@@ -91,7 +91,12 @@ impl Intake {
             let kind = cb.kind.name();
             let request_id = cb.request_id.to_string();
             if let CallbackKind::Fault { code, .. } = &cb.kind {
-                tracing::warn!(request_id, code = code.as_deref().unwrap_or("?"), source, "fault callback");
+                tracing::warn!(
+                    request_id,
+                    code = code.as_deref().unwrap_or("?"),
+                    source,
+                    "fault callback"
+                );
             }
             Ok((kind, request_id, partitions, record_stats, stripped))
         });
@@ -115,7 +120,7 @@ impl Intake {
             }
             Err(e) => {
                 self.callbacks.rejected += 1;
-                Err(RecordReject {
+                Err(Box::new(RecordReject {
                     source,
                     request_id: None,
                     record: None,
@@ -124,7 +129,7 @@ impl Intake {
                     raw: None,
                     code: e.code().to_owned(),
                     reason: e.to_string(),
-                })
+                }))
             }
         }
     }

@@ -104,7 +104,12 @@ fn read_one(
                 match e.into_kind() {
                     csv::ErrorKind::Io(source) => return Err(read_err(source)),
                     other => {
-                        reject(line, "", "csv_malformed", &format!("malformed CSV: {other:?}"))?;
+                        reject(
+                            line,
+                            "",
+                            "csv_malformed",
+                            &format!("malformed CSV: {other:?}"),
+                        )?;
                         continue;
                     }
                 }
@@ -114,7 +119,10 @@ fn read_one(
         if first {
             first = false;
             if let Some(first_field) = record.get(0) {
-                let stripped = first_field.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(first_field).to_vec();
+                let stripped = first_field
+                    .strip_prefix(b"\xEF\xBB\xBF")
+                    .unwrap_or(first_field)
+                    .to_vec();
                 let mut fixed = csv::ByteRecord::new();
                 fixed.push_field(&stripped);
                 for field in record.iter().skip(1) {
@@ -134,7 +142,10 @@ fn read_one(
                         line,
                         &names,
                         "csv_no_iccid_column",
-                        &format!("no column named iccid among the {} columns of the header; the file was skipped", record.len()),
+                        &format!(
+                            "no column named iccid among the {} columns of the header; the file was skipped",
+                            record.len()
+                        ),
                     )?;
                     return Ok(());
                 }
@@ -146,7 +157,12 @@ fn read_one(
             }
             rows += 1;
             let raw = String::from_utf8_lossy(record.as_slice()).into_owned();
-            reject(line, &raw, "csv_missing_column", "the row has no value in the ICCID column")?;
+            reject(
+                line,
+                &raw,
+                "csv_missing_column",
+                "the row has no value in the ICCID column",
+            )?;
             continue;
         };
         let text = match std::str::from_utf8(raw) {
@@ -175,7 +191,12 @@ fn read_one(
         };
         if let Err(e @ IccidError::Luhn { .. }) = iccid.luhn_check() {
             if options.strict_luhn {
-                reject(line, text, e.code(), &format!("ICCID {e} (input.strict_luhn = true)"))?;
+                reject(
+                    line,
+                    text,
+                    e.code(),
+                    &format!("ICCID {e} (input.strict_luhn = true)"),
+                )?;
                 continue;
             }
             luhn_warnings += 1;
@@ -218,9 +239,12 @@ fn header_column(first: &csv::ByteRecord) -> Header {
     match fields.as_slice() {
         [only] if !has_digit(only) && !only.is_empty() => Header::Unnamed(0),
         [_] | [] => Header::None(0),
-        _ if fields.iter().any(has_digit) => {
-            Header::None(fields.iter().position(|f| Iccid::parse(f).is_ok()).unwrap_or(0))
-        }
+        _ if fields.iter().any(has_digit) => Header::None(
+            fields
+                .iter()
+                .position(|f| Iccid::parse(f).is_ok())
+                .unwrap_or(0),
+        ),
         _ => Header::Missing(fields.join(",")),
     }
 }

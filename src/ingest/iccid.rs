@@ -130,7 +130,13 @@ impl fmt::Debug for Iccid {
 fn looks_like_scientific(text: &str) -> bool {
     let (mantissa, exponent) = match text.split_once(['e', 'E']) {
         Some(split) => split,
-        None => return text.contains('.') && text.replacen('.', "", 1).bytes().all(|b| b.is_ascii_digit()),
+        None => {
+            return text.contains('.')
+                && text
+                    .replacen('.', "", 1)
+                    .bytes()
+                    .all(|b| b.is_ascii_digit());
+        }
     };
     let exponent = exponent.strip_prefix('+').unwrap_or(exponent);
     !exponent.is_empty()
@@ -156,20 +162,48 @@ mod tests {
 
     #[test]
     fn accepts_19_and_20_digit_iccids() {
-        assert_eq!(Iccid::parse("8914800000080013970").map(|i| i.to_string()).as_deref(), Ok("8914800000080013970"));
-        assert_eq!(Iccid::parse("89148000000800139708").map(|i| i.to_string()).as_deref(), Ok("89148000000800139708"));
+        assert_eq!(
+            Iccid::parse("8914800000080013970")
+                .map(|i| i.to_string())
+                .as_deref(),
+            Ok("8914800000080013970")
+        );
+        assert_eq!(
+            Iccid::parse("89148000000800139708")
+                .map(|i| i.to_string())
+                .as_deref(),
+            Ok("89148000000800139708")
+        );
     }
 
     #[test]
     fn rejects_wrong_length_prefix_and_characters() {
-        assert_eq!(Iccid::parse("891480000008001397"), Err(IccidError::Length(18)));
-        assert_eq!(Iccid::parse("891480000008001397081"), Err(IccidError::Length(21)));
-        assert_eq!(Iccid::parse("79148000000800139708"), Err(IccidError::Prefix));
-        let err = Iccid::parse("8914 8000000800139708").expect_err("space").to_string();
-        assert_eq!(err, "contains a space at position 5; an ICCID is ASCII digits only");
-        let err = Iccid::parse("8914800000080013970\u{200b}").expect_err("zero width").to_string();
+        assert_eq!(
+            Iccid::parse("891480000008001397"),
+            Err(IccidError::Length(18))
+        );
+        assert_eq!(
+            Iccid::parse("891480000008001397081"),
+            Err(IccidError::Length(21))
+        );
+        assert_eq!(
+            Iccid::parse("79148000000800139708"),
+            Err(IccidError::Prefix)
+        );
+        let err = Iccid::parse("8914 8000000800139708")
+            .expect_err("space")
+            .to_string();
+        assert_eq!(
+            err,
+            "contains a space at position 5; an ICCID is ASCII digits only"
+        );
+        let err = Iccid::parse("8914800000080013970\u{200b}")
+            .expect_err("zero width")
+            .to_string();
         assert!(err.contains("U+200B"), "{err}");
-        let err = Iccid::parse("８9148000000800139708").expect_err("fullwidth").to_string();
+        let err = Iccid::parse("８9148000000800139708")
+            .expect_err("fullwidth")
+            .to_string();
         assert!(err.contains("non-ASCII digit"), "{err}");
     }
 

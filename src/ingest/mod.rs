@@ -3,9 +3,9 @@
 mod csv_list;
 mod iccid;
 
-pub use csv_list::{IngestOptions, IngestStats, IccidList, read_iccid_files};
-pub use iccid::{Iccid, IccidError};
+pub use csv_list::{IccidList, IngestOptions, IngestStats, read_iccid_files};
 pub(crate) use iccid::describe_char;
+pub use iccid::{Iccid, IccidError};
 
 /// An input file that cannot be read at all (a bad row is a reject, not an error).
 #[derive(Debug, thiserror::Error)]

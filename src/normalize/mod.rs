@@ -132,7 +132,12 @@ pub struct Collapser {
 }
 
 impl Collapser {
-    pub fn new(partition: &str, by: PartitionBy, strict_luhn: bool, default_account: Arc<str>) -> Self {
+    pub fn new(
+        partition: &str,
+        by: PartitionBy,
+        strict_luhn: bool,
+        default_account: Arc<str>,
+    ) -> Self {
         Collapser {
             partition: partition.to_owned(),
             by,
@@ -178,7 +183,11 @@ impl Collapser {
                 request_id: request_id.clone(),
                 received_at,
             };
-            if self.rows.insert((r.iccid, r.usage_start, r.usage_end), row).is_some() {
+            if self
+                .rows
+                .insert((r.iccid, r.usage_start, r.usage_end), row)
+                .is_some()
+            {
                 self.collapsed += 1;
             }
         }

@@ -91,7 +91,11 @@ pub fn strip_credentials(body: &str) -> Result<String, BodyError> {
     })?;
     let mut out = String::with_capacity(body.len());
     out.push('{');
-    for (key, value) in top.0.iter().filter(|(k, _)| !CREDENTIAL_KEYS.contains(&k.as_ref())) {
+    for (key, value) in top
+        .0
+        .iter()
+        .filter(|(k, _)| !CREDENTIAL_KEYS.contains(&k.as_ref()))
+    {
         if out.len() > 1 {
             out.push(',');
         }
@@ -195,15 +199,18 @@ pub fn parse_callback(body: &str) -> Result<Callback<'_>, BodyError> {
         },
     };
     let callback_count = wire.callback_count.and_then(|raw| {
-        serde_json::from_str::<u32>(raw.get())
-            .ok()
-            .or_else(|| serde_json::from_str::<&str>(raw.get()).ok()?.trim().parse().ok())
+        serde_json::from_str::<u32>(raw.get()).ok().or_else(|| {
+            serde_json::from_str::<&str>(raw.get())
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
     });
     let kind = match (wire.device_response, wire.fault_response) {
         (_, Some(fault)) if fault.get() != "null" => {
-            let fault: WireFault = serde_json::from_str(fault.get()).map_err(|_| {
-                BodyError::NotCallback("faultResponse is not an object".into())
-            })?;
+            let fault: WireFault = serde_json::from_str(fault.get())
+                .map_err(|_| BodyError::NotCallback("faultResponse is not an object".into()))?;
             let text = |v: Option<serde_json::Value>| match v {
                 Some(serde_json::Value::String(s)) => Some(s),
                 Some(serde_json::Value::Null) | None => None,
@@ -218,7 +225,8 @@ pub fn parse_callback(body: &str) -> Result<Callback<'_>, BodyError> {
             let response: WireDeviceResponse<'_> = serde_json::from_str(device_response.get())
                 .map_err(|_| {
                     BodyError::NotCallback(
-                        "deviceResponse is not an object with a devicePromoUsageResponse list".into(),
+                        "deviceResponse is not an object with a devicePromoUsageResponse list"
+                            .into(),
                     )
                 })?;
             match response.records {
@@ -297,10 +305,19 @@ mod tests {
             ("[1,2]", "body_not_object"),
             ("\"text\"", "body_not_object"),
             (r#"{"deviceResponse":{}}"#, "body_not_callback"),
-            (r#"{"requestId":"","deviceResponse":{}}"#, "body_not_callback"),
-            (r#"{"requestId":42,"deviceResponse":{}}"#, "body_not_callback"),
+            (
+                r#"{"requestId":"","deviceResponse":{}}"#,
+                "body_not_callback",
+            ),
+            (
+                r#"{"requestId":42,"deviceResponse":{}}"#,
+                "body_not_callback",
+            ),
             (r#"{"requestId":"r"}"#, "body_not_callback"),
-            (r#"{"requestId":"r","deviceResponse":{"other":[]}}"#, "body_not_callback"),
+            (
+                r#"{"requestId":"r","deviceResponse":{"other":[]}}"#,
+                "body_not_callback",
+            ),
         ];
         for (body, code) in cases {
             let err = strip_credentials(body).and_then(|s| parse_callback(&s).map(|_| ()));

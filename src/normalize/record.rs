@@ -101,7 +101,8 @@ pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, R
     }
     let usage_start =
         parse_timestamp(&wire.start_date).map_err(|e| fail("startDate", &wire.start_date, e))?;
-    let usage_end = parse_timestamp(&wire.end_date).map_err(|e| fail("endDate", &wire.end_date, e))?;
+    let usage_end =
+        parse_timestamp(&wire.end_date).map_err(|e| fail("endDate", &wire.end_date, e))?;
     if usage_start >= usage_end {
         return Err(fail(
             "endDate",
@@ -140,7 +141,10 @@ pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, R
 
 /// Finds the `kind: "ICCID"` entry (any case) and validates its id.
 fn parse_iccid(ids: Option<&RawValue>) -> Result<(String, Iccid), RecordError> {
-    let reject = |iccid: Option<String>, raw: Option<String>, code: &'static str, reason: String| RecordError {
+    let reject = |iccid: Option<String>,
+                  raw: Option<String>,
+                  code: &'static str,
+                  reason: String| RecordError {
         iccid,
         field: "deviceIdentifierCollection",
         raw,
@@ -148,7 +152,12 @@ fn parse_iccid(ids: Option<&RawValue>) -> Result<(String, Iccid), RecordError> {
         reason,
     };
     let Some(ids) = ids else {
-        return Err(reject(None, None, "iccid_missing", "no deviceIdentifierCollection".into()));
+        return Err(reject(
+            None,
+            None,
+            "iccid_missing",
+            "no deviceIdentifierCollection".into(),
+        ));
     };
     let list: Vec<WireId<'_>> = serde_json::from_str(ids.get()).map_err(|_| {
         reject(
@@ -163,14 +172,29 @@ fn parse_iccid(ids: Option<&RawValue>) -> Result<(String, Iccid), RecordError> {
         _ => false,
     });
     let Some(entry) = entry else {
-        return Err(reject(None, None, "iccid_missing", "no identifier of kind ICCID".into()));
+        return Err(reject(
+            None,
+            None,
+            "iccid_missing",
+            "no identifier of kind ICCID".into(),
+        ));
     };
     let RawScalar::Str(text) = &entry.id else {
-        return Err(reject(None, entry.id.raw_text(), "iccid_not_digits", "the ICCID is not a string".into()));
+        return Err(reject(
+            None,
+            entry.id.raw_text(),
+            "iccid_not_digits",
+            "the ICCID is not a string".into(),
+        ));
     };
     match Iccid::parse(text) {
         Ok(iccid) => Ok((text.to_string(), iccid)),
-        Err(e) => Err(reject(Some(text.to_string()), Some(text.to_string()), e.code(), format!("ICCID {e}"))),
+        Err(e) => Err(reject(
+            Some(text.to_string()),
+            Some(text.to_string()),
+            e.code(),
+            format!("ICCID {e}"),
+        )),
     }
 }
 
@@ -186,28 +210,42 @@ mod tests {
         parse_record(&raw, false)
     }
 
-    const DATES: &str = r#""startDate":"2021-08-15T00:00:00.0000000","endDate":"2021-08-16T00:00:00.0000000""#;
+    const DATES: &str =
+        r#""startDate":"2021-08-15T00:00:00.0000000","endDate":"2021-08-16T00:00:00.0000000""#;
 
     #[test]
     fn parses_a_clean_record() {
-        let r = record(&format!(r#""dataUsage":"3072","smsUsage":"4","moSms":"1","mtSms":"3",{DATES}"#))
-            .expect("clean");
+        let r = record(&format!(
+            r#""dataUsage":"3072","smsUsage":"4","moSms":"1","mtSms":"3",{DATES}"#
+        ))
+        .expect("clean");
         assert_eq!(r.iccid.to_string(), "89148000000800139702");
-        assert_eq!((r.data_usage_bytes, r.sms_usage, r.mo_sms, r.mt_sms), (3072, 4, 1, 3));
+        assert_eq!(
+            (r.data_usage_bytes, r.sms_usage, r.mo_sms, r.mt_sms),
+            (3072, 4, 1, 3)
+        );
         assert_eq!(r.usage_end - r.usage_start, 86_400_000_000);
         assert!(!r.recovered && !r.luhn_warning);
     }
 
     #[test]
     fn names_the_failing_field() {
-        let err = record(&format!(r#""dataUsage":"-1","smsUsage":"4","moSms":"1","mtSms":"3",{DATES}"#))
-            .expect_err("signed");
-        assert_eq!((err.field, err.code, err.raw.as_deref()), ("dataUsage", "value_signed", Some("-1")));
+        let err = record(&format!(
+            r#""dataUsage":"-1","smsUsage":"4","moSms":"1","mtSms":"3",{DATES}"#
+        ))
+        .expect_err("signed");
+        assert_eq!(
+            (err.field, err.code, err.raw.as_deref()),
+            ("dataUsage", "value_signed", Some("-1"))
+        );
         assert_eq!(err.iccid.as_deref(), Some("89148000000800139702"));
         let err = record(r#""dataUsage":"1","smsUsage":"4","moSms":"1","mtSms":"3","startDate":"2021-08-16T00:00:00","endDate":"2021-08-15T00:00:00""#)
             .expect_err("backwards");
         assert_eq!((err.field, err.code), ("endDate", "window_not_increasing"));
-        let err = record(&format!(r#""dataUsage":"1","smsUsage":"4","moSms":"1",{DATES}"#)).expect_err("missing");
+        let err = record(&format!(
+            r#""dataUsage":"1","smsUsage":"4","moSms":"1",{DATES}"#
+        ))
+        .expect_err("missing");
         assert_eq!((err.field, err.code), ("mtSms", "value_missing"));
     }
 
@@ -218,6 +256,9 @@ mod tests {
         );
         let raw: Box<RawValue> = serde_json::from_str(&json).expect("test json");
         assert!(parse_record(&raw, false).expect("kept").luhn_warning);
-        assert_eq!(parse_record(&raw, true).expect_err("strict").code, "iccid_luhn");
+        assert_eq!(
+            parse_record(&raw, true).expect_err("strict").code,
+            "iccid_luhn"
+        );
     }
 }

@@ -135,13 +135,13 @@ pub fn parse_count(raw: &RawScalar<'_>) -> Result<Count, ValueError> {
                 });
             }
             let trimmed = s.trim_matches(|c: char| c.is_ascii_whitespace());
-            if trimmed.len() != s.len() {
-                if let Some(value) = ascii_decimal(trimmed)? {
-                    return Ok(Count {
-                        value,
-                        recovered: true,
-                    });
-                }
+            if trimmed.len() != s.len()
+                && let Some(value) = ascii_decimal(trimmed)?
+            {
+                return Ok(Count {
+                    value,
+                    recovered: true,
+                });
             }
             Err(classify_bad_count(s))
         }
@@ -150,7 +150,10 @@ pub fn parse_count(raw: &RawScalar<'_>) -> Result<Count, ValueError> {
                 value,
                 recovered: true,
             }),
-            Err(_) => Err(ValueError::new("value_out_of_range", "above the largest 64-bit integer")),
+            Err(_) => Err(ValueError::new(
+                "value_out_of_range",
+                "above the largest 64-bit integer",
+            )),
         },
         RawScalar::Signed(_) => Err(ValueError::new("value_signed", "negative count")),
         RawScalar::Float(_) => Err(ValueError::new(
@@ -159,9 +162,10 @@ pub fn parse_count(raw: &RawScalar<'_>) -> Result<Count, ValueError> {
         )),
         RawScalar::Missing => Err(ValueError::new("value_missing", "the field is missing")),
         RawScalar::Null => Err(ValueError::new("value_null", "null instead of a count")),
-        RawScalar::Bool(_) | RawScalar::Compound => {
-            Err(ValueError::new("value_wrong_type", "not a string or a number"))
-        }
+        RawScalar::Bool(_) | RawScalar::Compound => Err(ValueError::new(
+            "value_wrong_type",
+            "not a string or a number",
+        )),
     }
 }
 
@@ -175,7 +179,9 @@ fn ascii_decimal(s: &str) -> Result<Option<i64>, ValueError> {
         value = value
             .checked_mul(10)
             .and_then(|v| v.checked_add(i64::from(b - b'0')))
-            .ok_or_else(|| ValueError::new("value_out_of_range", "above the largest 64-bit integer"))?;
+            .ok_or_else(|| {
+                ValueError::new("value_out_of_range", "above the largest 64-bit integer")
+            })?;
     }
     Ok(Some(value))
 }
@@ -196,12 +202,27 @@ fn classify_bad_count(s: &str) -> ValueError {
     } else if let Some(c) = t.chars().find(|c| !c.is_ascii() && c.is_numeric()) {
         ValueError::new(
             "value_non_ascii_digits",
-            format!("holds {}; counts are ASCII digits only", crate::ingest::describe_char(c)),
+            format!(
+                "holds {}; counts are ASCII digits only",
+                crate::ingest::describe_char(c)
+            ),
         )
-    } else if has_digit && t.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-')) {
-        ValueError::new("value_fraction_or_exponent", "a fraction or exponent; counts are whole numbers")
-    } else if has_digit && t.bytes().all(|b| b.is_ascii_digit() || matches!(b, b',' | b'_' | b'\'' | b' ')) {
-        ValueError::new("value_thousands_separator", "digits with separators; counts are plain digits")
+    } else if has_digit
+        && t.bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
+    {
+        ValueError::new(
+            "value_fraction_or_exponent",
+            "a fraction or exponent; counts are whole numbers",
+        )
+    } else if has_digit
+        && t.bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b',' | b'_' | b'\'' | b' '))
+    {
+        ValueError::new(
+            "value_thousands_separator",
+            "digits with separators; counts are plain digits",
+        )
     } else {
         ValueError::new("value_not_a_number", "not a decimal number")
     }
@@ -223,8 +244,15 @@ fn classify_bad_count(s: &str) -> ValueError {
 pub fn parse_timestamp(raw: &RawScalar<'_>) -> Result<i64, ValueError> {
     let s = match raw {
         RawScalar::Str(s) => s.as_ref(),
-        RawScalar::Missing => return Err(ValueError::new("timestamp_missing", "the field is missing")),
-        RawScalar::Null => return Err(ValueError::new("timestamp_null", "null instead of a timestamp")),
+        RawScalar::Missing => {
+            return Err(ValueError::new("timestamp_missing", "the field is missing"));
+        }
+        RawScalar::Null => {
+            return Err(ValueError::new(
+                "timestamp_null",
+                "null instead of a timestamp",
+            ));
+        }
         _ => return Err(ValueError::new("timestamp_wrong_type", "not a string")),
     };
     let bad_shape = || {
@@ -242,14 +270,22 @@ pub fn parse_timestamp(raw: &RawScalar<'_>) -> Result<i64, ValueError> {
         if !part.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        Some(part.iter().fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0')))
+        Some(
+            part.iter()
+                .fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0')),
+        )
     };
     if b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
         return Err(bad_shape());
     }
-    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) =
-        (num(0..4), num(5..7), num(8..10), num(11..13), num(14..16), num(17..19))
-    else {
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = (
+        num(0..4),
+        num(5..7),
+        num(8..10),
+        num(11..13),
+        num(14..16),
+        num(17..19),
+    ) else {
         return Err(bad_shape());
     };
     let mut rest = &b[19..];
@@ -285,7 +321,9 @@ pub fn parse_timestamp(raw: &RawScalar<'_>) -> Result<i64, ValueError> {
     }
     let impossible = || ValueError::new("timestamp_impossible", "no such date or time");
     let date = NaiveDate::from_ymd_opt(year as i32, month, day).ok_or_else(impossible)?;
-    let time = date.and_hms_opt(hour, minute, second).ok_or_else(impossible)?;
+    let time = date
+        .and_hms_opt(hour, minute, second)
+        .ok_or_else(impossible)?;
     Ok(time.and_utc().timestamp() * 1_000_000 + micros)
 }
 
@@ -299,7 +337,8 @@ mod tests {
 
     #[test]
     fn counts_follow_the_value_policy() {
-        let cases: &[(RawScalar<'_>, Result<(i64, bool), &str>)] = &[
+        type Case<'a> = (RawScalar<'a>, Result<(i64, bool), &'a str>);
+        let cases: &[Case<'_>] = &[
             (s("3072"), Ok((3072, false))),
             (s("0"), Ok((0, false))),
             (s("9223372036854775807"), Ok((i64::MAX, false))),
@@ -328,7 +367,9 @@ mod tests {
             (RawScalar::Compound, Err("value_wrong_type")),
         ];
         for (raw, expected) in cases {
-            let got = parse_count(raw).map(|c| (c.value, c.recovered)).map_err(|e| e.code);
+            let got = parse_count(raw)
+                .map(|c| (c.value, c.recovered))
+                .map_err(|e| e.code);
             assert_eq!(&got, expected, "for {raw:?}");
         }
     }
@@ -356,6 +397,9 @@ mod tests {
             let got = parse_timestamp(&s(text)).map_err(|e| e.code);
             assert_eq!(&got, expected, "for {text}");
         }
-        assert_eq!(parse_timestamp(&RawScalar::Missing).map_err(|e| e.code), Err("timestamp_missing"));
+        assert_eq!(
+            parse_timestamp(&RawScalar::Missing).map_err(|e| e.code),
+            Err("timestamp_missing")
+        );
     }
 }

@@ -78,8 +78,12 @@ pub trait Store {
     fn begin_run(&mut self, run_id: &str, command: &str) -> Result<(), StateError>;
 
     /// Records the end of a run with its report.
-    fn finish_run(&mut self, run_id: &str, exit_code: u8, report_json: &str)
-    -> Result<(), StateError>;
+    fn finish_run(
+        &mut self,
+        run_id: &str,
+        exit_code: u8,
+        report_json: &str,
+    ) -> Result<(), StateError>;
 
     /// Journals a batch in one durable commit (fsync before return); all or nothing.
     /// `received_at` is µs since the epoch, shared by the batch.

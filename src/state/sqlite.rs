@@ -296,7 +296,9 @@ impl Store for SqliteStore {
                  ORDER BY c.received_at, c.id",
             )
             .map_err(self.err())?;
-        let mut rows = stmt.query(params![partition, through_id]).map_err(self.err())?;
+        let mut rows = stmt
+            .query(params![partition, through_id])
+            .map_err(self.err())?;
         while let Some(row) = rows.next().map_err(self.err())? {
             let cb = (|| {
                 Ok(StoredCallback {
@@ -360,7 +362,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s/t.db");
         let mut store = SqliteStore::open(&path).expect("open");
-        assert_eq!(store.schema_version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(
+            store.schema_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
         let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
         let cb = NewCallback {
             request_id: "r1",
@@ -369,7 +374,9 @@ mod tests {
             body: r#"{"requestId":"r1"}"#,
             partitions: &parts,
         };
-        let first = store.journal(&[cb.clone()], 10).expect("journal");
+        let first = store
+            .journal(std::slice::from_ref(&cb), 10)
+            .expect("journal");
         assert!(matches!(first[0], Journaled::New(_)));
         let again = store.journal(&[cb], 20).expect("journal");
         assert_eq!(again, vec![Journaled::AlreadyJournaled]);

@@ -132,7 +132,9 @@ impl PartitionWriter {
             std::fs::remove_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
         }
         std::fs::create_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
-        let per_file = usize::try_from(self.options.max_rows_per_file).unwrap_or(usize::MAX).max(1);
+        let per_file = usize::try_from(self.options.max_rows_per_file)
+            .unwrap_or(usize::MAX)
+            .max(1);
         let mut files = 0u64;
         for (i, chunk) in rows.chunks(per_file).enumerate() {
             let path = stage.join(format!("part-{i:05}.parquet"));
@@ -167,12 +169,16 @@ impl PartitionWriter {
             .set_created_by(format!("tsusage {}", env!("CARGO_PKG_VERSION")))
             .set_key_value_metadata(Some(vec![
                 KeyValue::new(META_SCHEMA_VERSION.to_owned(), SCHEMA_VERSION.to_owned()),
-                KeyValue::new(META_TOOL_VERSION.to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+                KeyValue::new(
+                    META_TOOL_VERSION.to_owned(),
+                    env!("CARGO_PKG_VERSION").to_owned(),
+                ),
                 KeyValue::new(META_RUN_ID.to_owned(), self.options.run_id.clone()),
             ]))
             .build();
         let schema = schema();
-        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
+        let mut writer =
+            ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
         for chunk in rows.chunks(BATCH_ROWS) {
             let batch = to_batch(&schema, chunk).map_err(|e| WriteError::Parquet {
                 path: path.to_owned(),
@@ -186,7 +192,10 @@ impl PartitionWriter {
 }
 
 /// Builds one Arrow batch of schema v1 from rows.
-pub fn to_batch(schema: &SchemaRef, rows: &[UsageRow]) -> Result<RecordBatch, arrow_schema::ArrowError> {
+pub fn to_batch(
+    schema: &SchemaRef,
+    rows: &[UsageRow],
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
     let n = rows.len();
     let mut account = StringBuilder::with_capacity(n, n * 16);
     let mut iccid = StringBuilder::with_capacity(n, n * 20);

@@ -31,7 +31,13 @@ impl IccidRejects {
         }
     }
 
-    pub fn push(&mut self, file: &Path, line: u64, raw: &str, reason: &str) -> Result<(), WriteError> {
+    pub fn push(
+        &mut self,
+        file: &Path,
+        line: u64,
+        raw: &str,
+        reason: &str,
+    ) -> Result<(), WriteError> {
         let out = match &mut self.out {
             Some(out) => out,
             None => {
@@ -113,8 +119,10 @@ impl RecordRejects {
         };
         let mut reject = reject.clone();
         reject.raw = reject.raw.as_deref().map(shorten);
-        serde_json::to_writer(&mut *out, &reject).map_err(|e| WriteError::io(&self.path, e.into()))?;
-        out.write_all(b"\n").map_err(|e| WriteError::io(&self.path, e))?;
+        serde_json::to_writer(&mut *out, &reject)
+            .map_err(|e| WriteError::io(&self.path, e.into()))?;
+        out.write_all(b"\n")
+            .map_err(|e| WriteError::io(&self.path, e))?;
         self.count += 1;
         Ok(())
     }

@@ -1,1 +1,8 @@
+//! tsusage's one integration-test binary: the real `tsusage` binary on temp directories, Parquet read
+//! back with the parquet crate, the real SQLite file.
 
+mod cli;
+mod ingest_dir;
+mod properties;
+mod util;
+mod validate;
