@@ -1,1 +1,105 @@
-fn main() {}
+//! Criterion benches for the hot stages: callback parse + normalize, collapse, and the Parquet write.
+//!
+//! Run: `cargo bench --bench normalize_write`. Throughput is in usage records.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tsusage::collect::Intake;
+use tsusage::config::PartitionBy;
+use tsusage::normalize::Collapser;
+use tsusage::write::parquet::{PartitionWriter, WriterOptions};
+
+/// `callbacks` usage callbacks of `records` records each, all on 2021-08-15, string counts as the
+/// vendor sends them, with the echoed credentials.
+fn vendor_shaped_callbacks(callbacks: usize, records: usize) -> Vec<String> {
+    (0..callbacks)
+        .map(|c| {
+            let recs: Vec<String> = (0..records)
+                .map(|r| {
+                    let n = (c * records + r) as u64;
+                    format!(
+                        r#"{{"deviceIdentifierCollection":[{{"id":"8914800000{:010}","kind":"ICCID"}}],"dataUsage":"{}","smsUsage":"{}","moSms":"1","mtSms":"2","startDate":"2021-08-15T00:00:00.0000000","endDate":"2021-08-16T00:00:00.0000000"}}"#,
+                        n,
+                        n * 7919 % 50_000_000,
+                        n % 30
+                    )
+                })
+                .collect();
+            format!(
+                r#"{{"username":"u","password":"p","requestId":"req-{c}","deviceResponse":{{"devicePromoUsageResponse":[{}]}},"callbackCount":1,"maxCallbackThreshold":4}}"#,
+                recs.join(",")
+            )
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let (callbacks, records) = (100, 100);
+    let bodies = vendor_shaped_callbacks(callbacks, records);
+    let total = (callbacks * records) as u64;
+
+    let mut group = c.benchmark_group("normalize_write");
+    group.throughput(Throughput::Elements(total));
+    group.sample_size(20);
+
+    group.bench_function("prepare_100x100", |b| {
+        b.iter(|| {
+            let mut intake = Intake::new(false, PartitionBy::Day);
+            let mut rejects = Vec::new();
+            for (i, body) in bodies.iter().enumerate() {
+                let prepared = intake.prepare(body, format!("bench[{i}]"), &mut rejects);
+                black_box(prepared.is_ok());
+            }
+            assert_eq!(intake.records.accepted, total);
+        })
+    });
+
+    let stripped: Vec<String> = {
+        let mut intake = Intake::new(false, PartitionBy::Day);
+        let mut rejects = Vec::new();
+        bodies
+            .iter()
+            .filter_map(|b| intake.prepare(b, String::new(), &mut rejects).ok())
+            .map(|p| p.body)
+            .collect()
+    };
+    let account: Arc<str> = Arc::from("0000123456-00001");
+    group.bench_function("collapse_100x100", |b| {
+        b.iter(|| {
+            let mut collapser = Collapser::new(
+                "usage_date=2021-08-15",
+                PartitionBy::Day,
+                false,
+                account.clone(),
+            );
+            for body in &stripped {
+                collapser.add(body, 1, None);
+            }
+            black_box(collapser.into_rows().len())
+        })
+    });
+
+    let rows = {
+        let mut collapser = Collapser::new(
+            "usage_date=2021-08-15",
+            PartitionBy::Day,
+            false,
+            account.clone(),
+        );
+        for body in &stripped {
+            collapser.add(body, 1, None);
+        }
+        collapser.into_rows()
+    };
+    let out = tempfile::tempdir().expect("tempdir");
+    let writer = PartitionWriter::new(out.path(), WriterOptions::new("bench"));
+    group.bench_function("parquet_write_10k_rows", |b| {
+        b.iter(|| black_box(writer.write("usage_date=2021-08-15", &rows).expect("write")))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -50,7 +50,7 @@ pub struct RunReport {
     pub tool_version: String,
     pub started_at: String,
     pub finished_at: String,
-    /// `complete` (exit 0) or `partial` (exit 3).
+    /// `complete` (exit 0) or `partial` (exit 3: rejects, or fault callbacks).
     pub status: String,
     pub exit_code: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -86,10 +86,11 @@ impl RunReport {
         }
     }
 
-    /// Sets the status and exit code from what was counted: any reject makes the run partial.
+    /// Sets the status and exit code from what was counted: any reject, or any request the vendor
+    /// reports as failed, makes the run partial.
     pub fn finish(&mut self) {
         let rejected = self.iccids.as_ref().map_or(0, |s| s.rejected)
-            + self.callbacks.as_ref().map_or(0, |s| s.rejected)
+            + self.callbacks.as_ref().map_or(0, |s| s.rejected + s.fault)
             + self.records.as_ref().map_or(0, |s| s.rejected)
             + self
                 .drop_dir

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::config::PartitionBy;
-use crate::normalize::payload::{CallbackKind, parse_callback, strip_credentials};
+use crate::normalize::payload::{Body, CallbackKind};
 use crate::normalize::{self, RecordStats};
 use crate::state::{Journaled, NewCallback, StateError, Store};
 use crate::write::rejects::RecordReject;
@@ -77,8 +77,9 @@ impl Intake {
         rejects: &mut Vec<RecordReject>,
     ) -> Result<Prepared, Box<RecordReject>> {
         self.callbacks.received += 1;
-        let checked = strip_credentials(body).and_then(|stripped| {
-            let cb = parse_callback(&stripped)?;
+        let checked = Body::parse(body).and_then(|parsed| {
+            let cb = parsed.callback()?;
+            let stripped = parsed.stripped();
             let mut record_stats = RecordStats::default();
             let partitions = normalize::inspect(
                 &cb,
@@ -90,13 +91,29 @@ impl Intake {
             );
             let kind = cb.kind.name();
             let request_id = cb.request_id.to_string();
-            if let CallbackKind::Fault { code, .. } = &cb.kind {
+            if let CallbackKind::Fault { code, message } = &cb.kind {
+                // Not a bad input, but a request whose usage will not come: listed with the rejects
+                // so that the gap is visible, and the run is partial.
+                let code = code.as_deref().unwrap_or("(no faultcode)");
                 tracing::warn!(
                     request_id,
-                    code = code.as_deref().unwrap_or("?"),
+                    code,
                     source,
-                    "fault callback"
+                    "fault callback: the request failed"
                 );
+                rejects.push(RecordReject {
+                    source: source.clone(),
+                    request_id: Some(request_id.clone()),
+                    record: None,
+                    iccid: None,
+                    field: Some("faultResponse".to_owned()),
+                    raw: Some(code.to_owned()),
+                    code: "request_fault".to_owned(),
+                    reason: format!(
+                        "the vendor reports the request failed: {code}: {}",
+                        message.as_deref().unwrap_or("(no faultstring)")
+                    ),
+                });
             }
             Ok((kind, request_id, partitions, record_stats, stripped))
         });

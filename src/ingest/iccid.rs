@@ -4,10 +4,14 @@ use std::fmt;
 
 /// A validated ICCID: 19 or 20 ASCII digits starting with `89`.
 ///
-/// Stored as the number it spells (up to 20 digits exceed `u64`, so `u128`): 16 bytes, `Copy`, cheap
-/// to hash. The `89` prefix means there are no leading zeros to lose, so `Display` gives the exact text.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Iccid(u128);
+/// Kept as its digits (21 bytes, `Copy`, cheap to hash and compare): ICCIDs can exceed `u64`, and the
+/// text is what every output wants. Ordered as text.
+#[derive(Clone, Copy)]
+pub struct Iccid {
+    /// ASCII digits, zero bytes after `len`.
+    digits: [u8; 20],
+    len: u8,
+}
 
 /// Why a text is not an ICCID. The messages are what a user reads in the rejects file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,16 +77,22 @@ impl Iccid {
         if !text.starts_with("89") {
             return Err(IccidError::Prefix);
         }
-        let value = text
-            .bytes()
-            .fold(0u128, |acc, b| acc * 10 + u128::from(b - b'0'));
-        Ok(Iccid(value))
+        let mut digits = [0u8; 20];
+        digits[..text.len()].copy_from_slice(text.as_bytes());
+        Ok(Iccid {
+            digits,
+            len: text.len() as u8,
+        })
+    }
+
+    /// The ICCID's digits.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.digits[..usize::from(self.len)]).unwrap_or_default()
     }
 
     /// `Ok` when the last digit is the Luhn check digit of the others.
     pub fn luhn_check(self) -> Result<(), IccidError> {
-        let digits = self.to_string().into_bytes();
-        let (last, body) = match digits.split_last() {
+        let (last, body) = match self.digits[..usize::from(self.len)].split_last() {
             Some(split) => split,
             None => return Err(IccidError::Empty),
         };
@@ -107,22 +117,58 @@ impl Iccid {
             Err(IccidError::Luhn { expected })
         }
     }
+}
 
-    /// The number the ICCID spells.
-    pub fn as_u128(self) -> u128 {
-        self.0
+impl Iccid {
+    /// The digits as two big-endian words: comparing them compares the text (a 19-digit ICCID has a
+    /// zero byte last, which sorts before any digit).
+    fn words(&self) -> (u128, u32) {
+        let (head, tail) = self.digits.split_at(16);
+        let mut h = [0u8; 16];
+        h.copy_from_slice(head);
+        let mut t = [0u8; 4];
+        t.copy_from_slice(tail);
+        (u128::from_be_bytes(h), u32::from_be_bytes(t))
+    }
+}
+
+impl PartialEq for Iccid {
+    fn eq(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+}
+
+impl Eq for Iccid {}
+
+impl std::hash::Hash for Iccid {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (h, t) = self.words();
+        state.write_u128(h);
+        state.write_u32(t);
+    }
+}
+
+impl PartialOrd for Iccid {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Iccid {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.words().cmp(&other.words())
     }
 }
 
 impl fmt::Display for Iccid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for Iccid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Iccid({})", self.0)
+        write!(f, "Iccid({})", self.as_str())
     }
 }
 
@@ -212,6 +258,17 @@ mod tests {
         let err = Iccid::parse("8.91480E+19").expect_err("excel");
         assert_eq!(err, IccidError::SpreadsheetNumber("8.91480E+19".into()));
         assert!(err.to_string().contains("export the column as text"));
+    }
+
+    #[test]
+    fn orders_and_compares_as_text() {
+        let a = Iccid::parse("8914800000080013970").expect("19 digits");
+        let b = Iccid::parse("89148000000800139700").expect("20 digits");
+        let c = Iccid::parse("89148000000800139701").expect("20 digits");
+        assert!(a < b && b < c);
+        assert_eq!(a.cmp(&b), a.as_str().cmp(b.as_str()));
+        assert_ne!(a, b);
+        assert_eq!(b, Iccid::parse("89148000000800139700").expect("same"));
     }
 
     #[test]

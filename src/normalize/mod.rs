@@ -15,6 +15,7 @@ pub mod values;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use chrono::Datelike;
 use serde::Serialize;
 
 use crate::config::PartitionBy;
@@ -59,6 +60,20 @@ impl RecordStats {
     }
 }
 
+const DAY_US: i64 = 86_400_000_000;
+
+/// A number per partition (days or months since the epoch): cheap to compare per record.
+pub fn partition_key(usage_start_us: i64, by: PartitionBy) -> i64 {
+    let day = usage_start_us.div_euclid(DAY_US);
+    match by {
+        PartitionBy::Day => day,
+        PartitionBy::Month => {
+            let date = chrono::DateTime::from_timestamp(day * 86_400, 0).unwrap_or_default();
+            i64::from(date.year()) * 12 + i64::from(date.month0())
+        }
+    }
+}
+
 /// The partition directory a usage start time falls in: `usage_date=YYYY-MM-DD` or `usage_month=YYYY-MM`.
 pub fn partition_of(usage_start_us: i64, by: PartitionBy) -> String {
     let when = chrono::DateTime::from_timestamp_micros(usage_start_us).unwrap_or_default();
@@ -82,6 +97,7 @@ pub fn inspect(
     let CallbackKind::Usage(records) = &cb.kind else {
         return partitions;
     };
+    let mut seen_keys: Vec<i64> = Vec::new();
     for (i, raw) in records.iter().enumerate() {
         stats.records += 1;
         match record::parse_record(raw, strict_luhn) {
@@ -89,7 +105,11 @@ pub fn inspect(
                 stats.accepted += 1;
                 stats.recovered += u64::from(r.recovered);
                 stats.luhn_warnings += u64::from(r.luhn_warning);
-                partitions.insert(partition_of(r.usage_start, by));
+                let key = partition_key(r.usage_start, by);
+                if !seen_keys.contains(&key) {
+                    seen_keys.push(key);
+                    partitions.insert(partition_of(r.usage_start, by));
+                }
             }
             Err(e) => {
                 stats.reject(e.code);
@@ -125,6 +145,8 @@ pub struct Collapser {
     strict_luhn: bool,
     default_account: Arc<str>,
     rows: HashMap<RowKey, UsageRow>,
+    /// The last partition key looked at and whether it is this partition's.
+    last_key: Option<(i64, bool)>,
     /// Records read for this partition.
     pub records_in: u64,
     /// Records replaced by a newer one for the same key.
@@ -144,6 +166,7 @@ impl Collapser {
             strict_luhn,
             default_account,
             rows: HashMap::new(),
+            last_key: None,
             records_in: 0,
             collapsed: 0,
         }
@@ -167,7 +190,7 @@ impl Collapser {
             let Ok(r) = record::parse_record(raw, self.strict_luhn) else {
                 continue;
             };
-            if partition_of(r.usage_start, self.by) != self.partition {
+            if !self.is_mine(r.usage_start) {
                 continue;
             }
             self.records_in += 1;
@@ -189,6 +212,18 @@ impl Collapser {
                 .is_some()
             {
                 self.collapsed += 1;
+            }
+        }
+    }
+
+    fn is_mine(&mut self, usage_start: i64) -> bool {
+        let key = partition_key(usage_start, self.by);
+        match self.last_key {
+            Some((last, mine)) if last == key => mine,
+            _ => {
+                let mine = partition_of(usage_start, self.by) == self.partition;
+                self.last_key = Some((key, mine));
+                mine
             }
         }
     }

@@ -67,10 +67,135 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
     }
 }
 
-/// Removes the top-level `username` and `password` members and returns the body to journal.
+/// A JSON object body read once: its top-level members, values kept as raw text.
 ///
-/// Everything else is kept byte for byte (values are copied as raw JSON text), so the journal holds
-/// what the vendor sent minus the credentials.
+/// Stripping the credentials and recognizing the callback both work from these members, so a body
+/// is scanned once at the top level whatever is asked of it.
+#[derive(Debug)]
+pub struct Body<'a> {
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'a> Body<'a> {
+    /// Reads the top level of `text`: it must be a JSON object without duplicate keys.
+    pub fn parse(text: &'a str) -> Result<Body<'a>, BodyError> {
+        let top: TopLevel<'a> = serde_json::from_str(text).map_err(|e| {
+            let message = e.to_string();
+            if let Some(key) = message.strip_prefix("\u{0}dup:") {
+                let key = key.split(" at line").next().unwrap_or(key);
+                BodyError::DuplicateKey(key.to_owned())
+            } else if e.classify() == serde_json::error::Category::Data {
+                BodyError::NotObject
+            } else {
+                BodyError::Json(message)
+            }
+        })?;
+        Ok(Body { members: top.0 })
+    }
+
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.members.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// The body without the top-level `username` and `password`: what the journal stores. Every other
+    /// member is kept byte for byte.
+    pub fn stripped(&self) -> String {
+        let size: usize = self
+            .members
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum();
+        let mut out = String::with_capacity(size + 2);
+        out.push('{');
+        for (key, value) in self
+            .members
+            .iter()
+            .filter(|(k, _)| !CREDENTIAL_KEYS.contains(&k.as_ref()))
+        {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            // Serializing a str cannot fail.
+            out.push_str(&serde_json::to_string(key.as_ref()).unwrap_or_default());
+            out.push(':');
+            out.push_str(value.get());
+        }
+        out.push('}');
+        out
+    }
+
+    /// Recognizes the callback: usage, completion or fault.
+    pub fn callback(&self) -> Result<Callback<'a>, BodyError> {
+        let request_id = match self.get("requestId") {
+            None => return Err(BodyError::NotCallback("no requestId".into())),
+            Some(raw) => match serde_json::from_str::<Cow<'a, str>>(raw.get()) {
+                Ok(id) if valid_request_id(&id) => id,
+                _ => {
+                    return Err(BodyError::NotCallback(
+                        "requestId is not a non-empty string of printable characters".into(),
+                    ));
+                }
+            },
+        };
+        let callback_count = self.get("callbackCount").and_then(|raw| {
+            serde_json::from_str::<u32>(raw.get()).ok().or_else(|| {
+                serde_json::from_str::<&str>(raw.get())
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        });
+        let fault = self.get("faultResponse").filter(|f| f.get() != "null");
+        let kind = match (self.get("deviceResponse"), fault) {
+            (_, Some(fault)) => {
+                let fault: WireFault = serde_json::from_str(fault.get())
+                    .map_err(|_| BodyError::NotCallback("faultResponse is not an object".into()))?;
+                let text = |v: Option<serde_json::Value>| match v {
+                    Some(serde_json::Value::String(s)) => Some(s),
+                    Some(serde_json::Value::Null) | None => None,
+                    Some(other) => Some(other.to_string()),
+                };
+                CallbackKind::Fault {
+                    code: text(fault.faultcode),
+                    message: text(fault.faultstring),
+                }
+            }
+            (Some(device_response), None) => {
+                let response: WireDeviceResponse<'a> = serde_json::from_str(device_response.get())
+                    .map_err(|_| {
+                        BodyError::NotCallback(
+                            "deviceResponse is not an object with a devicePromoUsageResponse list"
+                                .into(),
+                        )
+                    })?;
+                match response.records {
+                    Some(records) => CallbackKind::Usage(records),
+                    None if response.other.is_empty() => CallbackKind::Completion,
+                    None => {
+                        let keys: Vec<&str> = response.other.keys().map(String::as_str).collect();
+                        return Err(BodyError::NotCallback(format!(
+                            "deviceResponse holds {} but no devicePromoUsageResponse",
+                            keys.join(", ")
+                        )));
+                    }
+                }
+            }
+            (None, None) => {
+                return Err(BodyError::NotCallback(
+                    "neither deviceResponse nor faultResponse".into(),
+                ));
+            }
+        };
+        Ok(Callback {
+            request_id,
+            callback_count,
+            kind,
+        })
+    }
+}
+
+/// Removes the top-level `username` and `password` members and returns the body to journal.
 ///
 /// ```
 /// use tsusage::normalize::payload::strip_credentials;
@@ -78,34 +203,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
 /// assert_eq!(strip_credentials(body).unwrap(), r#"{"requestId":"r1","deviceResponse":{}}"#);
 /// ```
 pub fn strip_credentials(body: &str) -> Result<String, BodyError> {
-    let top: TopLevel<'_> = serde_json::from_str(body).map_err(|e| {
-        let message = e.to_string();
-        if let Some(key) = message.strip_prefix("\u{0}dup:") {
-            let key = key.split(" at line").next().unwrap_or(key);
-            BodyError::DuplicateKey(key.to_owned())
-        } else if e.classify() == serde_json::error::Category::Data {
-            BodyError::NotObject
-        } else {
-            BodyError::Json(message)
-        }
-    })?;
-    let mut out = String::with_capacity(body.len());
-    out.push('{');
-    for (key, value) in top
-        .0
-        .iter()
-        .filter(|(k, _)| !CREDENTIAL_KEYS.contains(&k.as_ref()))
-    {
-        if out.len() > 1 {
-            out.push(',');
-        }
-        // Serializing a str cannot fail.
-        out.push_str(&serde_json::to_string(key.as_ref()).unwrap_or_default());
-        out.push(':');
-        out.push_str(value.get());
-    }
-    out.push('}');
-    Ok(out)
+    Body::parse(body).map(|b| b.stripped())
 }
 
 /// A recognized callback.
@@ -144,18 +242,6 @@ impl CallbackKind<'_> {
 }
 
 #[derive(Deserialize)]
-struct WireCallback<'a> {
-    #[serde(rename = "requestId", borrow, default)]
-    request_id: Option<&'a RawValue>,
-    #[serde(rename = "deviceResponse", borrow, default)]
-    device_response: Option<&'a RawValue>,
-    #[serde(rename = "faultResponse", borrow, default)]
-    fault_response: Option<&'a RawValue>,
-    #[serde(rename = "callbackCount", borrow, default)]
-    callback_count: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
 struct WireDeviceResponse<'a> {
     #[serde(rename = "devicePromoUsageResponse", borrow, default)]
     records: Option<Vec<&'a RawValue>>,
@@ -180,78 +266,7 @@ struct WireFault {
 /// assert!(matches!(cb.kind, CallbackKind::Completion));
 /// ```
 pub fn parse_callback(body: &str) -> Result<Callback<'_>, BodyError> {
-    let wire: WireCallback<'_> = serde_json::from_str(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data if e.to_string().starts_with("invalid type") => {
-            BodyError::NotObject
-        }
-        serde_json::error::Category::Data => BodyError::NotCallback(e.to_string()),
-        _ => BodyError::Json(e.to_string()),
-    })?;
-    let request_id = match wire.request_id {
-        None => return Err(BodyError::NotCallback("no requestId".into())),
-        Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
-            Ok(id) if valid_request_id(&id) => id,
-            _ => {
-                return Err(BodyError::NotCallback(
-                    "requestId is not a non-empty string of printable characters".into(),
-                ));
-            }
-        },
-    };
-    let callback_count = wire.callback_count.and_then(|raw| {
-        serde_json::from_str::<u32>(raw.get()).ok().or_else(|| {
-            serde_json::from_str::<&str>(raw.get())
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        })
-    });
-    let kind = match (wire.device_response, wire.fault_response) {
-        (_, Some(fault)) if fault.get() != "null" => {
-            let fault: WireFault = serde_json::from_str(fault.get())
-                .map_err(|_| BodyError::NotCallback("faultResponse is not an object".into()))?;
-            let text = |v: Option<serde_json::Value>| match v {
-                Some(serde_json::Value::String(s)) => Some(s),
-                Some(serde_json::Value::Null) | None => None,
-                Some(other) => Some(other.to_string()),
-            };
-            CallbackKind::Fault {
-                code: text(fault.faultcode),
-                message: text(fault.faultstring),
-            }
-        }
-        (Some(device_response), _) => {
-            let response: WireDeviceResponse<'_> = serde_json::from_str(device_response.get())
-                .map_err(|_| {
-                    BodyError::NotCallback(
-                        "deviceResponse is not an object with a devicePromoUsageResponse list"
-                            .into(),
-                    )
-                })?;
-            match response.records {
-                Some(records) => CallbackKind::Usage(records),
-                None if response.other.is_empty() => CallbackKind::Completion,
-                None => {
-                    let keys: Vec<&str> = response.other.keys().map(String::as_str).collect();
-                    return Err(BodyError::NotCallback(format!(
-                        "deviceResponse holds {} but no devicePromoUsageResponse",
-                        keys.join(", ")
-                    )));
-                }
-            }
-        }
-        (None, _) => {
-            return Err(BodyError::NotCallback(
-                "neither deviceResponse nor faultResponse".into(),
-            ));
-        }
-    };
-    Ok(Callback {
-        request_id,
-        callback_count,
-        kind,
-    })
+    Body::parse(body)?.callback()
 }
 
 fn valid_request_id(id: &str) -> bool {

@@ -78,9 +78,9 @@ pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, R
         code: "record_malformed",
         reason: format!("not a usage record object: {e}"),
     })?;
-    let (iccid_text, iccid) = parse_iccid(wire.ids.0)?;
+    let iccid = parse_iccid(wire.ids.0)?;
     let fail = |field: &'static str, raw: &RawScalar<'_>, e: ValueError| RecordError {
-        iccid: Some(iccid_text.clone()),
+        iccid: Some(iccid.to_string()),
         field,
         raw: raw.raw_text(),
         code: e.code,
@@ -90,9 +90,9 @@ pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, R
     if let Err(e @ IccidError::Luhn { .. }) = iccid.luhn_check() {
         if strict_luhn {
             return Err(RecordError {
-                iccid: Some(iccid_text.clone()),
+                iccid: Some(iccid.to_string()),
                 field: "deviceIdentifierCollection",
-                raw: Some(iccid_text.clone()),
+                raw: Some(iccid.to_string()),
                 code: e.code(),
                 reason: format!("ICCID {e} (input.strict_luhn = true)"),
             });
@@ -140,7 +140,7 @@ pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, R
 }
 
 /// Finds the `kind: "ICCID"` entry (any case) and validates its id.
-fn parse_iccid(ids: Option<&RawValue>) -> Result<(String, Iccid), RecordError> {
+fn parse_iccid(ids: Option<&RawValue>) -> Result<Iccid, RecordError> {
     let reject = |iccid: Option<String>,
                   raw: Option<String>,
                   code: &'static str,
@@ -188,7 +188,7 @@ fn parse_iccid(ids: Option<&RawValue>) -> Result<(String, Iccid), RecordError> {
         ));
     };
     match Iccid::parse(text) {
-        Ok(iccid) => Ok((text.to_string(), iccid)),
+        Ok(iccid) => Ok(iccid),
         Err(e) => Err(reject(
             Some(text.to_string()),
             Some(text.to_string()),

@@ -207,12 +207,9 @@ pub fn to_batch(
     let mut mt = Int64Builder::with_capacity(n);
     let mut request = StringBuilder::with_capacity(n, n * 36);
     let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut text = String::with_capacity(20);
     for r in rows {
         account.append_value(&r.account_name);
-        text.clear();
-        std::fmt::Write::write_fmt(&mut text, format_args!("{}", r.iccid)).ok();
-        iccid.append_value(&text);
+        iccid.append_value(r.iccid.as_str());
         start.append_value(r.usage_start);
         end.append_value(r.usage_end);
         data.append_value(r.data_usage_bytes);

@@ -406,3 +406,28 @@ fn large_partitions_split_into_deterministic_files() {
     assert_eq!(files_under(&ws2.out().join("usage")).len(), 1);
     assert_eq!(ws2.rows().len(), 7);
 }
+
+#[test]
+fn fault_callbacks_are_journaled_listed_and_make_the_run_partial() {
+    let ws = Workspace::new();
+    ws.drop_file(
+        "fault.json",
+        r#"{"username":"u","password":"cb-secret-sentinel","requestId":"req-f","faultResponse":{"faultcode":"REQUEST_FAILED.UnexpectedError","faultstring":"Unexpected error","status":"Failed"}}"#,
+    );
+    let run = ws.ingest();
+    run.expect_code(3);
+    assert_eq!(run.report()["callbacks"]["fault"], 1);
+    assert_eq!(run.report()["callbacks"]["journaled"], 1);
+    let rejects = ws.callback_rejects();
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0]["code"], "request_fault");
+    assert_eq!(rejects[0]["request_id"], "req-f");
+    assert!(
+        rejects[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("REQUEST_FAILED.UnexpectedError")
+    );
+    assert!(ws.inbox().join("processed/fault.json").exists());
+    assert!(ws.rows().is_empty());
+}
