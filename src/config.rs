@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::sim::SimConfig;
+
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "TSUSAGE_";
 /// Environment variables with the prefix that are not configuration keys.
@@ -299,23 +301,7 @@ pub struct StateConfig {
     pub path: PathBuf,
 }
 
-/// `[sim]`: the built-in simulator.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimConfig {
-    /// Where `tsusage sim` serves the fake vendor API (base URL `http://ADDR/api`).
-    pub listen_addr: SocketAddr,
-}
-
-impl Default for SimConfig {
-    fn default() -> Self {
-        SimConfig {
-            listen_addr: parse_default_addr(DEFAULT_SIM_LISTEN_ADDR),
-        }
-    }
-}
-
-fn parse_default_addr(text: &str) -> SocketAddr {
+pub(crate) fn parse_default_addr(text: &str) -> SocketAddr {
     text.parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
 }

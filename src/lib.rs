@@ -30,6 +30,7 @@ pub mod ingest;
 pub mod normalize;
 pub mod pipeline;
 pub mod report;
+pub mod sim;
 pub mod state;
 pub mod write;
 
