@@ -31,6 +31,22 @@ pub const DEFAULT_API_BASE_URL: &str = "https://thingspace.verizon.com/api";
 pub const DEFAULT_REQUESTS_PER_SEC: u32 = 5;
 /// Default `api.max_in_flight`: concurrent requests to the vendor.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 8;
+/// Default `api.burst`: requests that may go at once after a quiet spell.
+pub const DEFAULT_BURST: u32 = 1;
+/// Default `api.timeout_secs`: one HTTP request to the vendor, connect to last byte.
+pub const DEFAULT_API_TIMEOUT_SECS: u64 = 30;
+/// Default `api.max_attempts_per_job`: tries of one request (the first and its retries).
+pub const DEFAULT_MAX_ATTEMPTS_PER_JOB: u32 = 5;
+/// Default `api.retry_budget_percent`: retries allowed in a run, as a percentage of its jobs.
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 50;
+/// The retry budget is never below this many retries, however few the jobs.
+pub const MIN_RETRY_BUDGET: u32 = 10;
+/// Default `api.backoff_min_ms`: first backoff ceiling; each retry doubles it (full jitter below it).
+pub const DEFAULT_BACKOFF_MIN_MS: u64 = 500;
+/// Default `api.backoff_max_secs`: the backoff ceiling never exceeds this.
+pub const DEFAULT_BACKOFF_MAX_SECS: u64 = 30;
+/// Default `callbacks.service_name`: the ThingSpace callback service usage results are sent to.
+pub const DEFAULT_CALLBACK_SERVICE: &str = "DeviceUsage";
 /// Default `callbacks.listen_addr`: 9001 is one of the ports the vendor will call.
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:9001";
 /// Default `callbacks.public_url`.
@@ -188,6 +204,18 @@ pub struct ApiConfig {
     pub requests_per_sec: u32,
     /// Concurrent requests to the vendor.
     pub max_in_flight: u32,
+    /// Requests allowed at once on top of the sustained rate (token-bucket burst).
+    pub burst: u32,
+    /// One HTTP request's timeout.
+    pub timeout_secs: u64,
+    /// Tries of one request before it is left for a later run (429, 5xx, timeouts, connection errors).
+    pub max_attempts_per_job: u32,
+    /// Retries allowed in a run, as a percentage of its jobs (at least 10): a vendor that is down
+    /// ends the run in bounded time, with the rest left for a resume.
+    pub retry_budget_percent: u32,
+    /// First backoff ceiling; doubled per retry up to `backoff_max_secs`, full jitter below it.
+    pub backoff_min_ms: u64,
+    pub backoff_max_secs: u64,
     #[serde(skip_serializing)]
     pub app_key: Option<Secret>,
     #[serde(skip_serializing)]
@@ -204,6 +232,12 @@ impl Default for ApiConfig {
             base_url: DEFAULT_API_BASE_URL.to_owned(),
             requests_per_sec: DEFAULT_REQUESTS_PER_SEC,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            burst: DEFAULT_BURST,
+            timeout_secs: DEFAULT_API_TIMEOUT_SECS,
+            max_attempts_per_job: DEFAULT_MAX_ATTEMPTS_PER_JOB,
+            retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            backoff_min_ms: DEFAULT_BACKOFF_MIN_MS,
+            backoff_max_secs: DEFAULT_BACKOFF_MAX_SECS,
             app_key: None,
             app_secret: None,
             username: None,
@@ -232,6 +266,8 @@ pub struct CallbacksConfig {
     pub listen_addr: SocketAddr,
     /// What ThingSpace is told to call.
     pub public_url: String,
+    /// The callback service name to register `public_url` for.
+    pub service_name: String,
     pub drop_dir: PathBuf,
     /// How long to wait for a request's callbacks before re-requesting it.
     pub deadline_secs: u64,
@@ -250,6 +286,7 @@ impl Default for CallbacksConfig {
             source: CallbackSource::Listener,
             listen_addr: parse_default_addr(DEFAULT_LISTEN_ADDR),
             public_url: DEFAULT_PUBLIC_URL.to_owned(),
+            service_name: DEFAULT_CALLBACK_SERVICE.to_owned(),
             drop_dir: PathBuf::from(DEFAULT_DROP_DIR),
             deadline_secs: DEFAULT_DEADLINE_SECS,
             max_resubmits: DEFAULT_MAX_RESUBMITS,
@@ -404,8 +441,25 @@ impl Config {
         if self.api.requests_per_sec == 0 {
             return Err(bad("api.requests_per_sec", "must be at least 1".into()));
         }
-        if self.api.max_in_flight == 0 {
-            return Err(bad("api.max_in_flight", "must be at least 1".into()));
+        for (key, value) in [
+            ("api.max_in_flight", self.api.max_in_flight),
+            ("api.burst", self.api.burst),
+            ("api.max_attempts_per_job", self.api.max_attempts_per_job),
+        ] {
+            if value == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        if self.api.timeout_secs == 0 {
+            return Err(bad("api.timeout_secs", "must be at least 1".into()));
+        }
+        if self.api.backoff_min_ms == 0
+            || self.api.backoff_min_ms > self.api.backoff_max_secs * 1000
+        {
+            return Err(bad(
+                "api.backoff_min_ms",
+                "must be at least 1 and not above api.backoff_max_secs".into(),
+            ));
         }
         for (key, url) in [
             ("api.base_url", &self.api.base_url),

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use crate::config::ConfigError;
+use crate::plan::PlanError;
 use crate::state::StateError;
+use crate::submit::{ApiError, SubmitError};
 use crate::write::WriteError;
 
 /// Everything that can stop a command. Per-record problems are not errors: they are rejects,
@@ -16,6 +18,12 @@ pub enum Error {
     /// The command line names something that cannot be used (exit code 2).
     #[error("{0}")]
     Usage(String),
+    /// The date range asked for is invalid (exit code 2).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The vendor API cannot be used: credentials rejected or missing (exit code 1).
+    #[error(transparent)]
+    Api(#[from] ApiError),
     /// The state store failed: nothing after this point can be trusted (exit code 1).
     #[error(transparent)]
     State(#[from] StateError),
@@ -35,7 +43,7 @@ impl Error {
     /// The process exit code for this error (DESIGN §6): 2 for usage or config errors, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Usage(_) => crate::report::EXIT_USAGE,
+            Error::Config(_) | Error::Usage(_) | Error::Plan(_) => crate::report::EXIT_USAGE,
             _ => crate::report::EXIT_FAILED,
         }
     }
@@ -44,6 +52,15 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+}
+
+impl From<SubmitError> for Error {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Api(e) => Error::Api(e),
+            SubmitError::State(e) => Error::State(e),
         }
     }
 }

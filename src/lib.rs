@@ -29,9 +29,11 @@ pub mod error;
 pub mod ingest;
 pub mod normalize;
 pub mod pipeline;
+pub mod plan;
 pub mod report;
 pub mod sim;
 pub mod state;
+pub mod submit;
 pub mod write;
 
 pub use error::{Error, Result};

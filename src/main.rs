@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tsusage::config::Config;
 use tsusage::pipeline::{self, Outcome};
+use tsusage::plan::DateRange;
 use tsusage::report::EXIT_FAILED;
 
 /// Verizon ThingSpace usage → typed Parquet, resumable and correct to the byte.
@@ -35,6 +36,21 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Ask ThingSpace for the usage of every ICCID (input.paths) over a date range; record each
+    /// requestId. The callbacks are collected by `listen` or `ingest`.
+    Submit {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        dates: Dates,
+    },
+    /// Manage the callback registration of the account (service callbacks.service_name).
+    Callbacks {
+        #[command(subcommand)]
+        action: CallbacksAction,
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Check ICCID lists: print counts and write the rejects, without contacting anything.
     Validate {
         /// CSV files: a column named iccid (any case), or the only column.
@@ -43,6 +59,30 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+/// The days to ask for: `--date D` (default: yesterday, UTC) or `--from D1 --to D2` (inclusive).
+#[derive(Debug, clap::Args)]
+struct Dates {
+    /// One UTC day, YYYY-MM-DD (default: yesterday).
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    date: Option<String>,
+    /// First UTC day of a range, YYYY-MM-DD.
+    #[arg(long, requires = "to")]
+    from: Option<String>,
+    /// Last UTC day of a range, inclusive.
+    #[arg(long, requires = "from")]
+    to: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CallbacksAction {
+    /// Register callbacks.public_url (with TSUSAGE_CALLBACKS__USERNAME/PASSWORD, if set).
+    Register,
+    /// List the account's registered callbacks.
+    List,
+    /// Delete the account's callback for callbacks.service_name.
+    Delete,
 }
 
 fn main() -> ExitCode {
@@ -54,9 +94,13 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     match run(cli.command) {
-        Ok(outcome) => {
+        Ok(Done::Report(outcome)) => {
             print_outcome(&outcome);
             ExitCode::from(outcome.report.exit_code)
+        }
+        Ok(Done::Message(text)) => {
+            print_message(&text);
+            ExitCode::SUCCESS
         }
         Err(e) => {
             tracing::error!("{e}");
@@ -69,16 +113,62 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> tsusage::Result<Outcome> {
+/// What a command leaves to print.
+enum Done {
+    Report(Box<Outcome>),
+    Message(String),
+}
+
+fn run(command: Command) -> tsusage::Result<Done> {
     match command {
         Command::Ingest { dir, config, keep } => {
             let config = Config::load(&config)?;
-            pipeline::ingest_dir(&config, &dir, keep)
+            pipeline::ingest_dir(&config, &dir, keep).map(|o| Done::Report(Box::new(o)))
         }
         Command::Validate { files, config } => {
             let config = Config::load(&config)?;
-            pipeline::validate(&config, &files)
+            pipeline::validate(&config, &files).map(|o| Done::Report(Box::new(o)))
         }
+        Command::Submit { config, dates } => {
+            let config = Config::load(&config)?;
+            let range = DateRange::from_args(
+                dates.date.as_deref(),
+                dates.from.as_deref(),
+                dates.to.as_deref(),
+            )?;
+            runtime()?
+                .block_on(pipeline::submit(&config, range))
+                .map(|o| Done::Report(Box::new(o)))
+        }
+        Command::Callbacks { action, config } => {
+            let path =
+                config.ok_or_else(|| tsusage::Error::Usage("--config is required".into()))?;
+            let config = Config::load(&path)?;
+            let rt = runtime()?;
+            let text = match action {
+                CallbacksAction::Register => rt.block_on(pipeline::register_callback(&config)),
+                CallbacksAction::List => rt.block_on(pipeline::list_callbacks(&config)),
+                CallbacksAction::Delete => rt.block_on(pipeline::delete_callback(&config)),
+            }?;
+            Ok(Done::Message(text))
+        }
+    }
+}
+
+/// The async runtime for commands that talk HTTP: two worker threads (the machines this runs on
+/// are small, and the work is I/O bound).
+fn runtime() -> tsusage::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| tsusage::Error::Usage(format!("cannot start the async runtime: {e}")))
+}
+
+#[allow(clippy::print_stdout)]
+fn print_message(text: &str) {
+    if !text.is_empty() {
+        println!("{text}");
     }
 }
 

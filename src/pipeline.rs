@@ -2,6 +2,7 @@
 //!
 //! `validate`: ingest (CSV) → report.
 //! `ingest DIR`: collect (drop dir) → journal → normalize → write (every pending partition) → report.
+//! `submit`: ingest (CSV) → plan → record intent → authenticate → submit (requestIds recorded) → report.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,10 +12,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::collect::Intake;
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::config::Config;
-use crate::ingest::{self, IngestOptions};
+use crate::ingest::{self, Iccid, IngestOptions};
 use crate::normalize::Collapser;
+use crate::plan::{self, DateRange};
+use crate::report::PlanReport;
 use crate::report::{OutputReport, PartitionReport, RunReport, new_run_id};
 use crate::state::{SqliteStore, Store};
+use crate::state::{StateWriter, job_status};
+use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::parquet::{PartitionWriter, WriterOptions};
 use crate::write::rejects::{IccidRejects, RecordRejects};
 use crate::{Error, Result};
@@ -49,6 +54,139 @@ pub fn validate(config: &Config, files: &[PathBuf]) -> Result<Outcome> {
         report,
         report_path,
     })
+}
+
+/// Stage 1 for a run: the ICCID lists, with their rejects file and counts in `report`.
+fn read_iccids(
+    config: &Config,
+    files: &[PathBuf],
+    run_id: &str,
+    report: &mut RunReport,
+) -> Result<Vec<Iccid>> {
+    let mut rejects =
+        IccidRejects::new(rejects_dir(&config.output.dir).join(format!("{run_id}-iccids.csv")));
+    let options = IngestOptions {
+        strict_luhn: config.input.strict_luhn,
+    };
+    let list = ingest::read_iccid_files(files, options, &mut rejects).map_err(|e| match e {
+        ingest::IngestError::Read { path, source } => {
+            Error::Usage(format!("{}: cannot read: {source}", path.display()))
+        }
+        ingest::IngestError::Rejects(w) => Error::Write(w),
+    })?;
+    report.iccids = Some(list.stats);
+    report.rejects_files.extend(rejects.finish()?);
+    Ok(list.iccids)
+}
+
+/// `tsusage submit`: asks ThingSpace for the usage of every ICCID over `range`, recording each
+/// requestId; the callbacks are collected by `listen` or `ingest`.
+pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
+    let run_id = new_run_id();
+    let mut report = RunReport::new(&run_id, "submit");
+    let mut store = SqliteStore::open(&config.state.path)?;
+    store.begin_run(&run_id, "submit")?;
+    let iccids = read_iccids(config, &config.input.paths, &run_id, &mut report)?;
+
+    let windows = plan::windows(range.from, range.to, config.plan.window_days)?;
+    let jobs = plan::plan(
+        &config.account_name,
+        &iccids,
+        &windows,
+        config.plan.chunk_size,
+    );
+    let new_jobs = store.record_jobs(&jobs)?;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    let statuses = store.job_statuses(&ids)?;
+    let status_of = |id: &str| statuses.get(id).map(String::as_str);
+    let mut plan_report = PlanReport {
+        from: range.from.to_string(),
+        to: range.to.to_string(),
+        windows: windows.len() as u64,
+        jobs: jobs.len() as u64,
+        new_jobs,
+        ..PlanReport::default()
+    };
+    let mut todo = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match status_of(job.id.as_str()) {
+            Some(job_status::SUBMITTED) => plan_report.already_submitted += 1,
+            Some(job_status::FAILED) => plan_report.already_failed += 1,
+            _ => todo.push(job),
+        }
+    }
+    report.plan = Some(plan_report);
+    tracing::info!(jobs = todo.len(), "submitting");
+
+    let client = Arc::new(ApiClient::new(&config.api)?);
+    let options = SubmitOptions::new(&config.api, todo.len());
+    if !todo.is_empty() {
+        client.authenticate().await?;
+    }
+    let path = config.state.path.display().to_string();
+    let writer = Arc::new(StateWriter::spawn(store, path.clone()));
+    let submitted = submit::submit(client.clone(), writer.clone(), todo, &options).await;
+    client.logout().await;
+    let mut store = Arc::try_unwrap(writer)
+        .map_err(|_| crate::state::StateError::Invalid {
+            path,
+            message: "the state writer is still shared".into(),
+        })?
+        .finish()?;
+    report.submit = Some(submitted?);
+    report.finish();
+    let report_path = report.save(&config.output.dir)?;
+    let json = serde_json::to_string(&report).unwrap_or_default();
+    store.finish_run(&run_id, report.exit_code, &json)?;
+    Ok(Outcome {
+        report,
+        report_path,
+    })
+}
+
+/// `tsusage callbacks register`: registers `callbacks.public_url` for `callbacks.service_name`.
+pub async fn register_callback(config: &Config) -> Result<String> {
+    let client = ApiClient::new(&config.api)?;
+    let c = &config.callbacks;
+    client
+        .register_callback(
+            &config.account_name,
+            &c.service_name,
+            &c.public_url,
+            c.username.as_ref(),
+            c.password.as_ref(),
+        )
+        .await?;
+    client.logout().await;
+    Ok(format!(
+        "registered {} for {} on account {}",
+        c.public_url, c.service_name, config.account_name
+    ))
+}
+
+/// `tsusage callbacks list`: one line per registered callback (`name url`).
+pub async fn list_callbacks(config: &Config) -> Result<String> {
+    let client = ApiClient::new(&config.api)?;
+    let list = client.list_callbacks(&config.account_name).await?;
+    client.logout().await;
+    Ok(list
+        .iter()
+        .map(|c| format!("{}\t{}", c.name, c.url))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// `tsusage callbacks delete`: removes the callback of `callbacks.service_name`.
+pub async fn delete_callback(config: &Config) -> Result<String> {
+    let client = ApiClient::new(&config.api)?;
+    client
+        .delete_callback(&config.account_name, &config.callbacks.service_name)
+        .await?;
+    client.logout().await;
+    Ok(format!(
+        "deleted the {} callback of account {}",
+        config.callbacks.service_name, config.account_name
+    ))
 }
 
 /// `tsusage ingest DIR`: journals every callback file in `dir`, then writes what the journal holds

@@ -8,6 +8,7 @@ use crate::collect::CallbackStats;
 use crate::collect::drop_dir::DropDirStats;
 use crate::ingest::IngestStats;
 use crate::normalize::RecordStats;
+use crate::submit::SubmitReport;
 use crate::write::{WriteError, write_atomic};
 
 /// Exit code: everything asked for is complete.
@@ -42,6 +43,23 @@ pub struct OutputReport {
     pub collapsed: u64,
 }
 
+/// What planning produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PlanReport {
+    /// First day asked for (UTC).
+    pub from: String,
+    /// Last day asked for, inclusive.
+    pub to: String,
+    pub windows: u64,
+    pub jobs: u64,
+    /// Jobs recorded as intent for the first time by this run.
+    pub new_jobs: u64,
+    /// Jobs skipped because an earlier run already has their requestId.
+    pub already_submitted: u64,
+    /// Jobs skipped because the vendor refused them in an earlier run.
+    pub already_failed: u64,
+}
+
 /// The run report, written as JSON to `{output.dir}/runs/{run_id}.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -55,6 +73,10 @@ pub struct RunReport {
     pub exit_code: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iccids: Option<IngestStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub submit: Option<SubmitReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_dir: Option<DropDirStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +100,8 @@ impl RunReport {
             status: String::new(),
             exit_code: EXIT_OK,
             iccids: None,
+            plan: None,
+            submit: None,
             drop_dir: None,
             callbacks: None,
             records: None,
@@ -86,8 +110,8 @@ impl RunReport {
         }
     }
 
-    /// Sets the status and exit code from what was counted: any reject, or any request the vendor
-    /// reports as failed, makes the run partial.
+    /// Sets the status and exit code from what was counted: any reject, any request the vendor
+    /// refused or reports as failed, and any job left unsubmitted makes the run partial.
     pub fn finish(&mut self) {
         let rejected = self.iccids.as_ref().map_or(0, |s| s.rejected)
             + self.callbacks.as_ref().map_or(0, |s| s.rejected + s.fault)
@@ -117,6 +141,21 @@ impl RunReport {
                 "{} files, {} rows: {} ICCIDs, {} duplicates, {} rejected, {} Luhn warnings",
                 s.files, s.rows, s.accepted, s.duplicates, s.rejected, s.luhn_warnings
             ));
+        }
+        if let Some(p) = &self.plan {
+            parts.push(format!(
+                "{}..{}: {} windows, {} jobs ({} already submitted)",
+                p.from, p.to, p.windows, p.jobs, p.already_submitted
+            ));
+        }
+        if let Some(s) = &self.submit {
+            parts.push(format!(
+                "{} submitted, {} refused, {} left for later ({} attempts, {} retries)",
+                s.submitted, s.failed, s.not_submitted, s.attempts, s.retries
+            ));
+            if let Some(why) = &s.stopped {
+                parts.push(format!("stopped early: {why}"));
+            }
         }
         if let Some(d) = &self.drop_dir {
             parts.push(format!(

@@ -5,10 +5,14 @@
 //! second implementation of the same trait, with the same tables.
 
 mod sqlite;
+mod writer;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 pub use sqlite::SqliteStore;
+pub use writer::StateWriter;
+
+use crate::plan::Job;
 
 /// A state store failure. Nothing after it can be trusted, so the command stops (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +76,51 @@ pub struct StoredCallback {
     pub account_name: Option<String>,
 }
 
+/// A change to a job's submission state, committed durably by [`Store::apply_job_updates`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobUpdate {
+    /// The vendor accepted the request: its requestId (invariant 2: recorded as soon as it arrives).
+    Submitted {
+        job_id: String,
+        request_id: String,
+        attempts: u32,
+    },
+    /// The vendor refused the request for good (a 4xx other than throttling): not retried.
+    Failed {
+        job_id: String,
+        attempts: u32,
+        error: String,
+    },
+    /// Tries that failed for a transient reason; the job stays to be submitted by a later run.
+    GaveUp {
+        job_id: String,
+        attempts: u32,
+        error: String,
+    },
+}
+
+/// Job statuses in the store.
+pub mod job_status {
+    /// Recorded as intent, no requestId yet (or its POST outcome is unknown).
+    pub const PLANNED: &str = "planned";
+    /// A requestId is recorded.
+    pub const SUBMITTED: &str = "submitted";
+    /// The vendor refused the request.
+    pub const FAILED: &str = "failed";
+}
+
 /// The durable state the pipeline needs.
 pub trait Store {
+    /// Records planned jobs as intent (before anything is sent); existing jobs are kept as they are.
+    /// Returns how many were new.
+    fn record_jobs(&mut self, jobs: &[Job]) -> Result<u64, StateError>;
+
+    /// The status of each of `job_ids` (see [`job_status`]), by job id.
+    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, String>, StateError>;
+
+    /// Applies job updates in one durable commit.
+    fn apply_job_updates(&mut self, updates: &[JobUpdate]) -> Result<(), StateError>;
+
     /// Records the start of a run.
     fn begin_run(&mut self, run_id: &str, command: &str) -> Result<(), StateError>;
 

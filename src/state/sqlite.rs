@@ -7,7 +7,13 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-use super::{Journaled, NewCallback, PendingPartition, StateError, Store, StoredCallback};
+use std::collections::HashMap;
+
+use super::{
+    JobUpdate, Journaled, NewCallback, PendingPartition, StateError, Store, StoredCallback,
+    job_status,
+};
+use crate::plan::Job;
 
 /// How long a writer waits for another process (a `tsusage listen`) to finish its commit.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -176,6 +182,122 @@ fn now_text() -> String {
 }
 
 impl Store for SqliteStore {
+    fn record_jobs(&mut self, jobs: &[Job]) -> Result<u64, StateError> {
+        let path = self.path.clone();
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_text();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let mut new = 0u64;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO jobs
+                       (job_id, account_name, window_start, window_end, iccids, status, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                )
+                .map_err(err)?;
+            for job in jobs {
+                let iccids: Vec<&str> = job.iccids.iter().map(|i| i.as_str()).collect();
+                new += insert
+                    .execute(params![
+                        job.id.as_str(),
+                        job.account_name,
+                        job.window.start_time(),
+                        job.window.end_time(),
+                        iccids.join(","),
+                        job_status::PLANNED,
+                        now
+                    ])
+                    .map_err(err)? as u64;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(new)
+    }
+
+    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, String>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT status FROM jobs WHERE job_id = ?1")
+            .map_err(self.err())?;
+        let mut out = HashMap::with_capacity(job_ids.len());
+        for id in job_ids {
+            let status: Option<String> = stmt
+                .query_row([id], |r| r.get(0))
+                .optional()
+                .map_err(self.err())?;
+            if let Some(status) = status {
+                out.insert((*id).to_owned(), status);
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply_job_updates(&mut self, updates: &[JobUpdate]) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_text();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        for update in updates {
+            match update {
+                JobUpdate::Submitted {
+                    job_id,
+                    request_id,
+                    attempts,
+                } => {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO requests (request_id, job_id, submitted_at) VALUES (?1, ?2, ?3)",
+                        params![request_id, job_id, now],
+                    )
+                    .map_err(err)?;
+                    tx.execute(
+                        "UPDATE jobs SET status = ?2, attempts = attempts + ?3, last_error = NULL, updated_at = ?4
+                         WHERE job_id = ?1",
+                        params![job_id, job_status::SUBMITTED, attempts, now],
+                    )
+                    .map_err(err)?;
+                }
+                JobUpdate::Failed {
+                    job_id,
+                    attempts,
+                    error,
+                } => {
+                    tx.execute(
+                        "UPDATE jobs SET status = ?2, attempts = attempts + ?3, last_error = ?4, updated_at = ?5
+                         WHERE job_id = ?1",
+                        params![job_id, job_status::FAILED, attempts, error, now],
+                    )
+                    .map_err(err)?;
+                }
+                JobUpdate::GaveUp {
+                    job_id,
+                    attempts,
+                    error,
+                } => {
+                    tx.execute(
+                        "UPDATE jobs SET attempts = attempts + ?2, last_error = ?3, updated_at = ?4
+                         WHERE job_id = ?1",
+                        params![job_id, attempts, error, now],
+                    )
+                    .map_err(err)?;
+                }
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
     fn begin_run(&mut self, run_id: &str, command: &str) -> Result<(), StateError> {
         self.conn
             .execute(
