@@ -47,6 +47,14 @@ pub const DEFAULT_BACKOFF_MIN_MS: u64 = 500;
 pub const DEFAULT_BACKOFF_MAX_SECS: u64 = 30;
 /// Default `callbacks.service_name`: the ThingSpace callback service usage results are sent to.
 pub const DEFAULT_CALLBACK_SERVICE: &str = "DeviceUsage";
+/// Default `callbacks.max_body_bytes`: a callback body larger than this is refused with 413 (32 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+/// Default `callbacks.max_connections`: connections the listener holds open at once.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
+/// Default `callbacks.request_timeout_secs`: reading a request's body and journaling it.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Default `callbacks.header_timeout_secs`: a client that has not sent its headers by then is cut off.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
 /// Default `callbacks.listen_addr`: 9001 is one of the ports the vendor will call.
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:9001";
 /// Default `callbacks.public_url`.
@@ -274,6 +282,14 @@ pub struct CallbacksConfig {
     pub max_resubmits: u32,
     /// Drop-directory files larger than this are skipped and reported.
     pub max_file_bytes: u64,
+    /// Listener: larger bodies are refused (413).
+    pub max_body_bytes: u64,
+    /// Listener: connections held open at once; more wait to be accepted.
+    pub max_connections: u32,
+    /// Listener: time to read a request's body and journal it (408 past it).
+    pub request_timeout_secs: u64,
+    /// Listener: time a client has to send its request headers before the connection is closed.
+    pub header_timeout_secs: u64,
     #[serde(skip_serializing)]
     pub username: Option<Secret>,
     #[serde(skip_serializing)]
@@ -291,6 +307,10 @@ impl Default for CallbacksConfig {
             deadline_secs: DEFAULT_DEADLINE_SECS,
             max_resubmits: DEFAULT_MAX_RESUBMITS,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
+            header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
             username: None,
             password: None,
         }

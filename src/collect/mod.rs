@@ -5,6 +5,7 @@
 //! durable commit. Sources: [`drop_dir`] (files in a directory); the HTTP listener comes next.
 
 pub mod drop_dir;
+pub mod http_listener;
 
 use std::collections::BTreeSet;
 
@@ -47,6 +48,24 @@ pub struct Prepared {
     pub body: String,
     pub partitions: BTreeSet<String>,
     accepted_records: u64,
+}
+
+impl Prepared {
+    /// The journal's view of it.
+    pub fn as_new(&self) -> NewCallback<'_> {
+        NewCallback {
+            request_id: &self.request_id,
+            kind: self.kind,
+            source: &self.source,
+            body: &self.body,
+            partitions: &self.partitions,
+        }
+    }
+
+    /// Accepted usage records in it.
+    pub fn accepted_records(&self) -> u64 {
+        self.accepted_records
+    }
 }
 
 /// The intake shared by all callback sources.
@@ -161,16 +180,7 @@ impl Intake {
         if batch.is_empty() {
             return Ok(());
         }
-        let new: Vec<NewCallback<'_>> = batch
-            .iter()
-            .map(|p| NewCallback {
-                request_id: &p.request_id,
-                kind: p.kind,
-                source: &p.source,
-                body: &p.body,
-                partitions: &p.partitions,
-            })
-            .collect();
+        let new: Vec<NewCallback<'_>> = batch.iter().map(Prepared::as_new).collect();
         let outcomes = store.journal(&new, received_at)?;
         for (prepared, outcome) in batch.iter().zip(outcomes) {
             match outcome {

@@ -97,6 +97,11 @@ impl<'a> Body<'a> {
         self.members.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
 
+    /// A top-level string member (`username`, `password`), decoded; `None` when absent or not a string.
+    pub fn string(&self, key: &str) -> Option<Cow<'a, str>> {
+        serde_json::from_str(self.get(key)?.get()).ok()
+    }
+
     /// The body without the top-level `username` and `password`: what the journal stores. Every other
     /// member is kept byte for byte.
     pub fn stripped(&self) -> String {

@@ -169,6 +169,20 @@ impl SqliteStore {
         tx.commit().map_err(err)
     }
 
+    /// How many jobs are in each status.
+    pub fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     /// The schema version the store is at.
     pub fn schema_version(&self) -> Result<i64, StateError> {
         self.conn

@@ -1,0 +1,357 @@
+//! The HTTP callback listener: ThingSpace POSTs callbacks here; each is journaled durably before 2xx.
+//!
+//! - `POST {path of callbacks.public_url}` with a JSON body; anything else is 404/405, a non-JSON
+//!   content type 415, a body over `callbacks.max_body_bytes` 413.
+//! - The body's `username`/`password` (the values given at registration) are compared in constant
+//!   time with `TSUSAGE_CALLBACKS__USERNAME/PASSWORD`: a mismatch is 401 and nothing is journaled.
+//! - 200 only once the callback is committed (group commit through [`StateWriter`]); a failed
+//!   commit is 503 with `Retry-After`, so the vendor sends it again.
+//! - Connections are capped (`callbacks.max_connections`), headers must arrive within
+//!   `callbacks.header_timeout_secs`, a request must finish within `callbacks.request_timeout_secs`.
+//! - Shutdown is graceful: the accept loop stops and in-flight requests finish.
+//! - Bodies and credentials are never logged.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use super::{Intake, now_micros};
+use crate::config::{CallbacksConfig, Secret};
+use crate::normalize::payload::Body;
+use crate::state::{Journaled, StateWriter, Store};
+use crate::write::rejects::RecordReject;
+
+/// What the handlers share.
+pub struct ListenerState<S> {
+    username: Secret,
+    password: Secret,
+    writer: Arc<StateWriter<S>>,
+    pub intake: Mutex<Intake>,
+    /// Record-level and body-level rejects, for the owner to write out.
+    pub rejects: Mutex<Vec<RecordReject>>,
+    pub counts: Mutex<ListenerCounts>,
+}
+
+/// What the listener answered, for the run report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ListenerCounts {
+    /// Callbacks answered 200 (journaled, or already in the journal).
+    pub acknowledged: u64,
+    pub journaled: u64,
+    pub already_journaled: u64,
+    /// Wrong or missing credentials (401).
+    pub unauthorized: u64,
+    /// Not JSON, not a callback (400).
+    pub malformed: u64,
+    /// The journal could not commit (503).
+    pub journal_failures: u64,
+}
+
+/// Why the listener cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error(
+        "the callback listener needs TSUSAGE_CALLBACKS__USERNAME and TSUSAGE_CALLBACKS__PASSWORD (the credentials registered with ThingSpace, echoed in every callback)"
+    )]
+    NoCredentials,
+    #[error("callbacks.public_url {0:?} has no path to listen on")]
+    BadUrl(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The path part of `callbacks.public_url` (`https://host:9001/callbacks` → `/callbacks`).
+pub fn listen_path(public_url: &str) -> Result<String, ListenerError> {
+    let rest = public_url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| ListenerError::BadUrl(public_url.to_owned()))?;
+    let path = rest.find('/').map_or("/", |i| &rest[i..]);
+    let path = path.split(['?', '#']).next().unwrap_or("/");
+    Ok(if path.is_empty() {
+        "/".to_owned()
+    } else {
+        path.to_owned()
+    })
+}
+
+/// The router, without a socket (tests call it directly too).
+pub fn app<S: Store + Send + 'static>(
+    path: &str,
+    state: Arc<ListenerState<S>>,
+    max_body_bytes: usize,
+    request_timeout: Duration,
+) -> Router {
+    Router::new()
+        .route(path, post(receive::<S>))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(
+            move |req, next: axum::middleware::Next| async move {
+                match tokio::time::timeout(request_timeout, next.run(req)).await {
+                    Ok(response) => response,
+                    Err(_) => (StatusCode::REQUEST_TIMEOUT, "request timed out\n").into_response(),
+                }
+            },
+        ))
+        .with_state(state)
+}
+
+impl<S> std::fmt::Debug for ListenerState<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerState")
+            .field("credentials", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running listener.
+#[derive(Debug)]
+pub struct ListenerHandle {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ListenerHandle {
+    /// Stops accepting, lets in-flight requests finish (at most `grace`), and returns.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        if tokio::time::timeout(grace, self.task).await.is_err() {
+            tracing::warn!("listener shutdown timed out; in-flight requests were cut");
+        }
+    }
+}
+
+impl<S: Store + Send + 'static> ListenerState<S> {
+    pub fn new(
+        config: &CallbacksConfig,
+        writer: Arc<StateWriter<S>>,
+        intake: Intake,
+    ) -> Result<Self, ListenerError> {
+        let (Some(username), Some(password)) = (config.username.clone(), config.password.clone())
+        else {
+            return Err(ListenerError::NoCredentials);
+        };
+        Ok(ListenerState {
+            username,
+            password,
+            writer,
+            intake: Mutex::new(intake),
+            rejects: Mutex::new(Vec::new()),
+            counts: Mutex::new(ListenerCounts::default()),
+        })
+    }
+}
+
+/// Binds `callbacks.listen_addr` and serves until [`ListenerHandle::shutdown`].
+pub async fn start<S: Store + Send + 'static>(
+    config: &CallbacksConfig,
+    state: Arc<ListenerState<S>>,
+) -> Result<ListenerHandle, ListenerError> {
+    let path = listen_path(&config.public_url)?;
+    let addr = config.listen_addr;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenerError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ListenerError::Bind { addr, source })?;
+    let router = app(
+        &path,
+        state,
+        usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
+        Duration::from_secs(config.request_timeout_secs),
+    );
+    let connections = Arc::new(Semaphore::new(config.max_connections.max(1) as usize));
+    let header_timeout = Duration::from_secs(config.header_timeout_secs);
+    let (shutdown, mut stop) = watch::channel(false);
+    tracing::info!(%addr, path, "callback listener up");
+    let task = tokio::spawn(async move {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let permit = tokio::select! {
+                _ = stop.changed() => break,
+                permit = connections.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (stream, _peer) = tokio::select! {
+                _ = stop.changed() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let service = TowerToHyperService::new(router.clone());
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
+        drop(listener);
+        graceful.shutdown().await;
+    });
+    Ok(ListenerHandle {
+        addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Equal in constant time (compares SHA-256 digests, so length and content leak nothing).
+fn same_secret(given: &str, expected: &Secret) -> bool {
+    let a = Sha256::digest(given.as_bytes());
+    let b = Sha256::digest(expected.expose().as_bytes());
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+fn answer(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{{\"status\":\"{message}\"}}\n"),
+    )
+        .into_response()
+}
+
+async fn receive<S: Store + Send + 'static>(
+    State(state): State<Arc<ListenerState<S>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    if !is_json {
+        return answer(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected application/json",
+        );
+    }
+    let count =
+        |f: fn(&mut ListenerCounts)| f(&mut state.counts.lock().unwrap_or_else(|e| e.into_inner()));
+    let Ok(text) = std::str::from_utf8(&body) else {
+        count(|c| c.malformed += 1);
+        return answer(StatusCode::BAD_REQUEST, "body is not UTF-8");
+    };
+    let authorized = match Body::parse(text) {
+        Ok(parsed) => {
+            let user = parsed.string("username");
+            let pass = parsed.string("password");
+            // Both compared, always, so timing does not tell which one was wrong.
+            let user_ok = same_secret(user.as_deref().unwrap_or(""), &state.username);
+            let pass_ok = same_secret(pass.as_deref().unwrap_or(""), &state.password);
+            user.is_some() && pass.is_some() && user_ok & pass_ok
+        }
+        Err(_) => false,
+    };
+    if !authorized {
+        // A body that does not parse cannot carry the credentials either: 401 before 400, so an
+        // unauthenticated client learns nothing about what we accept.
+        count(|c| c.unauthorized += 1);
+        tracing::warn!("callback refused: wrong or missing credentials");
+        return answer(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let prepared = {
+        let mut rejects = Vec::new();
+        let prepared = state
+            .intake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prepare(text, "listener".to_owned(), &mut rejects);
+        let mut all = state.rejects.lock().unwrap_or_else(|e| e.into_inner());
+        all.extend(rejects);
+        match prepared {
+            Ok(p) => p,
+            Err(reject) => {
+                all.push(*reject);
+                drop(all);
+                count(|c| c.malformed += 1);
+                return answer(StatusCode::BAD_REQUEST, "not a callback");
+            }
+        }
+    };
+    match state.writer.journal(prepared, now_micros()).await {
+        Ok(outcome) => {
+            count(|c| c.acknowledged += 1);
+            match outcome {
+                Journaled::New(_) => count(|c| c.journaled += 1),
+                Journaled::AlreadyJournaled => count(|c| c.already_journaled += 1),
+            }
+            answer(StatusCode::OK, "journaled")
+        }
+        Err(e) => {
+            count(|c| c.journal_failures += 1);
+            tracing::error!(error = %e, "journal commit failed: answering 503");
+            let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, "journal unavailable");
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("30"),
+            );
+            response
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listens_on_the_path_of_the_public_url() {
+        assert_eq!(
+            listen_path("https://etl.example.com:9001/callbacks")
+                .ok()
+                .as_deref(),
+            Some("/callbacks")
+        );
+        assert_eq!(
+            listen_path("http://h/a/b?x=1").ok().as_deref(),
+            Some("/a/b")
+        );
+        assert_eq!(listen_path("http://h:9001").ok().as_deref(), Some("/"));
+        assert!(listen_path("no-scheme").is_err());
+    }
+
+    #[test]
+    fn secrets_compare_by_value() {
+        let s = Secret::new("p@ss");
+        assert!(same_secret("p@ss", &s));
+        assert!(!same_secret("p@ss ", &s));
+        assert!(!same_secret("", &s));
+    }
+}
