@@ -24,6 +24,12 @@ pub enum Error {
     /// The vendor API cannot be used: credentials rejected or missing (exit code 1).
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The simulator cannot start (exit code 1).
+    #[error(transparent)]
+    Sim(#[from] crate::sim::SimError),
+    /// The callback listener cannot start (exit code 1).
+    #[error(transparent)]
+    Listener(#[from] crate::collect::http_listener::ListenerError),
     /// The state store failed: nothing after this point can be trusted (exit code 1).
     #[error(transparent)]
     State(#[from] StateError),

@@ -51,6 +51,11 @@ enum Command {
         #[arg(long, global = true)]
         config: Option<PathBuf>,
     },
+    /// Serve the built-in ThingSpace simulator on sim.listen_addr until Ctrl-C (base URL http://ADDR/api).
+    Sim {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Check ICCID lists: print counts and write the rejects, without contacting anything.
     Validate {
         /// CSV files: a column named iccid (any case), or the only column.
@@ -139,6 +144,11 @@ fn run(command: Command) -> tsusage::Result<Done> {
             runtime()?
                 .block_on(pipeline::submit(&config, range))
                 .map(|o| Done::Report(Box::new(o)))
+        }
+        Command::Sim { config } => {
+            let config = Config::load(&config)?;
+            runtime()?.block_on(tsusage::sim::serve(config.sim))?;
+            Ok(Done::Message(String::new()))
         }
         Command::Callbacks { action, config } => {
             let path =

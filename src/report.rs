@@ -119,7 +119,11 @@ impl RunReport {
             + self
                 .drop_dir
                 .as_ref()
-                .map_or(0, |s| s.rejected + s.too_large);
+                .map_or(0, |s| s.rejected + s.too_large)
+            + self
+                .submit
+                .as_ref()
+                .map_or(0, |s| s.failed + s.not_submitted);
         self.exit_code = if rejected > 0 { EXIT_PARTIAL } else { EXIT_OK };
         self.status = if rejected > 0 { "partial" } else { "complete" }.to_owned();
         self.finished_at = now_text();

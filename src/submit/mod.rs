@@ -145,11 +145,11 @@ impl Shared {
         loop {
             self.wait_pause().await;
             self.limiter.until_ready().await;
-            // A 429 may have paused everyone while this task waited for its turn.
-            if self.pause_remaining().is_some() {
+            let Ok(permit) = self.in_flight.acquire().await else {
                 continue;
-            }
-            if let Ok(permit) = self.in_flight.acquire().await {
+            };
+            // A 429 may have paused everyone while this task waited for its turn.
+            if self.pause_remaining().is_none() {
                 return permit;
             }
         }
@@ -358,6 +358,10 @@ async fn submit_job<S: Store + Send + 'static>(
             c.attempts.fetch_add(1, Ordering::Relaxed);
             let result = client.request_usage(job).await;
             shared.wire_now.fetch_sub(1, Ordering::SeqCst);
+            // Pause everyone before the slot is released, so no task slips in under a Retry-After.
+            if let Some(wait) = result.as_ref().err().and_then(ApiError::retry_after) {
+                shared.pause_for(wait);
+            }
             result
         };
         let error = match result {
@@ -414,9 +418,6 @@ async fn submit_job<S: Store + Send + 'static>(
             ApiError::Server { .. } => c.server_errors.fetch_add(1, Ordering::Relaxed),
             _ => c.transport_errors.fetch_add(1, Ordering::Relaxed),
         };
-        if let Some(wait) = error.retry_after() {
-            shared.pause_for(wait);
-        }
         let out_of_attempts = attempts >= options.max_attempts_per_job;
         if out_of_attempts || !shared.take_retry() {
             if !out_of_attempts {

@@ -4,5 +4,7 @@
 mod cli;
 mod ingest_dir;
 mod properties;
+mod sim;
+mod submit;
 mod util;
 mod validate;
