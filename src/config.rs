@@ -63,6 +63,9 @@ pub const DEFAULT_PUBLIC_URL: &str = "https://etl.example.com:9001/callbacks";
 pub const DEFAULT_DROP_DIR: &str = "inbox";
 /// Default `callbacks.deadline_secs`: wait half an hour for a request's callbacks.
 pub const DEFAULT_DEADLINE_SECS: u64 = 1800;
+/// Default `callbacks.settle_secs`: after a request's completion message, how long without a new
+/// callback before its missing ICCIDs count as "no usage" (covers one vendor redelivery, ~5 min).
+pub const DEFAULT_SETTLE_SECS: u64 = 600;
 /// Default `callbacks.max_resubmits`.
 pub const DEFAULT_MAX_RESUBMITS: u32 = 2;
 /// Default `callbacks.max_file_bytes`: a drop-directory file larger than this is skipped (256 MiB).
@@ -279,6 +282,8 @@ pub struct CallbacksConfig {
     pub drop_dir: PathBuf,
     /// How long to wait for a request's callbacks before re-requesting it.
     pub deadline_secs: u64,
+    /// After the completion message, quiet time before ICCIDs without a record count as no usage.
+    pub settle_secs: u64,
     pub max_resubmits: u32,
     /// Drop-directory files larger than this are skipped and reported.
     pub max_file_bytes: u64,
@@ -305,6 +310,7 @@ impl Default for CallbacksConfig {
             service_name: DEFAULT_CALLBACK_SERVICE.to_owned(),
             drop_dir: PathBuf::from(DEFAULT_DROP_DIR),
             deadline_secs: DEFAULT_DEADLINE_SECS,
+            settle_secs: DEFAULT_SETTLE_SECS,
             max_resubmits: DEFAULT_MAX_RESUBMITS,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,

@@ -26,6 +26,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole pipeline for a date or a range: read the ICCID lists, ask ThingSpace for the usage,
+    /// collect every callback, write Parquet, report what is complete.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        dates: Dates,
+        /// Run against the built-in ThingSpace simulator, in-process (no credentials needed).
+        #[arg(long)]
+        simulate: bool,
+    },
+    /// Serve the callback listener until SIGTERM or Ctrl-C, journaling into the state store.
+    Listen {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show jobs by state, requests outstanding and overdue, and the last run's outcome.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Collect callbacks from a drop directory once: journal them, write Parquet, report.
     Ingest {
         /// The directory of *.json / *.ndjson / *.jsonl callback files.
@@ -134,6 +155,31 @@ fn run(command: Command) -> tsusage::Result<Done> {
             let config = Config::load(&config)?;
             pipeline::validate(&config, &files).map(|o| Done::Report(Box::new(o)))
         }
+        Command::Run {
+            config,
+            dates,
+            simulate,
+        } => {
+            let config = Config::load(&config)?;
+            let range = DateRange::from_args(
+                dates.date.as_deref(),
+                dates.from.as_deref(),
+                dates.to.as_deref(),
+            )?;
+            runtime()?
+                .block_on(pipeline::run(&config, range, simulate))
+                .map(|o| Done::Report(Box::new(o)))
+        }
+        Command::Listen { config } => {
+            let config = Config::load(&config)?;
+            runtime()?
+                .block_on(pipeline::listen(&config))
+                .map(|o| Done::Report(Box::new(o)))
+        }
+        Command::Status { config } => {
+            let config = Config::load(&config)?;
+            pipeline::status(&config).map(Done::Message)
+        }
         Command::Submit { config, dates } => {
             let config = Config::load(&config)?;
             let range = DateRange::from_args(
@@ -188,6 +234,29 @@ fn print_outcome(outcome: &Outcome) {
     println!("{}", outcome.report.summary());
     for path in &outcome.report.rejects_files {
         println!("rejects: {}", path.display());
+    }
+    if let Some(c) = &outcome.report.collect {
+        println!("completeness: {}", c.completeness_file.display());
+    }
+    if let Some(o) = outcome
+        .report
+        .output
+        .as_ref()
+        .filter(|o| o.rows_written > 0)
+    {
+        let usage = outcome
+            .report_path
+            .parent()
+            .and_then(|runs| runs.parent())
+            .map(|out| out.join("usage"));
+        if let Some(usage) = usage {
+            println!(
+                "parquet: {}/ ({} partitions rewritten); open it with\n  duckdb -c \"SELECT * FROM read_parquet('{}/*/*.parquet', hive_partitioning = true) LIMIT 10\"",
+                usage.display(),
+                o.partitions.len(),
+                usage.display()
+            );
+        }
     }
     println!("{}", outcome.report_path.display());
 }

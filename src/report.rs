@@ -6,6 +6,8 @@ use serde::Serialize;
 
 use crate::collect::CallbackStats;
 use crate::collect::drop_dir::DropDirStats;
+use crate::collect::http_listener::ListenerCounts;
+use crate::collect::tracker::TrackerStats;
 use crate::ingest::IngestStats;
 use crate::normalize::RecordStats;
 use crate::submit::SubmitReport;
@@ -58,6 +60,20 @@ pub struct PlanReport {
     pub already_submitted: u64,
     /// Jobs skipped because the vendor refused them in an earlier run.
     pub already_failed: u64,
+    /// Jobs skipped because an earlier run has all their callbacks.
+    pub already_complete: u64,
+}
+
+/// Collection and completeness (`run`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CollectReport {
+    #[serde(flatten)]
+    pub tracking: TrackerStats,
+    /// Every planned (ICCID, window) by final state: `usage`, `no_usage`, `rejected`,
+    /// `failed_request`, `missing`, and `rejected_input` for ICCID list rows that were rejected.
+    pub completeness: std::collections::BTreeMap<String, u64>,
+    /// The CSV listing every pair that is not usage, with its state and reason.
+    pub completeness_file: PathBuf,
 }
 
 /// The run report, written as JSON to `{output.dir}/runs/{run_id}.json`.
@@ -77,6 +93,11 @@ pub struct RunReport {
     pub plan: Option<PlanReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub submit: Option<SubmitReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collect: Option<CollectReport>,
+    /// What the HTTP listener answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener: Option<ListenerCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_dir: Option<DropDirStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,6 +123,8 @@ impl RunReport {
             iccids: None,
             plan: None,
             submit: None,
+            collect: None,
+            listener: None,
             drop_dir: None,
             callbacks: None,
             records: None,
@@ -123,7 +146,14 @@ impl RunReport {
             + self
                 .submit
                 .as_ref()
-                .map_or(0, |s| s.failed + s.not_submitted);
+                .map_or(0, |s| s.failed + s.not_submitted)
+            + self.collect.as_ref().map_or(0, |c| {
+                c.completeness
+                    .iter()
+                    .filter(|(state, _)| !matches!(state.as_str(), "usage" | "no_usage"))
+                    .map(|(_, n)| n)
+                    .sum()
+            });
         self.exit_code = if rejected > 0 { EXIT_PARTIAL } else { EXIT_OK };
         self.status = if rejected > 0 { "partial" } else { "complete" }.to_owned();
         self.finished_at = now_text();
@@ -160,6 +190,25 @@ impl RunReport {
             if let Some(why) = &s.stopped {
                 parts.push(format!("stopped early: {why}"));
             }
+        }
+        if let Some(c) = &self.collect {
+            let states: Vec<String> = c
+                .completeness
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
+            parts.push(format!(
+                "{} jobs complete, {} re-requested; ICCID-days: {}",
+                c.tracking.complete,
+                c.tracking.resubmitted,
+                states.join(", ")
+            ));
+        }
+        if let Some(l) = &self.listener {
+            parts.push(format!(
+                "listener: {} acknowledged, {} unauthorized, {} malformed, {} journal failures",
+                l.acknowledged, l.unauthorized, l.malformed, l.journal_failures
+            ));
         }
         if let Some(d) = &self.drop_dir {
             parts.push(format!(

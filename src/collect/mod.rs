@@ -6,6 +6,7 @@
 
 pub mod drop_dir;
 pub mod http_listener;
+pub mod tracker;
 
 use std::collections::BTreeSet;
 

@@ -97,6 +97,10 @@ pub enum JobUpdate {
         attempts: u32,
         error: String,
     },
+    /// Every ICCID of the job has its answer (usage, or none reported): the window is done.
+    Completed { job_id: String },
+    /// No callbacks by the deadline after every re-request.
+    Missing { job_id: String, error: String },
 }
 
 /// Job statuses in the store.
@@ -105,8 +109,12 @@ pub mod job_status {
     pub const PLANNED: &str = "planned";
     /// A requestId is recorded.
     pub const SUBMITTED: &str = "submitted";
-    /// The vendor refused the request.
+    /// The vendor refused the request (or reported it failed).
     pub const FAILED: &str = "failed";
+    /// All its callbacks are in: usage or no usage for every ICCID.
+    pub const COMPLETE: &str = "complete";
+    /// No callbacks by the deadline after every re-request.
+    pub const MISSING: &str = "missing";
 }
 
 /// The durable state the pipeline needs.

@@ -169,6 +169,70 @@ impl SqliteStore {
         tx.commit().map_err(err)
     }
 
+    /// Requests recorded after `rowid` (exclusive): `(rowid, request_id, job_id)`, oldest first.
+    pub fn requests_since(&self, rowid: i64) -> Result<Vec<(i64, String, String)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT rowid, request_id, job_id FROM requests WHERE rowid > ?1 ORDER BY rowid",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([rowid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Up to `limit` journaled callbacks after `id` (exclusive): `(id, request_id, kind, body)`.
+    pub fn callbacks_since(
+        &self,
+        id: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, String, String)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, request_id, kind, body FROM callbacks WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![id, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// The last finished run: `(run_id, command, finished_at, exit_code)`.
+    pub fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT run_id, command, finished_at, exit_code FROM runs
+                 WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Submitted jobs still waiting for callbacks, with their latest request time:
+    /// `(job_id, window_start, latest submitted_at)`.
+    pub fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT j.job_id, j.window_start, MAX(r.submitted_at) FROM jobs j
+                 JOIN requests r ON r.job_id = j.job_id
+                 WHERE j.status = 'submitted' GROUP BY j.job_id ORDER BY j.window_start",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     /// How many jobs are in each status.
     pub fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
         let mut stmt = self
@@ -304,6 +368,20 @@ impl Store for SqliteStore {
                         "UPDATE jobs SET attempts = attempts + ?2, last_error = ?3, updated_at = ?4
                          WHERE job_id = ?1",
                         params![job_id, attempts, error, now],
+                    )
+                    .map_err(err)?;
+                }
+                JobUpdate::Completed { job_id } => {
+                    tx.execute(
+                        "UPDATE jobs SET status = ?2, last_error = NULL, updated_at = ?3 WHERE job_id = ?1",
+                        params![job_id, job_status::COMPLETE, now],
+                    )
+                    .map_err(err)?;
+                }
+                JobUpdate::Missing { job_id, error } => {
+                    tx.execute(
+                        "UPDATE jobs SET status = ?2, last_error = ?3, updated_at = ?4 WHERE job_id = ?1",
+                        params![job_id, job_status::MISSING, error, now],
                     )
                     .map_err(err)?;
                 }

@@ -102,6 +102,9 @@ pub struct SubmitReport {
     /// Requests per second from the first send to the last answer.
     pub achieved_rate_per_sec: f64,
     pub failures: Vec<JobFailure>,
+    /// Jobs left for a later run, with the reason: `(job_id, reason)`.
+    #[serde(skip)]
+    pub unsent: Vec<(String, String)>,
 }
 
 /// Submission stops: credentials are wrong, or the store cannot record what was sent.
@@ -121,6 +124,7 @@ struct Shared {
     queue: Mutex<VecDeque<Job>>,
     stop: AtomicBool,
     stopped: Mutex<Option<String>>,
+    unsent: Mutex<Vec<(String, String)>>,
     retries_left: AtomicU32,
     wire_now: AtomicU64,
     wire_max: AtomicU64,
@@ -193,6 +197,14 @@ impl Shared {
             .pop_front()
     }
 
+    fn unsent(&self, job: &Job, reason: String) {
+        self.counters.not_submitted.fetch_add(1, Ordering::Relaxed);
+        self.unsent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((job.id.to_string(), reason));
+    }
+
     fn take_retry(&self) -> bool {
         self.retries_left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -221,6 +233,7 @@ pub async fn submit<S: Store + Send + 'static>(
         queue: Mutex::new(jobs.into()),
         stop: AtomicBool::new(false),
         stopped: Mutex::new(None),
+        unsent: Mutex::new(Vec::new()),
         retries_left: AtomicU32::new(options.retry_budget),
         wire_now: AtomicU64::new(0),
         wire_max: AtomicU64::new(0),
@@ -278,7 +291,21 @@ pub async fn submit<S: Store + Send + 'static>(
     if let Some(e) = fatal {
         return Err(e);
     }
-    let left = shared.queue.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+    let stopped = shared
+        .stopped
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut unsent = std::mem::take(&mut *shared.unsent.lock().unwrap_or_else(|e| e.into_inner()));
+    let left: Vec<Job> = shared
+        .queue
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain(..)
+        .collect();
+    let why = stopped.clone().unwrap_or_else(|| "the run stopped".into());
+    unsent.extend(left.iter().map(|j| (j.id.to_string(), why.clone())));
+    let left = left.len() as u64;
     let c = &shared.counters;
     let elapsed = started.elapsed().as_secs_f64();
     let attempts = c.attempts.load(Ordering::Relaxed);
@@ -311,6 +338,7 @@ pub async fn submit<S: Store + Send + 'static>(
             0.0
         },
         failures,
+        unsent,
     })
 }
 
@@ -342,7 +370,7 @@ async fn submit_job<S: Store + Send + 'static>(
     };
     loop {
         if shared.stop.load(Ordering::SeqCst) {
-            c.not_submitted.fetch_add(1, Ordering::Relaxed);
+            shared.unsent(job, "the run stopped".into());
             if attempts > 0 {
                 writer
                     .apply(give_up(attempts, "the run stopped".into()))
@@ -380,8 +408,8 @@ async fn submit_job<S: Store + Send + 'static>(
             Err(ApiError::Reauthenticated) => {
                 renewals += 1;
                 if renewals > MAX_RENEWALS_PER_JOB {
-                    c.not_submitted.fetch_add(1, Ordering::Relaxed);
                     let why = "credentials renewed and still refused".to_owned();
+                    shared.unsent(job, why.clone());
                     writer.apply(give_up(attempts, why)).await?;
                     return Ok(None);
                 }
@@ -428,7 +456,7 @@ async fn submit_job<S: Store + Send + 'static>(
                 ));
             }
             tracing::warn!(job = %job.id, attempts, error = %error, "giving up on the job for this run");
-            c.not_submitted.fetch_add(1, Ordering::Relaxed);
+            shared.unsent(job, format!("gave up after {attempts} attempts: {error}"));
             writer.apply(give_up(attempts, error.to_string())).await?;
             return Ok(None);
         }

@@ -3,6 +3,7 @@
 //! `validate`: ingest (CSV) → report.
 //! `ingest DIR`: collect (drop dir) → journal → normalize → write (every pending partition) → report.
 //! `submit`: ingest (CSV) → plan → record intent → authenticate → submit (requestIds recorded) → report.
+//! `run`: the whole pipeline, in [`run`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,13 @@ use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::parquet::{PartitionWriter, WriterOptions};
 use crate::write::rejects::{IccidRejects, RecordRejects};
 use crate::{Error, Result};
+
+mod listen;
+mod run;
+mod simulate;
+
+pub use listen::listen;
+pub use run::run;
 
 /// A finished command: its report and where the report was saved.
 #[derive(Debug)]
@@ -57,7 +65,7 @@ pub fn validate(config: &Config, files: &[PathBuf]) -> Result<Outcome> {
 }
 
 /// Stage 1 for a run: the ICCID lists, with their rejects file and counts in `report`.
-fn read_iccids(
+pub(crate) fn read_iccids(
     config: &Config,
     files: &[PathBuf],
     run_id: &str,
@@ -189,6 +197,56 @@ pub async fn delete_callback(config: &Config) -> Result<String> {
     ))
 }
 
+/// `tsusage status`: jobs by state, requests outstanding and overdue, the last run's outcome.
+pub fn status(config: &Config) -> Result<String> {
+    let store = SqliteStore::open(&config.state.path)?;
+    let mut lines = Vec::new();
+    let counts = store.job_status_counts()?;
+    let total: u64 = counts.values().sum();
+    let by_state: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    lines.push(format!(
+        "jobs: {total}{}{}",
+        if by_state.is_empty() { "" } else { ": " },
+        by_state.join(", ")
+    ));
+    let outstanding = store.outstanding_jobs()?;
+    let deadline = chrono::Duration::seconds(
+        i64::try_from(config.callbacks.deadline_secs).unwrap_or(i64::MAX),
+    );
+    let now = chrono::Utc::now();
+    let overdue: Vec<&(String, String, String)> = outstanding
+        .iter()
+        .filter(|(_, _, at)| {
+            chrono::DateTime::parse_from_rfc3339(at)
+                .is_ok_and(|t| now.signed_duration_since(t) > deadline)
+        })
+        .collect();
+    lines.push(format!(
+        "requests outstanding: {} ({} overdue, past callbacks.deadline_secs = {})",
+        outstanding.len(),
+        overdue.len(),
+        config.callbacks.deadline_secs
+    ));
+    for (job, window, at) in overdue.iter().take(20) {
+        lines.push(format!(
+            "  overdue: job {job} window {window} requested {at}"
+        ));
+    }
+    match store.last_run()? {
+        Some((run_id, command, finished, code)) => lines.push(format!(
+            "last run: {run_id} ({command}) finished {finished}, exit code {code}; report: {}",
+            config
+                .output
+                .dir
+                .join("runs")
+                .join(format!("{run_id}.json"))
+                .display()
+        )),
+        None => lines.push("last run: none".into()),
+    }
+    Ok(lines.join("\n"))
+}
+
 /// `tsusage ingest DIR`: journals every callback file in `dir`, then writes what the journal holds
 /// that the output does not.
 pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outcome> {
@@ -298,12 +356,12 @@ pub fn write_pending<S: Store + ?Sized>(
     Ok(output)
 }
 
-fn rejects_dir(out: &Path) -> PathBuf {
+pub(crate) fn rejects_dir(out: &Path) -> PathBuf {
     out.join("rejects")
 }
 
 /// A progress bar on a terminal; hidden when stderr is not one (logs say what happens instead).
-fn progress_bar(unit: &str) -> ProgressBar {
+pub(crate) fn progress_bar(unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     let template = format!("{{spinner}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}] {{wide_bar}}");
     if let Ok(style) = ProgressStyle::with_template(&template) {

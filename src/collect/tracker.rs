@@ -1,0 +1,395 @@
+//! Completion tracking: which jobs have all their callbacks, which are overdue, which are missing.
+//!
+//! The tracker reads the journal (whatever wrote it: the in-process listener, a separate
+//! `tsusage listen`, the drop directory) and the recorded requests, in order, and keeps per job:
+//! the ICCIDs asked for, those with usage, those whose record was rejected, and whether the
+//! "Request Completed Processing" message has come. Callbacks arrive in any order and twice;
+//! a callback may even arrive before its requestId is recorded (it is parked until then).
+//!
+//! A job is complete when its completion message has come and either every ICCID has its record, or
+//! `callbacks.settle_secs` have passed since the job's last callback (ICCIDs without a record then
+//! report no usage; the settle time covers the vendor redelivering a message that did not get through).
+//! A job without its completion message `callbacks.deadline_secs` after its last request is overdue:
+//! re-requested (a new requestId) up to `callbacks.max_resubmits` times, then missing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::ingest::Iccid;
+use crate::normalize::payload::{CallbackKind, parse_callback};
+use crate::normalize::record::parse_record;
+use crate::plan::Job;
+
+/// Where one planned (ICCID, window) pair ended (DESIGN invariant 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairState {
+    Usage,
+    NoUsage,
+    /// Its record came, but with a value the policy rejects (see the rejects file).
+    Rejected,
+    /// The vendor refused the request or reported it failed, or it could not be sent.
+    FailedRequest,
+    /// No callbacks by the deadline after every re-request.
+    Missing,
+}
+
+impl PairState {
+    pub fn name(self) -> &'static str {
+        match self {
+            PairState::Usage => "usage",
+            PairState::NoUsage => "no_usage",
+            PairState::Rejected => "rejected",
+            PairState::FailedRequest => "failed_request",
+            PairState::Missing => "missing",
+        }
+    }
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Not sent yet, or sent and waiting for callbacks.
+    Waiting,
+    Complete,
+    /// Refused by the vendor (or a fault callback), with the reason.
+    Failed(String),
+    /// Could not be sent in this run (transient errors, retry budget).
+    NotSubmitted(String),
+    Missing,
+}
+
+#[derive(Debug)]
+struct Track {
+    job: Job,
+    state: JobState,
+    with_data: HashSet<Iccid>,
+    rejected: HashMap<Iccid, String>,
+    request_ids: Vec<String>,
+    /// When the latest request for it was recorded (the deadline counts from here).
+    requested_at: Option<Instant>,
+    completion_seen: bool,
+    last_callback_at: Option<Instant>,
+    resubmits: u32,
+}
+
+/// Counts for the run report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TrackerStats {
+    pub jobs: u64,
+    pub complete: u64,
+    pub failed: u64,
+    pub not_submitted: u64,
+    pub missing: u64,
+    /// Re-requests of overdue jobs (each a new requestId).
+    pub resubmitted: u64,
+    /// Callbacks read from the journal for this run's requests.
+    pub callbacks: u64,
+    /// Callbacks whose requestId belongs to no job of this run.
+    pub unmatched_callbacks: u64,
+}
+
+/// One row of the completeness file: a planned pair that did not end as usage.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct CompletenessRow {
+    pub iccid: String,
+    pub window_start: String,
+    pub window_end: String,
+    pub state: PairState,
+    pub reason: String,
+    pub job_id: String,
+    pub request_ids: String,
+}
+
+/// Tracks this run's jobs against the journal.
+#[derive(Debug)]
+pub struct Tracker {
+    tracks: Vec<Track>,
+    by_job: HashMap<String, usize>,
+    by_request: HashMap<String, usize>,
+    /// Callbacks whose requestId is not (yet) known: `(request_id, kind, body)`.
+    parked: Vec<(String, String, String)>,
+    strict_luhn: bool,
+    settle: Duration,
+    deadline: Duration,
+    max_resubmits: u32,
+    pub stats: TrackerStats,
+}
+
+impl Tracker {
+    pub fn new(
+        jobs: Vec<Job>,
+        strict_luhn: bool,
+        settle: Duration,
+        deadline: Duration,
+        max_resubmits: u32,
+    ) -> Self {
+        let mut by_job = HashMap::new();
+        let tracks: Vec<Track> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| {
+                by_job.insert(job.id.to_string(), i);
+                Track {
+                    job,
+                    state: JobState::Waiting,
+                    with_data: HashSet::new(),
+                    rejected: HashMap::new(),
+                    request_ids: Vec::new(),
+                    requested_at: None,
+                    completion_seen: false,
+                    last_callback_at: None,
+                    resubmits: 0,
+                }
+            })
+            .collect();
+        let stats = TrackerStats {
+            jobs: tracks.len() as u64,
+            ..TrackerStats::default()
+        };
+        Tracker {
+            tracks,
+            by_job,
+            by_request: HashMap::new(),
+            parked: Vec::new(),
+            strict_luhn,
+            settle,
+            deadline,
+            max_resubmits,
+            stats,
+        }
+    }
+
+    /// A requestId recorded for a job (from the store's `requests` table).
+    pub fn request_recorded(&mut self, request_id: String, job_id: &str, now: Instant) {
+        let Some(&i) = self.by_job.get(job_id) else {
+            return;
+        };
+        self.by_request.insert(request_id.clone(), i);
+        let track = &mut self.tracks[i];
+        if !track.request_ids.contains(&request_id) {
+            track.request_ids.push(request_id.clone());
+            track.requested_at = Some(now);
+        }
+        // Callbacks that came before their requestId was recorded.
+        let parked = std::mem::take(&mut self.parked);
+        for (rid, kind, body) in parked {
+            if rid == request_id {
+                self.apply(i, &kind, &body, now);
+            } else {
+                self.parked.push((rid, kind, body));
+            }
+        }
+    }
+
+    /// A journaled callback.
+    pub fn callback(&mut self, request_id: String, kind: String, body: String, now: Instant) {
+        match self.by_request.get(&request_id) {
+            Some(&i) => self.apply(i, &kind, &body, now),
+            None => self.parked.push((request_id, kind, body)),
+        }
+    }
+
+    fn apply(&mut self, i: usize, kind: &str, body: &str, now: Instant) {
+        self.stats.callbacks += 1;
+        let strict = self.strict_luhn;
+        let track = &mut self.tracks[i];
+        track.last_callback_at = Some(now);
+        let Ok(cb) = parse_callback(body) else {
+            return;
+        };
+        match &cb.kind {
+            CallbackKind::Completion => track.completion_seen = true,
+            CallbackKind::Fault { code, message } => {
+                if track.state == JobState::Waiting {
+                    track.state = JobState::Failed(format!(
+                        "fault callback: {}: {}",
+                        code.as_deref().unwrap_or("(no faultcode)"),
+                        message.as_deref().unwrap_or("(no faultstring)")
+                    ));
+                }
+            }
+            CallbackKind::Usage(records) => {
+                for raw in records {
+                    match parse_record(raw, strict) {
+                        Ok(r) => {
+                            track.rejected.remove(&r.iccid);
+                            track.with_data.insert(r.iccid);
+                        }
+                        Err(e) => {
+                            let iccid = e.iccid.as_deref().and_then(|t| Iccid::parse(t).ok());
+                            if let Some(iccid) = iccid.filter(|i| !track.with_data.contains(i)) {
+                                track
+                                    .rejected
+                                    .insert(iccid, format!("{}: {}", e.field, e.reason));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let _ = kind;
+    }
+
+    /// The job could not be sent in this run.
+    pub fn not_submitted(&mut self, job_id: &str, why: String) {
+        if let Some(&i) = self.by_job.get(job_id)
+            && self.tracks[i].request_ids.is_empty()
+        {
+            self.tracks[i].state = JobState::NotSubmitted(why);
+        }
+    }
+
+    /// The vendor refused the job's request.
+    pub fn refused(&mut self, job_id: &str, why: String) {
+        if let Some(&i) = self.by_job.get(job_id) {
+            self.tracks[i].state = JobState::Failed(why);
+        }
+    }
+
+    /// Settles what can be settled at `now`; returns the jobs to re-request.
+    pub fn tick(&mut self, now: Instant) -> Vec<Job> {
+        let mut resubmit = Vec::new();
+        for track in &mut self.tracks {
+            if track.state != JobState::Waiting || track.request_ids.is_empty() {
+                continue;
+            }
+            let all_in = track
+                .job
+                .iccids
+                .iter()
+                .all(|i| track.with_data.contains(i) || track.rejected.contains_key(i));
+            let quiet = track
+                .last_callback_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.settle);
+            if track.completion_seen && (all_in || quiet) {
+                track.state = JobState::Complete;
+                continue;
+            }
+            let since_request = track
+                .requested_at
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            if !track.completion_seen && since_request >= self.deadline {
+                if track.resubmits < self.max_resubmits {
+                    track.resubmits += 1;
+                    // The deadline restarts when the new requestId is recorded.
+                    track.requested_at = Some(now);
+                    resubmit.push(track.job.clone());
+                } else {
+                    track.state = JobState::Missing;
+                }
+            }
+        }
+        self.stats.resubmitted += resubmit.len() as u64;
+        self.refresh_stats();
+        resubmit
+    }
+
+    fn refresh_stats(&mut self) {
+        let count =
+            |f: fn(&JobState) -> bool| self.tracks.iter().filter(|t| f(&t.state)).count() as u64;
+        self.stats.complete = count(|s| *s == JobState::Complete);
+        self.stats.failed = count(|s| matches!(s, JobState::Failed(_)));
+        self.stats.not_submitted = count(|s| matches!(s, JobState::NotSubmitted(_)));
+        self.stats.missing = count(|s| *s == JobState::Missing);
+        self.stats.unmatched_callbacks = self.parked.len() as u64;
+    }
+
+    /// Jobs still waiting for something.
+    pub fn waiting(&self) -> usize {
+        self.tracks
+            .iter()
+            .filter(|t| t.state == JobState::Waiting)
+            .count()
+    }
+
+    /// Jobs waiting that were never sent (their submission is still under way).
+    pub fn unsent(&self) -> usize {
+        self.tracks
+            .iter()
+            .filter(|t| t.state == JobState::Waiting && t.request_ids.is_empty())
+            .count()
+    }
+
+    /// Ends tracking: jobs still waiting are missing.
+    pub fn finish(&mut self) {
+        for track in &mut self.tracks {
+            if track.state == JobState::Waiting {
+                track.state = if track.request_ids.is_empty() {
+                    JobState::NotSubmitted("the run ended before it was sent".into())
+                } else {
+                    JobState::Missing
+                };
+            }
+        }
+        self.refresh_stats();
+    }
+
+    /// Each job's final state (for the store).
+    pub fn job_states(&self) -> impl Iterator<Item = (&str, &JobState)> {
+        self.tracks.iter().map(|t| (t.job.id.as_str(), &t.state))
+    }
+
+    /// Every planned pair's state, counted, and the rows of those that are not usage.
+    pub fn completeness(&self) -> (BTreeMap<&'static str, u64>, Vec<CompletenessRow>) {
+        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut rows = Vec::new();
+        for track in &self.tracks {
+            for iccid in &track.job.iccids {
+                let (state, reason) = match &track.state {
+                    JobState::Complete | JobState::Waiting => {
+                        if track.with_data.contains(iccid) {
+                            (PairState::Usage, String::new())
+                        } else if let Some(why) = track.rejected.get(iccid) {
+                            (PairState::Rejected, why.clone())
+                        } else if track.state == JobState::Complete {
+                            (
+                                PairState::NoUsage,
+                                "request complete; no usage record for this ICCID".into(),
+                            )
+                        } else {
+                            (
+                                PairState::Missing,
+                                "still waiting when the run ended".into(),
+                            )
+                        }
+                    }
+                    JobState::Failed(why) => (PairState::FailedRequest, why.clone()),
+                    JobState::NotSubmitted(why) => {
+                        (PairState::FailedRequest, format!("not submitted: {why}"))
+                    }
+                    JobState::Missing => {
+                        if track.with_data.contains(iccid) {
+                            (PairState::Usage, String::new())
+                        } else {
+                            (
+                                PairState::Missing,
+                                format!(
+                                    "no completion callback after {} re-requests",
+                                    track.resubmits
+                                ),
+                            )
+                        }
+                    }
+                };
+                *counts.entry(state.name()).or_default() += 1;
+                if state != PairState::Usage {
+                    rows.push(CompletenessRow {
+                        iccid: iccid.to_string(),
+                        window_start: track.job.window.start.to_string(),
+                        window_end: track.job.window.end.to_string(),
+                        state,
+                        reason,
+                        job_id: track.job.id.to_string(),
+                        request_ids: track.request_ids.join(" "),
+                    });
+                }
+            }
+        }
+        rows.sort();
+        (counts, rows)
+    }
+}

@@ -1,0 +1,96 @@
+//! `tsusage listen`: the callback listener as a long-running process, journaling into the shared
+//! state store (for `callbacks.source = "external"`: a `tsusage run` elsewhere reads the journal).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Outcome, rejects_dir};
+use crate::Result;
+use crate::collect::Intake;
+use crate::collect::http_listener::{self, ListenerState};
+use crate::config::Config;
+use crate::report::{RunReport, new_run_id};
+use crate::state::{SqliteStore, StateError, StateWriter, Store};
+use crate::write::rejects::RecordRejects;
+
+/// How long in-flight requests get to finish after SIGTERM or Ctrl-C.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Serves callbacks until SIGTERM or Ctrl-C, then finishes in-flight requests and reports.
+pub async fn listen(config: &Config) -> Result<Outcome> {
+    let run_id = new_run_id();
+    let mut report = RunReport::new(&run_id, "listen");
+    let mut store = SqliteStore::open(&config.state.path)?;
+    store.begin_run(&run_id, "listen")?;
+    let path = config.state.path.display().to_string();
+    let writer = Arc::new(StateWriter::spawn(store, path.clone()));
+    let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
+    let state = Arc::new(ListenerState::new(
+        &config.callbacks,
+        writer.clone(),
+        intake,
+    )?);
+    let handle = http_listener::start(&config.callbacks, state.clone()).await?;
+    tracing::info!(addr = %handle.addr, "listening; SIGTERM or Ctrl-C stops after in-flight requests finish");
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    handle.shutdown(SHUTDOWN_GRACE).await;
+
+    let mut rejects = RecordRejects::new(
+        rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl")),
+    );
+    for reject in state
+        .rejects
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        rejects.push(reject)?;
+    }
+    report.rejects_files.extend(rejects.finish()?);
+    {
+        let intake = state.intake.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = state
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut callbacks = intake.callbacks.clone();
+        callbacks.journaled = counts.journaled;
+        callbacks.already_journaled = counts.already_journaled;
+        report.callbacks = Some(callbacks);
+        report.records = Some(intake.records.clone());
+        report.listener = Some(counts);
+    }
+    drop(state);
+    let writer = Arc::try_unwrap(writer).map_err(|_| StateError::Invalid {
+        path: path.clone(),
+        message: "the state writer is still in use".into(),
+    })?;
+    let mut store = writer.finish()?;
+    report.finish();
+    let report_path = report.save(&config.output.dir)?;
+    let json = serde_json::to_string(&report).unwrap_or_default();
+    store.finish_run(&run_id, report.exit_code, &json)?;
+    Ok(Outcome {
+        report,
+        report_path,
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

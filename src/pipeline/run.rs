@@ -1,0 +1,496 @@
+//! `tsusage run`: ingest → plan → submit → collect → normalize → write → report, in one place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::{Outcome, progress_bar, read_iccids, rejects_dir, simulate, write_pending};
+use crate::collect::drop_dir::{self, DropDirOptions};
+use crate::collect::http_listener::{self, ListenerHandle, ListenerState};
+use crate::collect::tracker::{CompletenessRow, JobState, Tracker};
+use crate::collect::{CallbackStats, Intake};
+use crate::config::{CallbackSource, Config};
+use crate::normalize::RecordStats;
+use crate::plan::{self, DateRange, Job};
+use crate::report::{CollectReport, PlanReport, RunReport, new_run_id};
+use crate::state::{JobUpdate, SqliteStore, StateError, StateWriter, Store, job_status};
+use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
+use crate::write::rejects::RecordRejects;
+use crate::write::write_atomic;
+use crate::{Error, Result};
+
+/// How often the run looks at the journal and the clock.
+const TICK: Duration = Duration::from_millis(200);
+/// How long in-flight callbacks get to finish when the listener stops.
+const LISTENER_GRACE: Duration = Duration::from_secs(10);
+/// Journal rows read per look.
+const JOURNAL_PAGE: usize = 10_000;
+
+/// `tsusage run`: the whole pipeline for `range`. With `simulate`, against the built-in simulator.
+pub async fn run(config: &Config, range: DateRange, simulate: bool) -> Result<Outcome> {
+    let mut config = config.clone();
+    let sim = if simulate {
+        Some(simulate::start(&mut config).await?)
+    } else {
+        None
+    };
+    let result = run_inner(&mut config, range).await;
+    if let Some(sim) = sim {
+        sim.shutdown().await;
+    }
+    result
+}
+
+async fn run_inner(config: &mut Config, range: DateRange) -> Result<Outcome> {
+    let run_id = new_run_id();
+    let mut report = RunReport::new(&run_id, "run");
+    let state_path = config.state.path.clone();
+    let mut store = SqliteStore::open(&state_path)?;
+    store.begin_run(&run_id, "run")?;
+
+    // 1. ingest
+    let iccids = read_iccids(config, &config.input.paths.clone(), &run_id, &mut report)?;
+
+    // 2. plan: jobs recorded as intent; complete or refused ones are not asked again.
+    let windows = plan::windows(range.from, range.to, config.plan.window_days)?;
+    let jobs = plan::plan(
+        &config.account_name,
+        &iccids,
+        &windows,
+        config.plan.chunk_size,
+    );
+    let new_jobs = store.record_jobs(&jobs)?;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    let statuses = store.job_statuses(&ids)?;
+    let mut plan_report = PlanReport {
+        from: range.from.to_string(),
+        to: range.to.to_string(),
+        windows: windows.len() as u64,
+        jobs: jobs.len() as u64,
+        new_jobs,
+        ..PlanReport::default()
+    };
+    let (mut to_send, mut tracked) = (Vec::new(), Vec::new());
+    for job in jobs {
+        match statuses.get(job.id.as_str()).map(String::as_str) {
+            Some(job_status::COMPLETE) => plan_report.already_complete += 1,
+            Some(job_status::FAILED) => plan_report.already_failed += 1,
+            Some(job_status::SUBMITTED) => {
+                plan_report.already_submitted += 1;
+                tracked.push(job);
+            }
+            _ => {
+                to_send.push(job.clone());
+                tracked.push(job);
+            }
+        }
+    }
+    report.plan = Some(plan_report);
+    let c = &config.callbacks;
+    let mut tracker = Tracker::new(
+        tracked,
+        config.input.strict_luhn,
+        Duration::from_secs(c.settle_secs),
+        Duration::from_secs(c.deadline_secs),
+        c.max_resubmits,
+    );
+
+    // 3. collect: the listener is up before the first request goes out.
+    let path = state_path.display().to_string();
+    let writer = Arc::new(StateWriter::spawn(store, path.clone()));
+    let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
+    let listening = match config.callbacks.source {
+        CallbackSource::Listener => {
+            let state = Arc::new(ListenerState::new(
+                &config.callbacks,
+                writer.clone(),
+                intake,
+            )?);
+            let handle = http_listener::start(&config.callbacks, state.clone()).await?;
+            if config.callbacks.listen_addr.port() == 0 {
+                // --simulate: tell the vendor the port we got.
+                config.callbacks.public_url = format!(
+                    "http://{}{}",
+                    handle.addr,
+                    http_listener::listen_path(&config.callbacks.public_url)?
+                );
+            }
+            Some((state, handle))
+        }
+        CallbackSource::External | CallbackSource::DropDir => None,
+    };
+
+    // 4. submit, while collecting.
+    let outcome = submit_and_collect(config, &run_id, &writer, &mut tracker, to_send).await;
+    let (listener_state, listener_counts) = match listening {
+        Some((state, handle)) => {
+            stop_listener(handle).await;
+            let counts = state
+                .counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            (Some(state), Some(counts))
+        }
+        None => (None, None),
+    };
+    let (submitted, drop_stats, drop_rejects_file) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            drop(listener_state);
+            let _ = finish_writer(writer, &path);
+            return Err(e);
+        }
+    };
+    tracker.finish();
+    for (job_id, state) in tracker.job_states() {
+        let update = match state {
+            JobState::Complete => JobUpdate::Completed {
+                job_id: job_id.to_owned(),
+            },
+            JobState::Missing => JobUpdate::Missing {
+                job_id: job_id.to_owned(),
+                error: "no completion callback by the deadline after every re-request".into(),
+            },
+            JobState::Failed(why) => JobUpdate::Failed {
+                job_id: job_id.to_owned(),
+                attempts: 0,
+                error: why.clone(),
+            },
+            JobState::NotSubmitted(_) | JobState::Waiting => continue,
+        };
+        writer.apply(update).await?;
+    }
+    let (callback_stats, record_stats, listener_rejects) = match listener_state {
+        Some(state) => {
+            let intake = state.intake.lock().unwrap_or_else(|e| e.into_inner());
+            let rejects =
+                std::mem::take(&mut *state.rejects.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut callbacks = intake.callbacks.clone();
+            if let Some(counts) = &listener_counts {
+                callbacks.journaled = counts.journaled;
+                callbacks.already_journaled = counts.already_journaled;
+            }
+            callbacks.unmatched = tracker.stats.unmatched_callbacks;
+            (callbacks, intake.records.clone(), rejects)
+        }
+        None => (drop_stats.0, drop_stats.1, Vec::new()),
+    };
+    let mut store = finish_writer(writer, &path)?;
+
+    // 5-6. normalize and write every partition the journal has news for.
+    report.output = Some(write_pending(config, &mut store, &run_id)?);
+
+    // The report: rejects, completeness, counts.
+    let mut rejects = RecordRejects::new(
+        rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl")),
+    );
+    for reject in &listener_rejects {
+        rejects.push(reject)?;
+    }
+    report.rejects_files.extend(rejects.finish()?);
+    report.rejects_files.extend(drop_rejects_file);
+    let (counts, mut rows) = tracker.completeness();
+    let mut completeness: BTreeMap<String, u64> =
+        counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    let input_rejects = iccid_rejects(&report.rejects_files)?;
+    if !input_rejects.is_empty() {
+        completeness.insert("rejected_input".into(), input_rejects.len() as u64);
+        rows.extend(
+            input_rejects
+                .into_iter()
+                .map(|(raw, reason)| CompletenessRow {
+                    iccid: raw,
+                    window_start: range.from.to_string(),
+                    window_end: (range.to + chrono::Days::new(1)).to_string(),
+                    state: crate::collect::tracker::PairState::Rejected,
+                    reason: format!("rejected input: {reason}"),
+                    job_id: String::new(),
+                    request_ids: String::new(),
+                }),
+        );
+    }
+    let completeness_file = config
+        .output
+        .dir
+        .join("runs")
+        .join(format!("{run_id}-completeness.csv"));
+    write_completeness(&completeness_file, &rows)?;
+    report.collect = Some(CollectReport {
+        tracking: tracker.stats.clone(),
+        completeness,
+        completeness_file,
+    });
+    report.listener = listener_counts;
+    report.submit = Some(submitted);
+    report.callbacks = Some(callback_stats);
+    report.records = Some(record_stats);
+    report.finish();
+    let report_path = report.save(&config.output.dir)?;
+    let json = serde_json::to_string(&report).unwrap_or_default();
+    store.finish_run(&run_id, report.exit_code, &json)?;
+    Ok(Outcome {
+        report,
+        report_path,
+    })
+}
+
+/// Submits `to_send` and collects until every tracked job has ended (complete, failed, missing) or
+/// cannot be sent; re-requests overdue jobs. Returns the merged submission report, and, for
+/// `source = "drop_dir"`, what the drop directory gave.
+async fn submit_and_collect<S: Store + Send + 'static>(
+    config: &Config,
+    run_id: &str,
+    writer: &Arc<StateWriter<S>>,
+    tracker: &mut Tracker,
+    to_send: Vec<Job>,
+) -> Result<(SubmitReport, (CallbackStats, RecordStats), Option<PathBuf>)> {
+    let client = Arc::new(ApiClient::new(&config.api)?);
+    let needs_api = !to_send.is_empty() || tracker.waiting() > 0;
+    if needs_api {
+        client.authenticate().await?;
+        if config.callbacks.source != CallbackSource::DropDir {
+            ensure_callback_registered(&client, config).await?;
+        }
+    }
+    let mut submissions: JoinSet<std::result::Result<SubmitReport, SubmitError>> = JoinSet::new();
+    let spawn = |submissions: &mut JoinSet<_>, jobs: Vec<Job>| {
+        if jobs.is_empty() {
+            return;
+        }
+        let options = SubmitOptions::new(&config.api, jobs.len());
+        let (client, writer) = (client.clone(), writer.clone());
+        submissions.spawn(async move { submit::submit(client, writer, jobs, &options).await });
+    };
+    spawn(&mut submissions, to_send);
+
+    let reader = SqliteStore::open(&config.state.path)?;
+    let mut drop_store = match config.callbacks.source {
+        CallbackSource::DropDir => Some(SqliteStore::open(&config.state.path)?),
+        _ => None,
+    };
+    let mut drop_intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
+    let mut drop_rejects =
+        RecordRejects::new(rejects_dir(&config.output.dir).join(format!("{run_id}-dropdir.jsonl")));
+    let mut merged = SubmitReport::default();
+    let (mut request_cursor, mut callback_cursor) = (0i64, 0i64);
+    let progress = progress_bar("jobs done");
+    progress.set_length(tracker.stats.jobs);
+    let mut last_log = Instant::now();
+    loop {
+        let now = Instant::now();
+        if let Some(store) = drop_store.as_mut() {
+            let options = DropDirOptions {
+                keep_files: false,
+                max_file_bytes: config.callbacks.max_file_bytes,
+            };
+            let hidden = indicatif::ProgressBar::hidden();
+            drop_dir::collect(
+                &config.callbacks.drop_dir,
+                options,
+                &mut drop_intake,
+                store,
+                &mut drop_rejects,
+                &hidden,
+            )?;
+        }
+        for (rowid, request_id, job_id) in reader.requests_since(request_cursor)? {
+            request_cursor = rowid;
+            tracker.request_recorded(request_id, &job_id, now);
+        }
+        loop {
+            let page = reader.callbacks_since(callback_cursor, JOURNAL_PAGE)?;
+            let full = page.len() == JOURNAL_PAGE;
+            for (id, request_id, kind, body) in page {
+                callback_cursor = id;
+                tracker.callback(request_id, kind, body, now);
+            }
+            if !full {
+                break;
+            }
+        }
+        while let Some(joined) = submissions.try_join_next() {
+            let done = joined.map_err(|e| {
+                Error::State(StateError::Invalid {
+                    path: config.state.path.display().to_string(),
+                    message: format!("the submission task failed: {e}"),
+                })
+            })??;
+            for failure in &done.failures {
+                tracker.refused(
+                    &failure.job_id,
+                    format!("{}: {}", failure.error_code, failure.error_message),
+                );
+            }
+            for (job_id, why) in &done.unsent {
+                tracker.not_submitted(job_id, why.clone());
+            }
+            merge(&mut merged, done);
+        }
+        let resubmit = tracker.tick(now);
+        if !resubmit.is_empty() {
+            tracing::info!(jobs = resubmit.len(), "re-requesting overdue jobs");
+            spawn(&mut submissions, resubmit);
+        }
+        let s = &tracker.stats;
+        progress.set_position(s.complete + s.failed + s.missing + s.not_submitted);
+        progress.set_message(format!("{} callbacks", s.callbacks));
+        if progress.is_hidden() && last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            tracing::info!(
+                jobs = s.jobs,
+                complete = s.complete,
+                waiting = tracker.waiting(),
+                callbacks = s.callbacks,
+                resubmitted = s.resubmitted,
+                "collecting"
+            );
+        }
+        if submissions.is_empty() && tracker.waiting() == 0 {
+            break;
+        }
+        // Jobs that could not be sent and are not being sent: nothing will come for them.
+        if submissions.is_empty() && tracker.waiting() == tracker.unsent() {
+            break;
+        }
+        tokio::time::sleep(TICK).await;
+    }
+    progress.finish_and_clear();
+    if needs_api {
+        client.logout().await;
+    }
+    let drop_rejects_file = drop_rejects.finish()?;
+    Ok((
+        merged,
+        (drop_intake.callbacks, drop_intake.records),
+        drop_rejects_file,
+    ))
+}
+
+/// Lists the account's callbacks; registers ours if absent; warns when another URL is registered.
+async fn ensure_callback_registered(client: &ApiClient, config: &Config) -> Result<()> {
+    let c = &config.callbacks;
+    let registered = client.list_callbacks(&config.account_name).await?;
+    match registered.iter().find(|r| r.name == c.service_name) {
+        Some(r) if r.url == c.public_url => Ok(()),
+        Some(r) => {
+            tracing::warn!(
+                registered = r.url,
+                configured = c.public_url,
+                "the account's {} callback goes to another URL than callbacks.public_url; \
+                 run `tsusage callbacks register` to change it",
+                c.service_name
+            );
+            Ok(())
+        }
+        None => {
+            tracing::info!(
+                url = c.public_url,
+                service = c.service_name,
+                "registering the callback URL"
+            );
+            client
+                .register_callback(
+                    &config.account_name,
+                    &c.service_name,
+                    &c.public_url,
+                    c.username.as_ref(),
+                    c.password.as_ref(),
+                )
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+async fn stop_listener(handle: ListenerHandle) {
+    handle.shutdown(LISTENER_GRACE).await;
+}
+
+fn finish_writer<S: Store + Send + 'static>(writer: Arc<StateWriter<S>>, path: &str) -> Result<S> {
+    let writer = Arc::try_unwrap(writer).map_err(|_| StateError::Invalid {
+        path: path.to_owned(),
+        message: "the state writer is still in use".into(),
+    })?;
+    Ok(writer.finish()?)
+}
+
+fn merge(into: &mut SubmitReport, from: SubmitReport) {
+    into.jobs += from.jobs;
+    into.submitted += from.submitted;
+    into.failed += from.failed;
+    into.not_submitted += from.not_submitted;
+    into.attempts += from.attempts;
+    into.retries += from.retries;
+    into.throttled += from.throttled;
+    into.server_errors += from.server_errors;
+    into.transport_errors += from.transport_errors;
+    into.reauthentications = into.reauthentications.max(from.reauthentications);
+    into.logins = into.logins.max(from.logins);
+    into.oauth_tokens = into.oauth_tokens.max(from.oauth_tokens);
+    into.retry_budget += from.retry_budget;
+    into.stopped = into.stopped.take().or(from.stopped);
+    into.max_in_flight = into.max_in_flight.max(from.max_in_flight);
+    into.elapsed_secs += from.elapsed_secs;
+    into.achieved_rate_per_sec = if into.elapsed_secs > 0.0 {
+        into.attempts as f64 / into.elapsed_secs
+    } else {
+        0.0
+    };
+    into.failures.extend(from.failures);
+    into.unsent.extend(from.unsent);
+}
+
+/// The rows of this run's ICCID rejects file: `(raw value, reason)`.
+fn iccid_rejects(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for path in files
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with("-iccids.csv"))
+    {
+        let mut reader =
+            csv::Reader::from_path(path).map_err(|e| crate::write::WriteError::csv(path, e))?;
+        for record in reader.records().flatten() {
+            out.push((
+                record.get(2).unwrap_or_default().to_owned(),
+                record.get(3).unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn write_completeness(path: &Path, rows: &[CompletenessRow]) -> Result<()> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    out.write_record([
+        "iccid",
+        "window_start",
+        "window_end",
+        "state",
+        "reason",
+        "job_id",
+        "request_ids",
+    ])
+    .map_err(|e| crate::write::WriteError::csv(path, e))?;
+    for r in rows {
+        out.write_record([
+            r.iccid.as_str(),
+            &r.window_start,
+            &r.window_end,
+            r.state.name(),
+            &r.reason,
+            &r.job_id,
+            &r.request_ids,
+        ])
+        .map_err(|e| crate::write::WriteError::csv(path, e))?;
+    }
+    let bytes = out
+        .into_inner()
+        .map_err(|e| crate::write::WriteError::io(path, e.into_error()))?;
+    write_atomic(path, &bytes)?;
+    Ok(())
+}
