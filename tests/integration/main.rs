@@ -4,6 +4,7 @@
 mod cli;
 mod ingest_dir;
 mod properties;
+mod run;
 mod sim;
 mod submit;
 mod util;

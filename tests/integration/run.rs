@@ -1,0 +1,386 @@
+//! `tsusage run` end to end against the simulator: faults on, every row checked against the
+//! simulator's truth, the completeness file, dirty values, the listener's refusals and durability,
+//! and a separate `tsusage listen` process.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tsusage::config::Config;
+use tsusage::pipeline;
+use tsusage::plan::DateRange;
+use tsusage::state::SqliteStore;
+
+use crate::util::*;
+
+const DAYS: i64 = 3;
+
+fn workspace(n: u32) -> Workspace {
+    let ws = Workspace::new();
+    let list: Vec<String> = (0..n).map(iccid).collect();
+    std::fs::write(
+        ws.path("iccids.csv"),
+        format!("iccid\n{}\n", list.join("\n")),
+    )
+    .expect("iccids");
+    ws
+}
+
+fn env(ws: &Workspace, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "TSUSAGE_INPUT__PATHS".into(),
+            format!("[\"{}\"]", ws.path("iccids.csv").display()),
+        ),
+        ("TSUSAGE_PLAN__CHUNK_SIZE".into(), "100".into()),
+        ("TSUSAGE_API__REQUESTS_PER_SEC".into(), "25".into()),
+        ("TSUSAGE_API__MAX_IN_FLIGHT".into(), "4".into()),
+        ("TSUSAGE_API__BACKOFF_MIN_MS".into(), "20".into()),
+        ("TSUSAGE_API__BACKOFF_MAX_SECS".into(), "1".into()),
+        ("TSUSAGE_API__MAX_ATTEMPTS_PER_JOB".into(), "10".into()),
+    ];
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push(((*k).into(), (*v).into()));
+    }
+    env
+}
+
+fn range() -> DateRange {
+    DateRange::from_args(None, Some("2021-08-15"), Some("2021-08-17")).expect("range")
+}
+
+fn day_start(day: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(DAY0 + day * DAY_US).expect("day")
+}
+
+/// The simulator's truth for `n` ICCIDs over the three days: rows with usage, and pairs without.
+fn truth(
+    n: u32,
+) -> (
+    BTreeMap<(String, i64), (i64, i64, i64, i64)>,
+    BTreeSet<(String, String)>,
+) {
+    let mut rows = BTreeMap::new();
+    let mut none = BTreeSet::new();
+    for i in 0..n {
+        let id = iccid(i);
+        for day in 0..DAYS {
+            match tsusage::sim::usage_for(&id, day_start(day), day_start(day + 1)) {
+                Some(u) => {
+                    rows.insert(
+                        (id.clone(), DAY0 + day * DAY_US),
+                        (
+                            u.data_bytes as i64,
+                            u.sms as i64,
+                            u.mo_sms as i64,
+                            u.mt_sms as i64,
+                        ),
+                    );
+                }
+                None => {
+                    none.insert((id.clone(), day_start(day).format("%Y-%m-%d").to_string()));
+                }
+            }
+        }
+    }
+    (rows, none)
+}
+
+fn output_rows(ws: &Workspace) -> BTreeMap<(String, i64), (i64, i64, i64, i64)> {
+    let rows = ws.rows();
+    let mut out = BTreeMap::new();
+    for r in rows {
+        assert_eq!(r.usage_end - r.usage_start, DAY_US);
+        let previous = out.insert(
+            (r.iccid.clone(), r.usage_start),
+            (r.data_usage_bytes, r.sms_usage, r.mo_sms, r.mt_sms),
+        );
+        assert!(
+            previous.is_none(),
+            "duplicate row for {} at {}",
+            r.iccid,
+            r.usage_start
+        );
+    }
+    out
+}
+
+/// The completeness file's rows: `(iccid, window_start, state)`.
+fn completeness(path: &std::path::Path) -> Vec<(String, String, String)> {
+    let mut reader = csv::Reader::from_path(path).expect("completeness csv");
+    reader
+        .records()
+        .map(|r| {
+            let r = r.expect("row");
+            (r[0].to_owned(), r[1].to_owned(), r[3].to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulty_vendor_still_yields_exactly_the_simulators_truth() {
+    let n = 2000;
+    let ws = workspace(n);
+    let env = env(
+        &ws,
+        &[
+            ("TSUSAGE_SIM__DUPLICATE_FRACTION", "0.2"),
+            ("TSUSAGE_SIM__DROP_FRACTION", "0.05"),
+            ("TSUSAGE_SIM__REORDER", "true"),
+            ("TSUSAGE_SIM__CALLBACK_MODE", "per_device"),
+            ("TSUSAGE_SIM__TOKEN_TTL_SECS", "2"),
+            ("TSUSAGE_SIM__SESSION_IDLE_TTL_SECS", "1"),
+            ("TSUSAGE_SIM__RATE_LIMIT_PER_SEC", "20"),
+            ("TSUSAGE_SIM__ERROR_5XX_FRACTION", "0.1"),
+        ],
+    );
+    let config = Config::load_with_env(&ws.config(), env).expect("config");
+    let outcome = pipeline::run(&config, range(), true).await.expect("run");
+    let report = &outcome.report;
+    assert_eq!(report.exit_code, 0, "{}", report.summary());
+
+    let (expected, no_usage) = truth(n);
+    let got = output_rows(&ws);
+    assert_eq!(got.len(), expected.len(), "{}", report.summary());
+    assert!(got == expected, "every row equals the simulator's truth");
+
+    let collect = report.collect.as_ref().expect("collect");
+    let listed = completeness(&collect.completeness_file);
+    assert!(
+        listed.iter().all(|(_, _, state)| state == "no_usage"),
+        "{listed:?}"
+    );
+    let listed: BTreeSet<(String, String)> = listed.into_iter().map(|(i, d, _)| (i, d)).collect();
+    assert_eq!(
+        listed, no_usage,
+        "the completeness file lists exactly the pairs without usage"
+    );
+    assert_eq!(
+        collect.completeness.get("usage").copied(),
+        Some(expected.len() as u64)
+    );
+    assert_eq!(
+        collect.completeness.get("no_usage").copied(),
+        Some(no_usage.len() as u64)
+    );
+
+    let submit = report.submit.as_ref().expect("submit");
+    assert_eq!(
+        submit.submitted + submit.not_submitted,
+        60 + collect.tracking.resubmitted
+    );
+    let callbacks = report.callbacks.as_ref().expect("callbacks");
+    assert!(
+        callbacks.already_journaled > 0,
+        "duplicates were delivered and recognized"
+    );
+    let partitions: u64 = report.output.as_ref().map_or(0, |o| o.collapsed);
+    eprintln!(
+        "fault run: {} requests ({} attempts, {} retries, {} throttled, {} 5xx, {} re-requested), {} callbacks \
+         ({} journaled, {} identical duplicates), {} records collapsed, {} rows",
+        submit.submitted,
+        submit.attempts,
+        submit.retries,
+        submit.throttled,
+        submit.server_errors,
+        collect.tracking.resubmitted,
+        callbacks.received,
+        callbacks.journaled,
+        callbacks.already_journaled,
+        partitions,
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_values_are_rejected_and_listed_while_good_rows_land_intact() {
+    let n = 300;
+    let ws = workspace(n);
+    let env = env(
+        &ws,
+        &[
+            ("TSUSAGE_SIM__DIRTY_FRACTION", "0.05"),
+            ("TSUSAGE_PLAN__CHUNK_SIZE", "50"),
+        ],
+    );
+    let config = Config::load_with_env(&ws.config(), env).expect("config");
+    let outcome = pipeline::run(&config, range(), true).await.expect("run");
+    let report = &outcome.report;
+    assert_eq!(report.exit_code, 3, "{}", report.summary());
+    let records = report.records.as_ref().expect("records");
+    assert!(records.rejected > 0);
+
+    let (expected, _) = truth(n);
+    let got = output_rows(&ws);
+    for (key, values) in &got {
+        assert_eq!(expected.get(key), Some(values), "a landed row is exact");
+    }
+    let collect = report.collect.as_ref().expect("collect");
+    let rejected: Vec<_> = completeness(&collect.completeness_file)
+        .into_iter()
+        .filter(|(_, _, s)| s == "rejected")
+        .collect();
+    assert!(!rejected.is_empty());
+    assert_eq!(
+        got.len() + rejected.len(),
+        expected.len(),
+        "every pair with usage is a row or a listed reject"
+    );
+    let rejects = ws.callback_rejects();
+    assert!(!rejects.is_empty());
+    assert!(
+        rejects
+            .iter()
+            .all(|r| r["source"] == "listener" && r["field"] == "dataUsage"),
+        "{rejects:?}"
+    );
+}
+
+/// A free loopback port (bound then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// `tsusage listen` as a child process on `port`, with callback credentials `user`/`pass`.
+fn spawn_listen(ws: &Workspace, port: u16, extra: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsusage"));
+    cmd.args(["listen", "--config"])
+        .arg(ws.config())
+        .current_dir(ws.dir.path())
+        .env(
+            "TSUSAGE_CALLBACKS__LISTEN_ADDR",
+            format!("127.0.0.1:{port}"),
+        )
+        .env(
+            "TSUSAGE_CALLBACKS__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}/callbacks"),
+        )
+        .env("TSUSAGE_CALLBACKS__USERNAME", "cb-user")
+        .env("TSUSAGE_CALLBACKS__PASSWORD", "cb-secret-sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn listen");
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("tsusage listen did not come up on port {port}");
+}
+
+/// A raw HTTP/1.1 POST; returns the status code.
+fn post(port: u16, content_type: &str, body: &[u8]) -> u16 {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "POST /callbacks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    let _ = stream.write_all(body);
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+fn journaled_request_ids(ws: &Workspace) -> Vec<String> {
+    let store = SqliteStore::open(&ws.path("state/tsusage.db")).expect("store");
+    store
+        .callbacks_since(0, 1000)
+        .expect("journal")
+        .into_iter()
+        .map(|(_, request_id, _, _)| request_id)
+        .collect()
+}
+
+#[test]
+fn the_listener_refuses_bad_callers_and_an_acknowledged_callback_survives_kill_9() {
+    let ws = Workspace::new();
+    let port = free_port();
+    let mut child = spawn_listen(&ws, port, &[("TSUSAGE_CALLBACKS__MAX_BODY_BYTES", "4096")]);
+
+    let wrong = usage_callback("req-wrong", 1, &[record(&iccid(1), 0, r#""1""#)])
+        .replace("cb-secret-sentinel", "guess");
+    assert_eq!(post(port, "application/json", wrong.as_bytes()), 401);
+    let big = usage_callback(
+        "req-big",
+        1,
+        &(0..100)
+            .map(|i| record(&iccid(i), 0, r#""1""#))
+            .collect::<Vec<_>>(),
+    );
+    assert!(big.len() > 4096);
+    assert_eq!(post(port, "application/json", big.as_bytes()), 413);
+    let good = usage_callback("req-good", 1, &[record(&iccid(2), 0, r#""7""#)]);
+    assert_eq!(post(port, "text/plain", good.as_bytes()), 415);
+    assert_eq!(post(port, "application/json", b"{not json"), 401);
+
+    assert_eq!(post(port, "application/json", good.as_bytes()), 200);
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+
+    assert_eq!(
+        journaled_request_ids(&ws),
+        vec!["req-good".to_owned()],
+        "only the acknowledged callback"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_listen_process_gives_the_same_output_as_the_in_process_listener() {
+    let n = 200;
+    let inline = workspace(n);
+    let config = Config::load_with_env(&inline.config(), env(&inline, &[])).expect("config");
+    let outcome = pipeline::run(&config, range(), true)
+        .await
+        .expect("in-process run");
+    assert_eq!(outcome.report.exit_code, 0, "{}", outcome.report.summary());
+
+    let external = workspace(n);
+    let port = free_port();
+    let mut listen = spawn_listen(&external, port, &[]);
+    let env = env(
+        &external,
+        &[
+            ("TSUSAGE_CALLBACKS__SOURCE", "external"),
+            (
+                "TSUSAGE_CALLBACKS__PUBLIC_URL",
+                &format!("http://127.0.0.1:{port}/callbacks"),
+            ),
+            ("TSUSAGE_CALLBACKS__USERNAME", "cb-user"),
+            ("TSUSAGE_CALLBACKS__PASSWORD", "cb-secret-sentinel"),
+        ],
+    );
+    let config = Config::load_with_env(&external.config(), env).expect("config");
+    let outcome = pipeline::run(&config, range(), true)
+        .await
+        .expect("external run");
+    let pid = listen.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = listen.wait();
+    assert_eq!(outcome.report.exit_code, 0, "{}", outcome.report.summary());
+    assert!(
+        outcome.report.listener.is_none(),
+        "no listener in the run itself"
+    );
+
+    assert_eq!(output_rows(&external), output_rows(&inline));
+    assert_eq!(output_rows(&external).len(), truth(n).0.len());
+}
