@@ -57,13 +57,11 @@ fn day_start(day: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(DAY0 + day * DAY_US).expect("day")
 }
 
+/// Rows keyed by (ICCID, usage_start): (data bytes, sms, mo, mt).
+type Rows = BTreeMap<(String, i64), (i64, i64, i64, i64)>;
+
 /// The simulator's truth for `n` ICCIDs over the three days: rows with usage, and pairs without.
-fn truth(
-    n: u32,
-) -> (
-    BTreeMap<(String, i64), (i64, i64, i64, i64)>,
-    BTreeSet<(String, String)>,
-) {
+fn truth(n: u32) -> (Rows, BTreeSet<(String, String)>) {
     let mut rows = BTreeMap::new();
     let mut none = BTreeSet::new();
     for i in 0..n {
@@ -90,7 +88,7 @@ fn truth(
     (rows, none)
 }
 
-fn output_rows(ws: &Workspace) -> BTreeMap<(String, i64), (i64, i64, i64, i64)> {
+fn output_rows(ws: &Workspace) -> Rows {
     let rows = ws.rows();
     let mut out = BTreeMap::new();
     for r in rows {
@@ -269,14 +267,20 @@ fn spawn_listen(ws: &Workspace, port: u16, extra: &[(&str, &str)]) -> Child {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().expect("spawn listen");
-    for _ in 0..200 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return child;
+    let mut child = cmd.spawn().expect("spawn listen");
+    let up = (0..200).any(|_| {
+        let connected = TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if !connected {
+            std::thread::sleep(Duration::from_millis(25));
         }
-        std::thread::sleep(Duration::from_millis(25));
+        connected
+    });
+    if !up {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("tsusage listen did not come up on port {port}");
     }
-    panic!("tsusage listen did not come up on port {port}");
+    child
 }
 
 /// A raw HTTP/1.1 POST; returns the status code.
