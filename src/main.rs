@@ -251,7 +251,7 @@ fn print_outcome(outcome: &Outcome) {
             .map(|out| out.join("usage"));
         if let Some(usage) = usage {
             println!(
-                "parquet: {}/ ({} partitions rewritten); open it with\n  duckdb -c \"SELECT * FROM read_parquet('{}/*/*.parquet', hive_partitioning = true) LIMIT 10\"",
+                "parquet: {}/ ({} partitions rewritten); in DuckDB: SELECT * FROM read_parquet('{}/*/*.parquet', hive_partitioning = true)",
                 usage.display(),
                 o.partitions.len(),
                 usage.display()

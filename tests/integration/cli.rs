@@ -92,3 +92,33 @@ fn the_bundled_sample_ingests_cleanly_and_stays_in_place() {
         rows.iter().map(|r| r.partition.clone()).collect();
     assert_eq!(partitions.len(), 3);
 }
+
+#[test]
+fn the_readme_run_command_completes_the_sample_against_the_simulator() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ws = Workspace::new();
+    let out = ws.out();
+    let state = ws.path("state/tsusage.db");
+    let iccids = format!("[\"{}\"]", root.join("data/iccids.csv").display());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tsusage"));
+    cmd.args(["run", "--simulate", "--config"])
+        .arg(root.join("data/tsusage.toml"))
+        .args(["--from", "2021-08-15", "--to", "2021-08-17"])
+        .current_dir(ws.dir.path())
+        .env("TSUSAGE_OUTPUT__DIR", &out)
+        .env("TSUSAGE_STATE__PATH", &state)
+        .env("TSUSAGE_INPUT__PATHS", iccids);
+    let run = Run(cmd.output().expect("run"));
+    run.expect_code(3);
+    let report = run.report();
+    let completeness = &report["collect"]["completeness"];
+    assert_eq!(completeness["rejected_input"], 3, "{completeness}");
+    let usage = completeness["usage"].as_u64().expect("usage");
+    assert_eq!(
+        usage + completeness["no_usage"].as_u64().expect("no usage"),
+        3000
+    );
+    assert_eq!(ws.rows().len() as u64, usage);
+    assert!(run.stdout().contains("parquet: "), "{}", run.stdout());
+    assert!(run.stdout().contains("completeness: "), "{}", run.stdout());
+}
