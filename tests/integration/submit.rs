@@ -421,3 +421,59 @@ async fn a_429_storm_is_waited_out_and_the_rate_is_never_exceeded() {
     }
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_register_list_and_delete_talk_to_the_vendor() {
+    let sim = start(sim_config()).await;
+    let ws = workspace(1);
+    let mut env = env(&ws, &sim, &[]);
+    env.push((
+        "TSUSAGE_CALLBACKS__PUBLIC_URL".into(),
+        "https://etl.example.com:9001/callbacks".into(),
+    ));
+    env.push(("TSUSAGE_CALLBACKS__USERNAME".into(), "cb-user".into()));
+    env.push((
+        "TSUSAGE_CALLBACKS__PASSWORD".into(),
+        "cb-secret-sentinel".into(),
+    ));
+    let config_path = ws.config();
+    let dir = ws.dir.path().to_owned();
+    let tsusage = move |action: &'static str| {
+        let (env, config_path, dir) = (env.clone(), config_path.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tsusage"));
+            cmd.args(["callbacks", action, "--config"])
+                .arg(config_path)
+                .current_dir(dir)
+                .envs(env);
+            Run(cmd.output().expect("run"))
+        })
+    };
+    let registered = tsusage("register").await.expect("join");
+    registered.expect_code(0);
+    assert!(
+        registered
+            .stdout()
+            .contains("registered https://etl.example.com:9001/callbacks for DeviceUsage")
+    );
+    let listed = tsusage("list").await.expect("join");
+    listed.expect_code(0);
+    assert_eq!(
+        listed.stdout().trim(),
+        "DeviceUsage\thttps://etl.example.com:9001/callbacks"
+    );
+    assert!(!listed.stdout().contains("cb-secret-sentinel"));
+    tsusage("delete").await.expect("join").expect_code(0);
+    let listed = tsusage("list").await.expect("join");
+    assert_eq!(listed.stdout().trim(), "");
+    let again = tsusage("delete").await.expect("join");
+    again.expect_code(1);
+    assert!(
+        again
+            .stderr()
+            .contains("INPUT_INVALID.Callback.NotRegistered"),
+        "{}",
+        again.stderr()
+    );
+    sim.shutdown().await;
+}
