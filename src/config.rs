@@ -17,7 +17,7 @@ pub use crate::sim::SimConfig;
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "TSUSAGE_";
 /// Environment variables with the prefix that are not configuration keys.
-pub const ENV_RESERVED: &[&str] = &["TSUSAGE_LOG"];
+pub const ENV_RESERVED: &[&str] = &["TSUSAGE_LOG", crate::failpoint::ENV, "TSUSAGE_CRASH_SEED"];
 
 /// Default `plan.window_days`: one request per UTC day.
 pub const DEFAULT_WINDOW_DAYS: u32 = 1;
@@ -194,6 +194,9 @@ pub struct PlanConfig {
     pub window_days: u32,
     /// ICCIDs per request.
     pub chunk_size: u32,
+    /// `run` also re-pulls this many days before the range asked for, complete or not: SMS usage
+    /// arrives up to 3 days late, and the newest answer replaces the older one.
+    pub lookback_days: u32,
 }
 
 impl Default for PlanConfig {
@@ -201,6 +204,7 @@ impl Default for PlanConfig {
         PlanConfig {
             window_days: DEFAULT_WINDOW_DAYS,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            lookback_days: 0,
         }
     }
 }

@@ -20,12 +20,14 @@
 //! - [`report`]: the run report and exit codes.
 //! - [`pipeline`]: each command's wiring, in the order above.
 //! - [`config`]: the TOML configuration with environment overrides.
+//! - [`plan`]: date range and ICCIDs → jobs; [`submit`]: jobs → requestIds (client in `submit::client`).
+//! - [`sim`]: the built-in ThingSpace simulator; [`failpoint`]: injected pauses for crash tests.
 //!
-//! Planning and submission (`plan`, `submit`), the HTTP listener and the simulator come next.
 
 pub mod collect;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod ingest;
 pub mod normalize;
 pub mod pipeline;

@@ -36,16 +36,22 @@ enum Command {
         /// Run against the built-in ThingSpace simulator, in-process (no credentials needed).
         #[arg(long)]
         simulate: bool,
+        /// Ask again for windows already complete in the state store.
+        #[arg(long)]
+        force: bool,
     },
     /// Serve the callback listener until SIGTERM or Ctrl-C, journaling into the state store.
     Listen {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Show jobs by state, requests outstanding and overdue, and the last run's outcome.
+    /// Show jobs by state, requests outstanding and overdue, the last run's outcome, and with
+    /// --date or --from/--to, each window's completeness.
     Status {
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        dates: Dates,
     },
     /// Collect callbacks from a drop directory once: journal them, write Parquet, report.
     Ingest {
@@ -159,6 +165,7 @@ fn run(command: Command) -> tsusage::Result<Done> {
             config,
             dates,
             simulate,
+            force,
         } => {
             let config = Config::load(&config)?;
             let range = DateRange::from_args(
@@ -167,7 +174,14 @@ fn run(command: Command) -> tsusage::Result<Done> {
                 dates.to.as_deref(),
             )?;
             runtime()?
-                .block_on(pipeline::run(&config, range, simulate))
+                .block_on(pipeline::run(
+                    &config,
+                    pipeline::RunOptions {
+                        range,
+                        simulate,
+                        force,
+                    },
+                ))
                 .map(|o| Done::Report(Box::new(o)))
         }
         Command::Listen { config } => {
@@ -176,9 +190,17 @@ fn run(command: Command) -> tsusage::Result<Done> {
                 .block_on(pipeline::listen(&config))
                 .map(|o| Done::Report(Box::new(o)))
         }
-        Command::Status { config } => {
+        Command::Status { config, dates } => {
             let config = Config::load(&config)?;
-            pipeline::status(&config).map(Done::Message)
+            let range = match (&dates.date, &dates.from) {
+                (None, None) => None,
+                _ => Some(DateRange::from_args(
+                    dates.date.as_deref(),
+                    dates.from.as_deref(),
+                    dates.to.as_deref(),
+                )?),
+            };
+            pipeline::status(&config, range).map(Done::Message)
         }
         Command::Submit { config, dates } => {
             let config = Config::load(&config)?;

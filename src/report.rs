@@ -62,6 +62,11 @@ pub struct PlanReport {
     pub already_failed: u64,
     /// Jobs skipped because an earlier run has all their callbacks.
     pub already_complete: u64,
+    /// Jobs an earlier run recorded as intent without a requestId (never sent, or killed between the
+    /// POST and the record): sent again, which is harmless (the data collapses).
+    pub unknown_outcome: u64,
+    /// Jobs asked again although done (`--force`, or `plan.lookback_days`).
+    pub requested_again: u64,
 }
 
 /// Collection and completeness (`run`).

@@ -18,7 +18,7 @@ use crate::normalize::Collapser;
 use crate::plan::{self, DateRange};
 use crate::report::PlanReport;
 use crate::report::{OutputReport, PartitionReport, RunReport, new_run_id};
-use crate::state::{SqliteStore, Store};
+use crate::state::{RunLock, SqliteStore, Store};
 use crate::state::{StateWriter, job_status};
 use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::parquet::{PartitionWriter, WriterOptions};
@@ -30,7 +30,7 @@ mod run;
 mod simulate;
 
 pub use listen::listen;
-pub use run::run;
+pub use run::{RunOptions, run};
 
 /// A finished command: its report and where the report was saved.
 #[derive(Debug)]
@@ -92,6 +92,7 @@ pub(crate) fn read_iccids(
 pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "submit");
+    let _lock = RunLock::acquire(&config.state.path, &run_id, "submit")?;
     let mut store = SqliteStore::open(&config.state.path)?;
     store.begin_run(&run_id, "submit")?;
     let iccids = read_iccids(config, &config.input.paths, &run_id, &mut report)?;
@@ -197,10 +198,57 @@ pub async fn delete_callback(config: &Config) -> Result<String> {
     ))
 }
 
-/// `tsusage status`: jobs by state, requests outstanding and overdue, the last run's outcome.
-pub fn status(config: &Config) -> Result<String> {
+/// `tsusage status`: jobs by state, requests outstanding and overdue, the last run's outcome, and
+/// with a range, each window's completeness.
+pub fn status(config: &Config, range: Option<DateRange>) -> Result<String> {
     let store = SqliteStore::open(&config.state.path)?;
     let mut lines = Vec::new();
+    if let Some(range) = range {
+        let from = format!("{}T00:00:00Z", range.from);
+        let to = format!("{}T00:00:00Z", range.to + chrono::Days::new(1));
+        let mut windows: std::collections::BTreeMap<(String, String), Vec<(String, u64)>> =
+            Default::default();
+        for (start, end, status, n) in store.window_status_counts(&from, &to)? {
+            windows.entry((start, end)).or_default().push((status, n));
+        }
+        let planned_days = (range.to - range.from).num_days() + 1;
+        lines.push(format!(
+            "windows of {}..{} ({planned_days} days):",
+            range.from, range.to
+        ));
+        let covered = |day: &str| {
+            windows
+                .keys()
+                .any(|(start, end)| start.as_str() <= day && day < end.as_str())
+        };
+        let mut day = range.from;
+        while day <= range.to {
+            let text = format!("{day}T00:00:00Z");
+            if !covered(&text) {
+                lines.push(format!("  {day}: never requested"));
+            }
+            day = day + chrono::Days::new(1);
+        }
+        for ((start, end), statuses) in &windows {
+            let total: u64 = statuses.iter().map(|(_, n)| n).sum();
+            let complete = statuses
+                .iter()
+                .find(|(s, _)| s == job_status::COMPLETE)
+                .map_or(0, |(_, n)| *n);
+            let state = if complete == total {
+                "complete"
+            } else {
+                "incomplete"
+            };
+            let detail: Vec<String> = statuses.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            lines.push(format!(
+                "  {}..{}: {state} ({complete}/{total} jobs complete: {})",
+                &start[..10.min(start.len())],
+                &end[..10.min(end.len())],
+                detail.join(", ")
+            ));
+        }
+    }
     let counts = store.job_status_counts()?;
     let total: u64 = counts.values().sum();
     let by_state: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
@@ -255,6 +303,7 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
     }
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "ingest");
+    let _lock = RunLock::acquire(&config.state.path, &run_id, "ingest")?;
     let mut store = SqliteStore::open(&config.state.path)?;
     store.begin_run(&run_id, "ingest")?;
     let out = &config.output.dir;

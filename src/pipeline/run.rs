@@ -17,7 +17,7 @@ use crate::config::{CallbackSource, Config};
 use crate::normalize::RecordStats;
 use crate::plan::{self, DateRange, Job};
 use crate::report::{CollectReport, PlanReport, RunReport, new_run_id};
-use crate::state::{JobUpdate, SqliteStore, StateError, StateWriter, Store, job_status};
+use crate::state::{JobUpdate, RunLock, SqliteStore, StateError, StateWriter, Store, job_status};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 use crate::write::rejects::RecordRejects;
 use crate::write::write_atomic;
@@ -30,44 +30,76 @@ const LISTENER_GRACE: Duration = Duration::from_secs(10);
 /// Journal rows read per look.
 const JOURNAL_PAGE: usize = 10_000;
 
-/// `tsusage run`: the whole pipeline for `range`. With `simulate`, against the built-in simulator.
-pub async fn run(config: &Config, range: DateRange, simulate: bool) -> Result<Outcome> {
+/// What `tsusage run` is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub range: DateRange,
+    /// Against the built-in simulator, in-process.
+    pub simulate: bool,
+    /// Ask again for windows already complete.
+    pub force: bool,
+}
+
+impl RunOptions {
+    pub fn new(range: DateRange) -> Self {
+        RunOptions {
+            range,
+            simulate: false,
+            force: false,
+        }
+    }
+
+    pub fn simulated(range: DateRange) -> Self {
+        RunOptions {
+            simulate: true,
+            ..RunOptions::new(range)
+        }
+    }
+}
+
+/// `tsusage run`: the whole pipeline for a date range, resumable (see [`RunOptions`]).
+pub async fn run(config: &Config, options: RunOptions) -> Result<Outcome> {
     let mut config = config.clone();
-    let sim = if simulate {
+    let sim = if options.simulate {
         Some(simulate::start(&mut config).await?)
     } else {
         None
     };
-    let result = run_inner(&mut config, range).await;
+    let result = run_inner(&mut config, options).await;
     if let Some(sim) = sim {
         sim.shutdown().await;
     }
     result
 }
 
-async fn run_inner(config: &mut Config, range: DateRange) -> Result<Outcome> {
+async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> {
+    let range = options.range;
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "run");
     let state_path = config.state.path.clone();
+    let _lock = RunLock::acquire(&state_path, &run_id, "run")?;
     let mut store = SqliteStore::open(&state_path)?;
     store.begin_run(&run_id, "run")?;
 
     // 1. ingest
     let iccids = read_iccids(config, &config.input.paths.clone(), &run_id, &mut report)?;
 
-    // 2. plan: jobs recorded as intent; complete or refused ones are not asked again.
-    let windows = plan::windows(range.from, range.to, config.plan.window_days)?;
+    // 2. plan: jobs recorded as intent. Windows already complete are not asked again, except with
+    // --force and for the plan.lookback_days re-pulled before the range (late usage replaces
+    // earlier numbers).
+    let from = range.from - chrono::Days::new(u64::from(config.plan.lookback_days));
+    let windows = plan::windows(from, range.to, config.plan.window_days)?;
     let jobs = plan::plan(
         &config.account_name,
         &iccids,
         &windows,
         config.plan.chunk_size,
     );
-    let new_jobs = store.record_jobs(&jobs)?;
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-    let statuses = store.job_statuses(&ids)?;
+    let earlier = store.job_statuses(&ids)?;
+    let new_jobs = store.record_jobs(&jobs)?;
     let mut plan_report = PlanReport {
-        from: range.from.to_string(),
+        from: from.to_string(),
         to: range.to.to_string(),
         windows: windows.len() as u64,
         jobs: jobs.len() as u64,
@@ -76,14 +108,22 @@ async fn run_inner(config: &mut Config, range: DateRange) -> Result<Outcome> {
     };
     let (mut to_send, mut tracked) = (Vec::new(), Vec::new());
     for job in jobs {
-        match statuses.get(job.id.as_str()).map(String::as_str) {
-            Some(job_status::COMPLETE) => plan_report.already_complete += 1,
-            Some(job_status::FAILED) => plan_report.already_failed += 1,
-            Some(job_status::SUBMITTED) => {
+        let again = options.force || job.window.start < range.from;
+        match earlier.get(job.id.as_str()).map(String::as_str) {
+            Some(job_status::COMPLETE) if !again => plan_report.already_complete += 1,
+            Some(job_status::FAILED) if !again => plan_report.already_failed += 1,
+            Some(job_status::SUBMITTED) if !again => {
                 plan_report.already_submitted += 1;
                 tracked.push(job);
             }
-            _ => {
+            status => {
+                if status == Some(job_status::PLANNED) {
+                    // An earlier run recorded the intent but no requestId: it was never sent, or
+                    // it crashed between the POST and the record. Sending again is harmless.
+                    plan_report.unknown_outcome += 1;
+                } else if status.is_some() {
+                    plan_report.requested_again += 1;
+                }
                 to_send.push(job.clone());
                 tracked.push(job);
             }

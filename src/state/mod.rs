@@ -4,11 +4,13 @@
 //! (one SQLite file in WAL mode). A PostgreSQL store for several listeners behind a load balancer is a
 //! second implementation of the same trait, with the same tables.
 
+mod lock;
 mod sqlite;
 mod writer;
 
 use std::collections::{BTreeSet, HashMap};
 
+pub use lock::RunLock;
 pub use sqlite::SqliteStore;
 pub use writer::StateWriter;
 

@@ -233,6 +233,29 @@ impl SqliteStore {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
+    /// Jobs per window and status for windows starting in `[from, to)` (texts like
+    /// `2021-08-15T00:00:00Z`): `(window_start, window_end, status, jobs)`.
+    pub fn window_status_counts(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<(String, String, String, u64)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT window_start, window_end, status, COUNT(*) FROM jobs
+                 WHERE window_start >= ?1 AND window_start < ?2
+                 GROUP BY window_start, window_end, status ORDER BY window_start, window_end, status",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([from, to], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     /// How many jobs are in each status.
     pub fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
         let mut stmt = self
@@ -465,6 +488,7 @@ impl Store for SqliteStore {
                 outcomes.push(Journaled::New(id));
             }
         }
+        crate::failpoint::pause(crate::failpoint::JOURNAL_COMMIT);
         tx.commit().map_err(err)?;
         Ok(outcomes)
     }

@@ -395,6 +395,7 @@ async fn submit_job<S: Store + Send + 'static>(
         let error = match result {
             Ok(request_id) => {
                 tracing::debug!(job = %job.id, request_id, "submitted");
+                crate::failpoint::pause_async(crate::failpoint::AFTER_POST).await;
                 writer
                     .apply(JobUpdate::Submitted {
                         job_id: job.id.to_string(),

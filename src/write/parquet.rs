@@ -142,6 +142,7 @@ impl PartitionWriter {
             files += 1;
         }
         sync_dir(&stage)?;
+        crate::failpoint::pause(crate::failpoint::PARQUET_PUBLISH);
         std::fs::create_dir_all(&self.usage_dir).map_err(|e| WriteError::io(&self.usage_dir, e))?;
         let target = self.usage_dir.join(name);
         publish(&stage, &target)?;

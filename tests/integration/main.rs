@@ -2,6 +2,7 @@
 //! back with the parquet crate, the real SQLite file.
 
 mod cli;
+mod crash;
 mod ingest_dir;
 mod properties;
 mod run;

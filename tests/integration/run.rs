@@ -3,10 +3,7 @@
 //! and a separate `tsusage listen` process.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use chrono::{DateTime, Utc};
 use tsusage::config::Config;
@@ -137,7 +134,9 @@ async fn a_faulty_vendor_still_yields_exactly_the_simulators_truth() {
         ],
     );
     let config = Config::load_with_env(&ws.config(), env).expect("config");
-    let outcome = pipeline::run(&config, range(), true).await.expect("run");
+    let outcome = pipeline::run(&config, pipeline::RunOptions::simulated(range()))
+        .await
+        .expect("run");
     let report = &outcome.report;
     assert_eq!(report.exit_code, 0, "{}", report.summary());
 
@@ -206,7 +205,9 @@ async fn dirty_values_are_rejected_and_listed_while_good_rows_land_intact() {
         ],
     );
     let config = Config::load_with_env(&ws.config(), env).expect("config");
-    let outcome = pipeline::run(&config, range(), true).await.expect("run");
+    let outcome = pipeline::run(&config, pipeline::RunOptions::simulated(range()))
+        .await
+        .expect("run");
     let report = &outcome.report;
     assert_eq!(report.exit_code, 3, "{}", report.summary());
     let records = report.records.as_ref().expect("records");
@@ -236,72 +237,6 @@ async fn dirty_values_are_rejected_and_listed_while_good_rows_land_intact() {
             .all(|r| r["source"] == "listener" && r["field"] == "dataUsage"),
         "{rejects:?}"
     );
-}
-
-/// A free loopback port (bound then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// `tsusage listen` as a child process on `port`, with callback credentials `user`/`pass`.
-fn spawn_listen(ws: &Workspace, port: u16, extra: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsusage"));
-    cmd.args(["listen", "--config"])
-        .arg(ws.config())
-        .current_dir(ws.dir.path())
-        .env(
-            "TSUSAGE_CALLBACKS__LISTEN_ADDR",
-            format!("127.0.0.1:{port}"),
-        )
-        .env(
-            "TSUSAGE_CALLBACKS__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}/callbacks"),
-        )
-        .env("TSUSAGE_CALLBACKS__USERNAME", "cb-user")
-        .env("TSUSAGE_CALLBACKS__PASSWORD", "cb-secret-sentinel")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn listen");
-    let up = (0..200).any(|_| {
-        let connected = TcpStream::connect(("127.0.0.1", port)).is_ok();
-        if !connected {
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        connected
-    });
-    if !up {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("tsusage listen did not come up on port {port}");
-    }
-    child
-}
-
-/// A raw HTTP/1.1 POST; returns the status code.
-fn post(port: u16, content_type: &str, body: &[u8]) -> u16 {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let head = format!(
-        "POST /callbacks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).expect("head");
-    let _ = stream.write_all(body);
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0)
 }
 
 fn journaled_request_ids(ws: &Workspace) -> Vec<String> {
@@ -352,7 +287,7 @@ async fn a_separate_listen_process_gives_the_same_output_as_the_in_process_liste
     let n = 200;
     let inline = workspace(n);
     let config = Config::load_with_env(&inline.config(), env(&inline, &[])).expect("config");
-    let outcome = pipeline::run(&config, range(), true)
+    let outcome = pipeline::run(&config, pipeline::RunOptions::simulated(range()))
         .await
         .expect("in-process run");
     assert_eq!(outcome.report.exit_code, 0, "{}", outcome.report.summary());
@@ -373,7 +308,7 @@ async fn a_separate_listen_process_gives_the_same_output_as_the_in_process_liste
         ],
     );
     let config = Config::load_with_env(&external.config(), env).expect("config");
-    let outcome = pipeline::run(&config, range(), true)
+    let outcome = pipeline::run(&config, pipeline::RunOptions::simulated(range()))
         .await
         .expect("external run");
     let pid = listen.id().to_string();

@@ -1,7 +1,11 @@
 //! Helpers for the integration tests: a temp workspace with a config, the real binary, Parquet read-back.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int64Type, TimestampMicrosecondType};
@@ -320,4 +324,71 @@ pub fn iccid(i: u32) -> String {
         })
         .sum();
     format!("{body}{}", (10 - sum % 10) % 10)
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// `tsusage listen` as a child process on `port`, with callback credentials `user`/`pass`.
+pub fn spawn_listen(ws: &Workspace, port: u16, extra: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsusage"));
+    cmd.args(["listen", "--config"])
+        .arg(ws.config())
+        .current_dir(ws.dir.path())
+        .env(
+            "TSUSAGE_CALLBACKS__LISTEN_ADDR",
+            format!("127.0.0.1:{port}"),
+        )
+        .env(
+            "TSUSAGE_CALLBACKS__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}/callbacks"),
+        )
+        .env("TSUSAGE_CALLBACKS__USERNAME", "cb-user")
+        .env("TSUSAGE_CALLBACKS__PASSWORD", "cb-secret-sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn listen");
+    let up = (0..200).any(|_| {
+        let connected = TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if !connected {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        connected
+    });
+    if !up {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("tsusage listen did not come up on port {port}");
+    }
+    child
+}
+
+/// A raw HTTP/1.1 POST; returns the status code, or 0 when nothing answered.
+pub fn post(port: u16, content_type: &str, body: &[u8]) -> u16 {
+    // A listener that is down (or being killed) answers nothing: status 0.
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let head = format!(
+        "POST /callbacks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    let _ = stream.write_all(body);
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
 }

@@ -1,0 +1,49 @@
+//! Injected pauses for crash tests: `TSUSAGE_TEST_PAUSE="after_post=100,journal_commit=20"` makes the
+//! process sleep that many milliseconds at those points, widening the narrow windows a `kill -9` must
+//! hit (between a POST and its requestId record, inside a journal commit, inside a Parquet publish).
+//! Unset (the normal case), every point is a no-op.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The environment variable naming the pauses.
+pub const ENV: &str = "TSUSAGE_TEST_PAUSE";
+
+/// Between the vendor's answer to a usage request and the durable record of its requestId.
+pub const AFTER_POST: &str = "after_post";
+/// Inside a journal transaction, before its commit.
+pub const JOURNAL_COMMIT: &str = "journal_commit";
+/// After a partition's files are staged, before they are published.
+pub const PARQUET_PUBLISH: &str = "parquet_publish";
+
+fn pauses() -> &'static HashMap<String, Duration> {
+    static PAUSES: OnceLock<HashMap<String, Duration>> = OnceLock::new();
+    PAUSES.get_or_init(|| {
+        std::env::var(ENV)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|item| {
+                let (name, ms) = item.split_once('=')?;
+                Some((
+                    name.trim().to_owned(),
+                    Duration::from_millis(ms.trim().parse().ok()?),
+                ))
+            })
+            .collect()
+    })
+}
+
+/// Sleeps the thread at `point` if a pause is configured for it.
+pub fn pause(point: &str) {
+    if let Some(wait) = pauses().get(point) {
+        std::thread::sleep(*wait);
+    }
+}
+
+/// Sleeps the task at `point` if a pause is configured for it.
+pub async fn pause_async(point: &str) {
+    if let Some(wait) = pauses().get(point) {
+        tokio::time::sleep(*wait).await;
+    }
+}

@@ -1,0 +1,388 @@
+//! Crash safety, proven by killing: `kill -9` of `tsusage run` at random moments (pauses injected at
+//! the narrow windows), reruns to completion, and a comparison with the simulator's truth while a
+//! reader polls the output; `kill -9` of `tsusage listen` under load, counting acknowledged losses.
+//!
+//! CI runs light variants. The full-strength ones are `#[ignore]`d; run them with
+//! `cargo test --release --test integration crash:: -- --ignored --nocapture`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tsusage::sim::{self, SimConfig, SimHandle};
+use tsusage::state::SqliteStore;
+
+use crate::util::*;
+
+const DAYS: i64 = 2;
+
+/// xorshift, seeded per test so a failing schedule can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("TSUSAGE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        })
+}
+
+fn day_start(day: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(DAY0 + day * DAY_US).expect("day")
+}
+
+/// The run's environment: the standalone simulator, a listener on `port`, pauses at the narrow windows.
+fn run_env(ws: &Workspace, sim: &SimHandle, port: u16) -> Vec<(String, String)> {
+    [
+        ("TSUSAGE_API__BASE_URL", sim.base_url()),
+        ("TSUSAGE_API__APP_KEY", "key".into()),
+        ("TSUSAGE_API__APP_SECRET", "secret".into()),
+        ("TSUSAGE_API__USERNAME", "user".into()),
+        ("TSUSAGE_API__PASSWORD", "password".into()),
+        ("TSUSAGE_API__REQUESTS_PER_SEC", "20".into()),
+        ("TSUSAGE_API__MAX_IN_FLIGHT", "4".into()),
+        (
+            "TSUSAGE_INPUT__PATHS",
+            format!("[\"{}\"]", ws.path("iccids.csv").display()),
+        ),
+        ("TSUSAGE_PLAN__CHUNK_SIZE", "10".into()),
+        ("TSUSAGE_CALLBACKS__SOURCE", "listener".into()),
+        (
+            "TSUSAGE_CALLBACKS__LISTEN_ADDR",
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            "TSUSAGE_CALLBACKS__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}/callbacks"),
+        ),
+        ("TSUSAGE_CALLBACKS__USERNAME", "cb-user".into()),
+        ("TSUSAGE_CALLBACKS__PASSWORD", "cb-secret-sentinel".into()),
+        ("TSUSAGE_CALLBACKS__SETTLE_SECS", "1".into()),
+        ("TSUSAGE_CALLBACKS__DEADLINE_SECS", "4".into()),
+        ("TSUSAGE_CALLBACKS__MAX_RESUBMITS", "5".into()),
+        (
+            "TSUSAGE_TEST_PAUSE",
+            "after_post=60,journal_commit=5,parquet_publish=200".into(),
+        ),
+        ("TSUSAGE_LOG", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn spawn_run(ws: &Workspace, env: &[(String, String)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tsusage"))
+        .args([
+            "run",
+            "--from",
+            "2021-08-15",
+            "--to",
+            "2021-08-16",
+            "--config",
+        ])
+        .arg(ws.config())
+        .current_dir(ws.dir.path())
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run")
+}
+
+/// Reads every Parquet file under `usage/` over and over until told to stop; counts bad reads.
+fn poll_output(
+    dir: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    reads: Arc<AtomicU64>,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        for path in files_under(&dir) {
+            if path.extension().is_none_or(|e| e != "parquet") {
+                bad.push(format!(
+                    "not a Parquet file in the output: {}",
+                    path.display()
+                ));
+                continue;
+            }
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // swapped away
+                Err(e) => {
+                    bad.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            let read = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| b.build())
+                .map_err(|e| e.to_string())
+                .and_then(|reader| {
+                    reader
+                        .map(|b| b.map(|b| b.num_rows()))
+                        .sum::<Result<usize, _>>()
+                        .map_err(|e| e.to_string())
+                });
+            match read {
+                Ok(_) => {
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => bad.push(format!("{}: {e}", path.display())),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bad
+}
+
+async fn crash_harness(kills: usize, n: u32) {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    eprintln!("crash harness: seed {seed} (replay with TSUSAGE_CRASH_SEED={seed})");
+    let sim = sim::start(SimConfig {
+        listen_addr: "127.0.0.1:0".parse().expect("addr"),
+        redelivery_interval_ms: 300,
+        duplicate_fraction: 0.1,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let ws = Workspace::new();
+    let list: Vec<String> = (0..n).map(iccid).collect();
+    std::fs::write(
+        ws.path("iccids.csv"),
+        format!("iccid\n{}\n", list.join("\n")),
+    )
+    .expect("iccids");
+    let port = free_port();
+    let env = run_env(&ws, &sim, port);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (dir, stop, reads) = (ws.out().join("usage"), stop.clone(), reads.clone());
+        std::thread::spawn(move || poll_output(dir, stop, reads))
+    };
+
+    let mut killed = 0;
+    let mut finals = Vec::new();
+    let started = Instant::now();
+    while killed < kills {
+        let mut child = spawn_run(&ws, &env);
+        let delay = Duration::from_millis(rng.between(100, 700));
+        let born = Instant::now();
+        let exited = tokio::task::spawn_blocking(move || {
+            while born.elapsed() < delay {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return (child, Some(status));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (child, None)
+        })
+        .await
+        .expect("join");
+        match exited {
+            (mut child, None) => {
+                child.kill().expect("kill -9");
+                child.wait().expect("reap");
+                killed += 1;
+            }
+            (child, Some(status)) => {
+                // Finished before the kill: nothing is left to interrupt.
+                finals.push(status.code());
+                drop(child);
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the harness takes too long"
+        );
+    }
+    assert_eq!(
+        killed, kills,
+        "every kill landed in a run with work left (runs finished early: {finals:?})"
+    );
+    // The last run, left alone.
+    let child = spawn_run(&ws, &env);
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run");
+    stop.store(true, Ordering::Relaxed);
+    let bad = reader.join().expect("reader");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(bad.is_empty(), "a reader saw a bad file: {bad:?}");
+
+    // Every row exact, none twice.
+    let mut expected = BTreeMap::new();
+    for i in 0..n {
+        let id = iccid(i);
+        for day in 0..DAYS {
+            if let Some(u) = sim::usage_for(&id, day_start(day), day_start(day + 1)) {
+                expected.insert(
+                    (id.clone(), DAY0 + day * DAY_US),
+                    (u.data_bytes as i64, u.sms as i64),
+                );
+            }
+        }
+    }
+    let rows = ws.rows();
+    let keys: BTreeSet<(String, i64)> = rows
+        .iter()
+        .map(|r| (r.iccid.clone(), r.usage_start))
+        .collect();
+    assert_eq!(keys.len(), rows.len(), "duplicate rows");
+    let got: BTreeMap<(String, i64), (i64, i64)> = rows
+        .into_iter()
+        .map(|r| ((r.iccid, r.usage_start), (r.data_usage_bytes, r.sms_usage)))
+        .collect();
+    assert!(
+        got == expected,
+        "{} rows, {} expected",
+        got.len(),
+        expected.len()
+    );
+
+    let jobs = u64::from(n.div_ceil(10)) * DAYS as u64;
+    let stats = sim.stats();
+    let resends = stats.promo_accepted.saturating_sub(jobs);
+    eprintln!(
+        "crash harness: {killed} kills, {} runs finished early, {} rows exact, 0 duplicates, {} Parquet reads all good, \
+         {} requests for {jobs} jobs ({resends} resends), {} callbacks delivered",
+        finals.len(),
+        got.len(),
+        reads.load(Ordering::Relaxed),
+        stats.promo_accepted,
+        stats.callbacks_delivered
+    );
+    // A build that resent jobs whose requestId is recorded would send them all again after each kill.
+    assert!(
+        resends <= killed as u64 * 10,
+        "{resends} resends for {killed} kills"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_runs_then_rerun_gives_the_uninterrupted_output() {
+    crash_harness(3, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full strength: cargo test --release --test integration crash:: -- --ignored"]
+async fn kill_9_during_runs_full_strength() {
+    crash_harness(12, 1000).await;
+}
+
+/// Sends `n` distinct callbacks from two threads while the listener is killed `kills` times and
+/// restarted; returns (acknowledged, missing from the journal).
+fn listener_durability(kills: usize, n: usize) -> (usize, usize) {
+    let ws = Workspace::new();
+    let port = free_port();
+    let listener = Arc::new(std::sync::Mutex::new(spawn_listen(&ws, port, &[])));
+    let sent = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..2)
+        .map(|t| {
+            let (sent, done) = (sent.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut i = 0;
+                while !done.load(Ordering::Relaxed)
+                    && (sent.fetch_add(1, Ordering::Relaxed) as usize) < n
+                {
+                    let request_id = format!("load-{t}-{i}");
+                    let records: Vec<String> = (0..5)
+                        .map(|r| record(&iccid(r), 0, &format!("\"{i}\"")))
+                        .collect();
+                    if post(
+                        port,
+                        "application/json",
+                        usage_callback(&request_id, 1, &records).as_bytes(),
+                    ) == 200
+                    {
+                        acked.push(request_id);
+                    }
+                    i += 1;
+                }
+                acked
+            })
+        })
+        .collect();
+    let mut rng = Rng(seed());
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(rng.between(50, 250)));
+        let mut child = listener.lock().expect("lock");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+        *child = spawn_listen(&ws, port, &[]);
+    }
+    done.store(true, Ordering::Relaxed);
+    let acked: Vec<String> = senders
+        .into_iter()
+        .flat_map(|s| s.join().expect("sender"))
+        .collect();
+    {
+        let mut child = listener.lock().expect("lock");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+    let store = SqliteStore::open(&ws.path("state/tsusage.db")).expect("store");
+    let journaled: BTreeSet<String> = store
+        .callbacks_since(0, usize::MAX >> 1)
+        .expect("journal")
+        .into_iter()
+        .map(|(_, request_id, _, _)| request_id)
+        .collect();
+    let missing = acked.iter().filter(|id| !journaled.contains(*id)).count();
+    eprintln!(
+        "listener durability: {kills} kills, {} callbacks sent, {} acknowledged, {missing} acknowledged but missing, {} journaled",
+        sent.load(Ordering::Relaxed).min(n as u64),
+        acked.len(),
+        journaled.len()
+    );
+    (acked.len(), missing)
+}
+
+#[test]
+fn acknowledged_callbacks_survive_kill_9_of_the_listener() {
+    let (acked, missing) = listener_durability(3, 400);
+    assert!(acked > 0);
+    assert_eq!(missing, 0);
+}
+
+#[test]
+#[ignore = "full strength: cargo test --release --test integration crash:: -- --ignored"]
+fn acknowledged_callbacks_survive_kill_9_of_the_listener_full_strength() {
+    let (acked, missing) = listener_durability(25, 6000);
+    assert!(acked > 0);
+    assert_eq!(missing, 0);
+}
