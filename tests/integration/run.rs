@@ -323,3 +323,117 @@ async fn a_separate_listen_process_gives_the_same_output_as_the_in_process_liste
     assert_eq!(output_rows(&external), output_rows(&inline));
     assert_eq!(output_rows(&external).len(), truth(n).0.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_skips_complete_windows_force_asks_again_and_lookback_repulls() {
+    let n = 40;
+    let ws = workspace(n);
+    let config = Config::load_with_env(
+        &ws.config(),
+        env(&ws, &[("TSUSAGE_PLAN__CHUNK_SIZE", "20")]),
+    )
+    .expect("config");
+    let first = pipeline::run(&config, pipeline::RunOptions::simulated(range()))
+        .await
+        .expect("first");
+    assert_eq!(first.report.exit_code, 0, "{}", first.report.summary());
+    let rows = ws.rows();
+    assert_eq!(first.report.submit.as_ref().map(|s| s.submitted), Some(6));
+
+    // The same range again: every window is complete, nothing is asked, the output is identical.
+    let again = pipeline::run(&config, pipeline::RunOptions::simulated(range()))
+        .await
+        .expect("again");
+    let plan = again.report.plan.as_ref().expect("plan");
+    assert_eq!((plan.jobs, plan.already_complete), (6, 6));
+    assert_eq!(again.report.submit.as_ref().map(|s| s.attempts), Some(0));
+    assert_eq!(again.report.exit_code, 0);
+    assert_eq!(ws.rows(), rows);
+
+    // --force asks again; the newer answers replace the older ones, never adding rows.
+    let forced = pipeline::run(
+        &config,
+        pipeline::RunOptions {
+            force: true,
+            ..pipeline::RunOptions::simulated(range())
+        },
+    )
+    .await
+    .expect("forced");
+    assert_eq!(
+        forced.report.plan.as_ref().map(|p| p.requested_again),
+        Some(6)
+    );
+    assert_eq!(forced.report.submit.as_ref().map(|s| s.submitted), Some(6));
+    let after = ws.rows();
+    assert_eq!(after.len(), rows.len());
+    let values = |rows: &[Row]| {
+        rows.iter()
+            .map(|r| (r.iccid.clone(), r.usage_start, r.data_usage_bytes))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(values(&after), values(&rows));
+    assert!(
+        after
+            .iter()
+            .zip(&rows)
+            .all(|(a, b)| a.request_id != b.request_id),
+        "newest answers win"
+    );
+
+    // A nightly run of the next day with plan.lookback_days = 2 re-pulls the two days before it.
+    let nightly = Config::load_with_env(
+        &ws.config(),
+        env(
+            &ws,
+            &[
+                ("TSUSAGE_PLAN__CHUNK_SIZE", "20"),
+                ("TSUSAGE_PLAN__LOOKBACK_DAYS", "2"),
+            ],
+        ),
+    )
+    .expect("config");
+    let next_day = DateRange::from_args(Some("2021-08-18"), None, None).expect("date");
+    let run = pipeline::run(&nightly, pipeline::RunOptions::simulated(next_day))
+        .await
+        .expect("nightly");
+    let plan = run.report.plan.as_ref().expect("plan");
+    assert_eq!(
+        (plan.from.as_str(), plan.windows, plan.requested_again),
+        ("2021-08-16", 3, 4)
+    );
+    assert_eq!(run.report.exit_code, 0, "{}", run.report.summary());
+}
+
+#[test]
+fn a_second_run_on_the_same_state_store_is_refused_naming_the_holder() {
+    let ws = workspace(4);
+    // Hold the lock as a running `tsusage run` would.
+    let lock = tsusage::state::RunLock::acquire(&ws.path("state/tsusage.db"), "holder-run", "run")
+        .expect("lock");
+    let run = ws.run(&["run", "--simulate", "--date", "2021-08-15"]);
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("in use by tsusage run (run holder-run, pid"),
+        "{}",
+        run.stderr()
+    );
+    drop(lock);
+
+    // A lock file left behind by a killed run (the kernel dropped its flock) does not block: the
+    // next run takes it over and says so.
+    std::fs::write(
+        ws.path("state/tsusage.db.lock"),
+        "tsusage run (run dead-run, pid 999999, started then)",
+    )
+    .expect("stale lock");
+    let inbox = ws.inbox();
+    let ingest = ws.run(&["ingest", inbox.to_str().expect("path")]);
+    ingest.expect_code(0);
+    assert!(
+        ingest.stderr().contains("taking over the state store lock"),
+        "{}",
+        ingest.stderr()
+    );
+}
