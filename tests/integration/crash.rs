@@ -305,7 +305,9 @@ async fn kill_9_during_runs_full_strength() {
 fn listener_durability(kills: usize, n: usize) -> (usize, usize) {
     let ws = Workspace::new();
     let port = free_port();
-    let listener = Arc::new(std::sync::Mutex::new(spawn_listen(&ws, port, &[])));
+    // Commits held open 20 ms: a listener that answered before committing would lose callbacks here.
+    let pause = [("TSUSAGE_TEST_PAUSE", "journal_commit=20")];
+    let listener = Arc::new(std::sync::Mutex::new(spawn_listen(&ws, port, &pause)));
     let sent = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..2)
@@ -341,7 +343,7 @@ fn listener_durability(kills: usize, n: usize) -> (usize, usize) {
         let mut child = listener.lock().expect("lock");
         child.kill().expect("kill -9");
         child.wait().expect("reap");
-        *child = spawn_listen(&ws, port, &[]);
+        *child = spawn_listen(&ws, port, &pause);
     }
     done.store(true, Ordering::Relaxed);
     let acked: Vec<String> = senders
