@@ -65,6 +65,9 @@ pub struct PlanReport {
     /// Jobs an earlier run recorded as intent without a requestId (never sent, or killed between the
     /// POST and the record): sent again, which is harmless (the data collapses).
     pub unknown_outcome: u64,
+    /// Their job ids (the first 1,000).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown_outcome_jobs: Vec<String>,
     /// Jobs asked again although done (`--force`, or `plan.lookback_days`).
     pub requested_again: u64,
 }

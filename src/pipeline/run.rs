@@ -121,6 +121,9 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
                     // An earlier run recorded the intent but no requestId: it was never sent, or
                     // it crashed between the POST and the record. Sending again is harmless.
                     plan_report.unknown_outcome += 1;
+                    if plan_report.unknown_outcome_jobs.len() < 1000 {
+                        plan_report.unknown_outcome_jobs.push(job.id.to_string());
+                    }
                 } else if status.is_some() {
                     plan_report.requested_again += 1;
                 }
