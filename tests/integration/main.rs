@@ -6,6 +6,7 @@ mod crash;
 mod ingest_dir;
 mod properties;
 mod run;
+mod secrets;
 mod sim;
 mod submit;
 mod util;

@@ -1,0 +1,133 @@
+//! Secrets never leak: a full simulated run and a listen session with sentinel secrets, logging at
+//! trace level; the sentinels must appear nowhere (stdout, stderr, rejects, reports, Parquet, the
+//! state store and its WAL).
+
+use std::process::{Command, Stdio};
+
+use crate::util::*;
+
+const SENTINELS: &[&str] = &[
+    "app-key-sentinel-1",
+    "app-secret-sentinel-2",
+    "api-password-sentinel-3",
+    "cb-password-sentinel-4",
+];
+
+fn assert_clean(what: &str, text: &str) {
+    for s in SENTINELS {
+        assert!(!text.contains(s), "{what} contains the secret {s}");
+    }
+}
+
+fn assert_files_clean(ws: &Workspace) {
+    for path in files_under(ws.dir.path()) {
+        let bytes = std::fs::read(&path).expect("read");
+        assert_clean(
+            &path.display().to_string(),
+            &String::from_utf8_lossy(&bytes),
+        );
+    }
+}
+
+#[test]
+fn a_simulated_run_at_trace_level_leaks_no_secret() {
+    let ws = Workspace::new();
+    let list: Vec<String> = (0..30).map(iccid).collect();
+    std::fs::write(
+        ws.path("iccids.csv"),
+        format!("iccid\n{}\n8.91480E+19\n", list.join("\n")),
+    )
+    .expect("iccids");
+    let output = Command::new(env!("CARGO_BIN_EXE_tsusage"))
+        .args([
+            "--log",
+            "trace",
+            "run",
+            "--simulate",
+            "--date",
+            "2021-08-15",
+            "--config",
+        ])
+        .arg(ws.config())
+        .current_dir(ws.dir.path())
+        .env(
+            "TSUSAGE_INPUT__PATHS",
+            format!("[\"{}\"]", ws.path("iccids.csv").display()),
+        )
+        // The simulator accepts exactly these, and --simulate logs in with them.
+        .env("TSUSAGE_SIM__APP_KEY", SENTINELS[0])
+        .env("TSUSAGE_SIM__APP_SECRET", SENTINELS[1])
+        .env("TSUSAGE_SIM__USERNAME", "api-user")
+        .env("TSUSAGE_SIM__PASSWORD", SENTINELS[2])
+        .env("TSUSAGE_SIM__DIRTY_FRACTION", "0.3")
+        .env("TSUSAGE_CALLBACKS__USERNAME", "cb-user")
+        .env("TSUSAGE_CALLBACKS__PASSWORD", SENTINELS[3])
+        .output()
+        .expect("run");
+    let run = Run(output);
+    run.expect_code(3); // the bad ICCID row and the dirty values
+    assert!(
+        run.stderr().contains("TRACE") || run.stderr().contains("DEBUG"),
+        "logging at trace level"
+    );
+    assert_clean("stdout", &run.stdout());
+    assert_clean("stderr", &run.stderr());
+    assert!(!ws.callback_rejects().is_empty(), "rejects were written");
+    assert!(!ws.rows().is_empty(), "Parquet was written");
+    assert_files_clean(&ws);
+}
+
+#[test]
+fn a_listen_session_at_trace_level_leaks_no_secret() {
+    let ws = Workspace::new();
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsusage"));
+    cmd.args(["--log", "trace", "listen", "--config"])
+        .arg(ws.config())
+        .current_dir(ws.dir.path())
+        .env(
+            "TSUSAGE_CALLBACKS__LISTEN_ADDR",
+            format!("127.0.0.1:{port}"),
+        )
+        .env(
+            "TSUSAGE_CALLBACKS__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}/callbacks"),
+        )
+        .env("TSUSAGE_CALLBACKS__USERNAME", "cb-user")
+        .env("TSUSAGE_CALLBACKS__PASSWORD", SENTINELS[3])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn listen");
+    let up = (0..200).any(|_| {
+        let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        ok
+    });
+    assert!(up, "listener up");
+    let good = usage_callback(
+        "req-1",
+        1,
+        &[
+            record(&iccid(1), 0, r#""1""#),
+            record(&iccid(2), 0, r#""-1""#),
+        ],
+    )
+    .replace("cb-secret-sentinel", SENTINELS[3]);
+    assert_eq!(post(port, "application/json", good.as_bytes()), 200);
+    let wrong = good.replace(SENTINELS[3], "guess");
+    assert_eq!(post(port, "application/json", wrong.as_bytes()), 401);
+    let broken = format!("{{\"password\":\"{}\", \"requestId\": ", SENTINELS[3]);
+    assert_eq!(post(port, "application/json", broken.as_bytes()), 401);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let output = child.wait_with_output().expect("listen ends");
+    let run = Run(output);
+    run.expect_code(3); // the -1 record was rejected
+    assert_clean("stdout", &run.stdout());
+    assert_clean("stderr", &run.stderr());
+    assert_eq!(ws.callback_rejects().len(), 1);
+    assert_files_clean(&ws);
+}
