@@ -17,7 +17,12 @@ pub use crate::sim::SimConfig;
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "TSUSAGE_";
 /// Environment variables with the prefix that are not configuration keys.
-pub const ENV_RESERVED: &[&str] = &["TSUSAGE_LOG", crate::failpoint::ENV, "TSUSAGE_CRASH_SEED"];
+pub const ENV_RESERVED: &[&str] = &[
+    "TSUSAGE_LOG",
+    crate::failpoint::ENV,
+    crate::failpoint::ENV_FAIL,
+    "TSUSAGE_CRASH_SEED",
+];
 
 /// Default `plan.window_days`: one request per UTC day.
 pub const DEFAULT_WINDOW_DAYS: u32 = 1;

@@ -1,7 +1,8 @@
 //! Injected pauses for crash tests: `TSUSAGE_TEST_PAUSE="after_post=100,journal_commit=20"` makes the
 //! process sleep that many milliseconds at those points, widening the narrow windows a `kill -9` must
 //! hit (between a POST and its requestId record, inside a journal commit, inside a Parquet publish).
-//! Unset (the normal case), every point is a no-op.
+//! `TSUSAGE_TEST_FAIL="journal_commit,parquet_write"` makes those points fail as a full or broken disk
+//! would. Unset (the normal case), every point is a no-op.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -9,6 +10,8 @@ use std::time::Duration;
 
 /// The environment variable naming the pauses.
 pub const ENV: &str = "TSUSAGE_TEST_PAUSE";
+/// The environment variable naming the points that fail.
+pub const ENV_FAIL: &str = "TSUSAGE_TEST_FAIL";
 
 /// Between the vendor's answer to a usage request and the durable record of its requestId.
 pub const AFTER_POST: &str = "after_post";
@@ -16,6 +19,8 @@ pub const AFTER_POST: &str = "after_post";
 pub const JOURNAL_COMMIT: &str = "journal_commit";
 /// After a partition's files are staged, before they are published.
 pub const PARQUET_PUBLISH: &str = "parquet_publish";
+/// While a Parquet file is being written (fails after the first batch).
+pub const PARQUET_WRITE: &str = "parquet_write";
 
 fn pauses() -> &'static HashMap<String, Duration> {
     static PAUSES: OnceLock<HashMap<String, Duration>> = OnceLock::new();
@@ -32,6 +37,28 @@ fn pauses() -> &'static HashMap<String, Duration> {
             })
             .collect()
     })
+}
+
+fn failing() -> &'static Vec<String> {
+    static FAILING: OnceLock<Vec<String>> = OnceLock::new();
+    FAILING.get_or_init(|| {
+        std::env::var(ENV_FAIL)
+            .unwrap_or_default()
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect()
+    })
+}
+
+/// An injected I/O failure at `point`, if one is configured.
+pub fn fail(point: &str) -> std::io::Result<()> {
+    if failing().iter().any(|p| p == point) {
+        return Err(std::io::Error::other(format!(
+            "injected failure at {point} ({ENV_FAIL})"
+        )));
+    }
+    Ok(())
 }
 
 /// Sleeps the thread at `point` if a pause is configured for it.

@@ -141,8 +141,9 @@ impl RunReport {
         }
     }
 
-    /// Sets the status and exit code from what was counted: any reject, any request the vendor
-    /// refused or reports as failed, and any job left unsubmitted makes the run partial.
+    /// Sets the status and exit code from what was counted: journal commits that failed (answered 503)
+    /// make it failed; any reject, any request the vendor refused or reports as failed, any job left
+    /// unsubmitted or missing makes it partial.
     pub fn finish(&mut self) {
         let rejected = self.iccids.as_ref().map_or(0, |s| s.rejected)
             + self.callbacks.as_ref().map_or(0, |s| s.rejected + s.fault)
@@ -162,8 +163,14 @@ impl RunReport {
                     .map(|(_, n)| n)
                     .sum()
             });
-        self.exit_code = if rejected > 0 { EXIT_PARTIAL } else { EXIT_OK };
-        self.status = if rejected > 0 { "partial" } else { "complete" }.to_owned();
+        let failed = self.listener.as_ref().map_or(0, |l| l.journal_failures);
+        (self.exit_code, self.status) = if failed > 0 {
+            (EXIT_FAILED, "failed".to_owned())
+        } else if rejected > 0 {
+            (EXIT_PARTIAL, "partial".to_owned())
+        } else {
+            (EXIT_OK, "complete".to_owned())
+        };
         self.finished_at = now_text();
     }
 

@@ -489,6 +489,12 @@ impl Store for SqliteStore {
             }
         }
         crate::failpoint::pause(crate::failpoint::JOURNAL_COMMIT);
+        crate::failpoint::fail(crate::failpoint::JOURNAL_COMMIT).map_err(|source| {
+            StateError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
         tx.commit().map_err(err)?;
         Ok(outcomes)
     }

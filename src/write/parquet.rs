@@ -186,6 +186,8 @@ impl PartitionWriter {
                 message: e.to_string(),
             })?;
             writer.write(&batch).map_err(parquet_err)?;
+            crate::failpoint::fail(crate::failpoint::PARQUET_WRITE)
+                .map_err(|e| WriteError::io(path, e))?;
         }
         let file = writer.into_inner().map_err(parquet_err)?;
         file.sync_all().map_err(|e| WriteError::io(path, e))

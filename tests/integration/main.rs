@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod faults;
 mod ingest_dir;
 mod properties;
 mod run;
