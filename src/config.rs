@@ -304,6 +304,9 @@ pub struct CallbacksConfig {
     pub request_timeout_secs: u64,
     /// Listener: time a client has to send its request headers before the connection is closed.
     pub header_timeout_secs: u64,
+    /// Listener: source addresses or networks allowed to connect (the vendor publishes its callback
+    /// addresses); empty allows all.
+    pub allow_from: Vec<String>,
     #[serde(skip_serializing)]
     pub username: Option<Secret>,
     #[serde(skip_serializing)]
@@ -326,6 +329,7 @@ impl Default for CallbacksConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
+            allow_from: Vec::new(),
             username: None,
             password: None,
         }
@@ -506,6 +510,9 @@ impl Config {
                     format!("{url:?} is not an http:// or https:// URL"),
                 ));
             }
+        }
+        if let Err(e) = crate::collect::allow_list::AllowList::parse(&self.callbacks.allow_from) {
+            return Err(bad("callbacks.allow_from", e));
         }
         if self.output.max_rows_per_file == 0 {
             return Err(bad("output.max_rows_per_file", "must be at least 1".into()));

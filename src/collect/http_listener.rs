@@ -6,6 +6,7 @@
 //!   time with `TSUSAGE_CALLBACKS__USERNAME/PASSWORD`: a mismatch is 401 and nothing is journaled.
 //! - 200 only once the callback is committed (group commit through [`StateWriter`]); a failed
 //!   commit is 503 with `Retry-After`, so the vendor sends it again.
+//! - Connections from addresses outside `callbacks.allow_from` (when set) are closed at once.
 //! - Connections are capped (`callbacks.max_connections`), headers must arrive within
 //!   `callbacks.header_timeout_secs`, a request must finish within `callbacks.request_timeout_secs`.
 //! - Shutdown is graceful: the accept loop stops and in-flight requests finish.
@@ -28,6 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use super::allow_list::AllowList;
 use super::{Intake, now_micros};
 use crate::config::{CallbacksConfig, Secret};
 use crate::normalize::payload::Body;
@@ -69,6 +71,8 @@ pub enum ListenerError {
     NoCredentials,
     #[error("callbacks.public_url {0:?} has no path to listen on")]
     BadUrl(String),
+    #[error("callbacks.allow_from: {0}")]
+    AllowList(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -180,6 +184,7 @@ pub async fn start<S: Store + Send + 'static>(
         Duration::from_secs(config.request_timeout_secs),
     );
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1) as usize));
+    let allow = AllowList::parse(&config.allow_from).map_err(ListenerError::AllowList)?;
     let header_timeout = Duration::from_secs(config.header_timeout_secs);
     let (shutdown, mut stop) = watch::channel(false);
     tracing::info!(%addr, path, "callback listener up");
@@ -193,7 +198,7 @@ pub async fn start<S: Store + Send + 'static>(
                     Err(_) => break,
                 },
             };
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 _ = stop.changed() => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
@@ -204,6 +209,11 @@ pub async fn start<S: Store + Send + 'static>(
                     }
                 },
             };
+            if !allow.allows(peer.ip()) {
+                tracing::warn!(peer = %peer.ip(), "connection refused: not in callbacks.allow_from");
+                drop(stream);
+                continue;
+            }
             let service = TowerToHyperService::new(router.clone());
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder

@@ -4,6 +4,7 @@
 //! callback and inspects its records (counting, rejecting); [`Intake::commit`] journals a batch in one
 //! durable commit. Sources: [`drop_dir`] (files in a directory); the HTTP listener comes next.
 
+pub mod allow_list;
 pub mod drop_dir;
 pub mod http_listener;
 pub mod tracker;

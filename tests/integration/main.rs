@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod faults;
 mod ingest_dir;
+mod listener;
 mod properties;
 mod run;
 mod secrets;
