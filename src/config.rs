@@ -307,6 +307,11 @@ pub struct CallbacksConfig {
     /// Listener: source addresses or networks allowed to connect (the vendor publishes its callback
     /// addresses); empty allows all.
     pub allow_from: Vec<String>,
+    /// Listener: serve HTTPS with this PEM certificate chain (with `tls_key_file`); production
+    /// callbacks must be HTTPS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Listener: the PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     #[serde(skip_serializing)]
     pub username: Option<Secret>,
     #[serde(skip_serializing)]
@@ -330,6 +335,8 @@ impl Default for CallbacksConfig {
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             header_timeout_secs: DEFAULT_HEADER_TIMEOUT_SECS,
             allow_from: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
             username: None,
             password: None,
         }
@@ -510,6 +517,12 @@ impl Config {
                     format!("{url:?} is not an http:// or https:// URL"),
                 ));
             }
+        }
+        if self.callbacks.tls_cert_file.is_some() != self.callbacks.tls_key_file.is_some() {
+            return Err(bad(
+                "callbacks.tls_cert_file",
+                "give both tls_cert_file and tls_key_file, or neither".into(),
+            ));
         }
         if let Err(e) = crate::collect::allow_list::AllowList::parse(&self.callbacks.allow_from) {
             return Err(bad("callbacks.allow_from", e));

@@ -6,6 +6,7 @@
 //!   time with `TSUSAGE_CALLBACKS__USERNAME/PASSWORD`: a mismatch is 401 and nothing is journaled.
 //! - 200 only once the callback is committed (group commit through [`StateWriter`]); a failed
 //!   commit is 503 with `Retry-After`, so the vendor sends it again.
+//! - HTTPS with `callbacks.tls_cert_file`/`tls_key_file` (rustls): production callbacks must be HTTPS.
 //! - Connections from addresses outside `callbacks.allow_from` (when set) are closed at once.
 //! - Connections are capped (`callbacks.max_connections`), headers must arrive within
 //!   `callbacks.header_timeout_secs`, a request must finish within `callbacks.request_timeout_secs`.
@@ -13,6 +14,7 @@
 //! - Bodies and credentials are never logged.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,6 +75,8 @@ pub enum ListenerError {
     BadUrl(String),
     #[error("callbacks.allow_from: {0}")]
     AllowList(String),
+    #[error("callbacks TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -186,8 +190,12 @@ pub async fn start<S: Store + Send + 'static>(
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1) as usize));
     let allow = AllowList::parse(&config.allow_from).map_err(ListenerError::AllowList)?;
     let header_timeout = Duration::from_secs(config.header_timeout_secs);
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let (shutdown, mut stop) = watch::channel(false);
-    tracing::info!(%addr, path, "callback listener up");
+    tracing::info!(%addr, path, tls = tls.is_some(), "callback listener up");
     let task = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
         loop {
@@ -215,14 +223,21 @@ pub async fn start<S: Store + Send + 'static>(
                 continue;
             }
             let service = TowerToHyperService::new(router.clone());
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
+            let watcher = graceful.watcher();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let served = match tls {
+                    None => serve(stream, service, header_timeout, watcher).await,
+                    Some(acceptor) => {
+                        // The handshake gets the header timeout too: a silent client is cut off.
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => serve(stream, service, header_timeout, watcher).await,
+                            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                            Err(_) => Err("TLS handshake timed out".to_owned()),
+                        }
+                    }
+                };
+                if let Err(e) = served {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 drop(permit);
@@ -236,6 +251,48 @@ pub async fn start<S: Store + Send + 'static>(
         shutdown,
         task,
     })
+}
+
+/// One HTTP/1.1 connection over `io`, watched for graceful shutdown.
+async fn serve<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    header_timeout: Duration,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    watcher.watch(conn).await.map_err(|e| e.to_string())
+}
+
+/// The TLS side from PEM files (rustls, ring).
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, ListenerError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    crate::submit::client::install_crypto_provider();
+    let bad = |file: &Path, e: &dyn std::fmt::Display| {
+        ListenerError::Tls(format!("{}: {e}", file.display()))
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad(cert, &"no certificate in the file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| bad(cert, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Equal in constant time (compares SHA-256 digests, so length and content leak nothing).

@@ -120,3 +120,114 @@ fn a_bad_allow_list_entry_is_a_config_error_naming_it() {
         run.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_serves_https_with_the_configured_certificate() {
+    let ws = Workspace::new();
+    // A private CA and a server certificate for 127.0.0.1 signed by it.
+    let (ca, ca_key, cert, key, csr, ext) = (
+        ws.path("ca.pem"),
+        ws.path("ca-key.pem"),
+        ws.path("cert.pem"),
+        ws.path("key.pem"),
+        ws.path("req.csr"),
+        ws.path("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .expect("ext");
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let os = |s: &str| std::ffi::OsStr::new(s).to_owned();
+    let p = |p: &std::path::PathBuf| p.as_os_str().to_owned();
+    openssl(&[
+        &os("req"),
+        &os("-x509"),
+        &os("-newkey"),
+        &os("rsa:2048"),
+        &os("-nodes"),
+        &os("-days"),
+        &os("1"),
+        &os("-subj"),
+        &os("/CN=test-ca"),
+        &os("-keyout"),
+        &p(&ca_key),
+        &os("-out"),
+        &p(&ca),
+    ]);
+    openssl(&[
+        &os("req"),
+        &os("-newkey"),
+        &os("rsa:2048"),
+        &os("-nodes"),
+        &os("-subj"),
+        &os("/CN=localhost"),
+        &os("-keyout"),
+        &p(&key),
+        &os("-out"),
+        &p(&csr),
+    ]);
+    openssl(&[
+        &os("x509"),
+        &os("-req"),
+        &os("-in"),
+        &p(&csr),
+        &os("-CA"),
+        &p(&ca),
+        &os("-CAkey"),
+        &p(&ca_key),
+        &os("-CAcreateserial"),
+        &os("-days"),
+        &os("1"),
+        &os("-extfile"),
+        &p(&ext),
+        &os("-out"),
+        &p(&cert),
+    ]);
+    let port = free_port();
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let child = spawn_listen(
+        &ws,
+        port,
+        &[
+            ("TSUSAGE_CALLBACKS__TLS_CERT_FILE", &c),
+            ("TSUSAGE_CALLBACKS__TLS_KEY_FILE", &k),
+        ],
+    );
+
+    tsusage::submit::client::install_crypto_provider();
+    let root = reqwest::Certificate::from_pem(&std::fs::read(&ca).expect("ca")).expect("pem");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(root)
+        .build()
+        .expect("client");
+    let body = usage_callback("req-tls", 1, &[record(&iccid(1), 0, r#""1""#)]);
+    let response = client
+        .post(format!("https://127.0.0.1:{port}/callbacks"))
+        .header("Content-Type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("https post");
+    assert_eq!(response.status().as_u16(), 200);
+    // Plain HTTP to the HTTPS port gets no answer.
+    let plain =
+        tokio::task::spawn_blocking(move || post(port, "application/json", body.as_bytes()))
+            .await
+            .expect("join");
+    assert_eq!(plain, 0);
+    stop(child);
+    let store = tsusage::state::SqliteStore::open(&ws.path("state/tsusage.db")).expect("store");
+    assert_eq!(store.callbacks_since(0, 10).expect("journal").len(), 1);
+}
