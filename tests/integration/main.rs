@@ -2,6 +2,7 @@
 //! back with the parquet crate, the real SQLite file.
 
 mod cli;
+mod corpus;
 mod crash;
 mod faults;
 mod ingest_dir;
