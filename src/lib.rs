@@ -28,6 +28,7 @@ pub mod collect;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+pub mod fuzzing;
 pub mod ingest;
 pub mod normalize;
 pub mod pipeline;

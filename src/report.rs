@@ -145,7 +145,10 @@ impl RunReport {
     /// make it failed; any reject, any request the vendor refused or reports as failed, any job left
     /// unsubmitted or missing makes it partial.
     pub fn finish(&mut self) {
-        let rejected = self.iccids.as_ref().map_or(0, |s| s.rejected)
+        let rejected = self
+            .iccids
+            .as_ref()
+            .map_or(0, |s| s.rejected + s.files_rejected)
             + self.callbacks.as_ref().map_or(0, |s| s.rejected + s.fault)
             + self.records.as_ref().map_or(0, |s| s.rejected)
             + self

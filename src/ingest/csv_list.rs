@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -32,6 +32,8 @@ pub struct IngestStats {
     pub duplicates: u64,
     /// Rows rejected (see the rejects file).
     pub rejected: u64,
+    /// Files skipped whole (no ICCID column), also listed in the rejects file.
+    pub files_rejected: u64,
     /// ICCIDs kept although their Luhn check digit is wrong.
     pub luhn_warnings: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
@@ -56,14 +58,39 @@ pub fn read_iccid_files(
     let mut list = IccidList::default();
     let mut seen = HashSet::new();
     for path in paths {
-        read_one(path, options, rejects, &mut seen, &mut list)?;
+        let file = File::open(path).map_err(|source| IngestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        read_one(path, file, options, rejects, &mut seen, &mut list)?;
     }
     list.stats.accepted = list.iccids.len() as u64;
     Ok(list)
 }
 
-fn read_one(
+/// Reads one ICCID list from any byte source; `name` stands for it in rejects and errors.
+pub fn read_iccid_source<R: Read>(
+    name: &Path,
+    input: R,
+    options: IngestOptions,
+    rejects: &mut IccidRejects,
+) -> Result<IccidList, IngestError> {
+    let mut list = IccidList::default();
+    read_one(
+        name,
+        input,
+        options,
+        rejects,
+        &mut HashSet::new(),
+        &mut list,
+    )?;
+    list.stats.accepted = list.iccids.len() as u64;
+    Ok(list)
+}
+
+fn read_one<R: Read>(
     path: &Path,
+    input: R,
     options: IngestOptions,
     rejects: &mut IccidRejects,
     seen: &mut HashSet<Iccid>,
@@ -73,7 +100,7 @@ fn read_one(
         path: path.to_owned(),
         source,
     };
-    let mut input = BufReader::new(File::open(path).map_err(read_err)?);
+    let mut input = BufReader::new(input);
     let delimiter = sniff_delimiter(&mut input).map_err(read_err)?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
@@ -147,6 +174,9 @@ fn read_one(
                             record.len()
                         ),
                     )?;
+                    // The whole file is skipped: a rejected file, not a rejected row.
+                    list.stats.rejected -= 1;
+                    list.stats.files_rejected += 1;
                     return Ok(());
                 }
             }
@@ -250,7 +280,7 @@ fn header_column(first: &csv::ByteRecord) -> Header {
 }
 
 /// Picks `,`, `;` or tab, whichever the first line has most of (`,` when it has none).
-fn sniff_delimiter(input: &mut BufReader<File>) -> std::io::Result<u8> {
+fn sniff_delimiter<R: Read>(input: &mut BufReader<R>) -> std::io::Result<u8> {
     let buf = input.fill_buf()?;
     let window = &buf[..buf.len().min(64 * 1024)];
     let first_line = window.split(|&b| b == b'\n').next().unwrap_or(window);

@@ -3,7 +3,7 @@
 mod csv_list;
 mod iccid;
 
-pub use csv_list::{IccidList, IngestOptions, IngestStats, read_iccid_files};
+pub use csv_list::{IccidList, IngestOptions, IngestStats, read_iccid_files, read_iccid_source};
 pub(crate) use iccid::describe_char;
 pub use iccid::{Iccid, IccidError};
 

@@ -5,6 +5,7 @@ mod cli;
 mod corpus;
 mod crash;
 mod faults;
+mod fuzz_corpus;
 mod ingest_dir;
 mod listener;
 mod properties;

@@ -1,0 +1,107 @@
+//! Fuzzing harnesses: what the cargo-fuzz targets in `fuzz/` run, and what the test suite replays
+//! over the committed corpus (`fuzz/corpus/`). Each takes arbitrary bytes, must never panic on its
+//! own, and asserts the invariants a user relies on (a violated one panics, which is the finding).
+//! Not for the data path.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use crate::ingest::{IngestOptions, read_iccid_source};
+use crate::normalize::payload::{Body, CREDENTIAL_KEYS, CallbackKind};
+use crate::normalize::record::parse_record;
+use crate::normalize::values::{RawScalar, parse_count, parse_timestamp};
+use crate::write::rejects::IccidRejects;
+
+/// The callback parser: body → credentials stripped → callback → records.
+pub fn callback_body(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(body) = Body::parse(text) else {
+        return;
+    };
+    // Invariant: the stripped body is a JSON object without credentials, and means the same.
+    let stripped = body.stripped();
+    let again =
+        Body::parse(&stripped).unwrap_or_else(|e| panic!("stripped body does not parse: {e}"));
+    for key in CREDENTIAL_KEYS {
+        assert!(
+            again.string(key).is_none(),
+            "credential {key} survived stripping"
+        );
+    }
+    let original = body
+        .callback()
+        .map(|c| (c.request_id.to_string(), c.kind.name()));
+    let reparsed = again
+        .callback()
+        .map(|c| (c.request_id.to_string(), c.kind.name()));
+    assert_eq!(
+        original.ok(),
+        reparsed.ok(),
+        "stripping changed the callback"
+    );
+    if let Ok(cb) = body.callback()
+        && let CallbackKind::Usage(records) = &cb.kind
+    {
+        for raw in records {
+            if let Ok(r) = parse_record(raw, false) {
+                assert!(r.usage_start < r.usage_end);
+                assert!(
+                    r.data_usage_bytes >= 0 && r.sms_usage >= 0 && r.mo_sms >= 0 && r.mt_sms >= 0
+                );
+            }
+        }
+    }
+}
+
+/// The ICCID list reader; rejects go to /dev/null.
+pub fn csv_list(data: &[u8]) {
+    let mut rejects = IccidRejects::new("/dev/null".into());
+    if let Ok(list) = read_iccid_source(
+        Path::new("fuzz.csv"),
+        data,
+        IngestOptions::default(),
+        &mut rejects,
+    ) {
+        let s = &list.stats;
+        // Invariant: every data row is accepted, a duplicate or rejected; kept ICCIDs are valid.
+        assert_eq!(s.rows, s.accepted + s.duplicates + s.rejected, "{s:?}");
+        for iccid in &list.iccids {
+            let text = iccid.as_str();
+            assert!(
+                (19..=20).contains(&text.len())
+                    && text.starts_with("89")
+                    && text.bytes().all(|b| b.is_ascii_digit())
+            );
+        }
+    }
+}
+
+/// The count and timestamp parsers on one string.
+pub fn values(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let raw = RawScalar::Str(Cow::Borrowed(text));
+    if let Ok(count) = parse_count(&raw) {
+        // Invariant: only ASCII digits (with surrounding whitespace when recovered) make a count.
+        let digits = text.trim_matches(|c: char| c.is_ascii_whitespace());
+        assert!(
+            !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+            "{text:?}"
+        );
+        assert_eq!(count.recovered, digits.len() != text.len());
+        assert_eq!(
+            digits.trim_start_matches('0').parse::<i64>().unwrap_or(0),
+            count.value
+        );
+    }
+    if let Ok(micros) = parse_timestamp(&raw) {
+        // Invariant: what parses prints back to the same instant.
+        let when = chrono::DateTime::from_timestamp_micros(micros)
+            .unwrap_or_else(|| panic!("{micros} out of range"));
+        let shown = when.format("%Y-%m-%dT%H:%M:%S").to_string();
+        assert!(text.starts_with(&shown), "{text:?} parsed as {shown}");
+    }
+}
