@@ -437,3 +437,81 @@ fn a_second_run_on_the_same_state_store_is_refused_naming_the_holder() {
         ingest.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_dropped_as_files_feed_the_same_tracking() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let n = 60;
+    let ws = workspace(n);
+    let sim = tsusage::sim::start(tsusage::sim::SimConfig {
+        listen_addr: "127.0.0.1:0".parse().expect("addr"),
+        ..tsusage::sim::SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    // Someone else receives the callbacks and drops each as a file (written, then renamed in).
+    let inbox = ws.inbox();
+    let counter = std::sync::Arc::new(AtomicU64::new(0));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let (inbox, counter) = (inbox.clone(), counter.clone());
+            async move {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                let tmp = inbox.join(format!(".cb-{n}.json.part"));
+                std::fs::write(&tmp, &body).expect("write");
+                std::fs::rename(&tmp, inbox.join(format!("cb-{n}.json"))).expect("rename");
+                "ok"
+            }
+        }),
+    );
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hook_url = format!("http://{}/hook", hook.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(hook, app).await });
+
+    let env = vec![
+        ("TSUSAGE_API__BASE_URL".to_owned(), sim.base_url()),
+        ("TSUSAGE_API__APP_KEY".to_owned(), "k".to_owned()),
+        ("TSUSAGE_API__APP_SECRET".to_owned(), "s".to_owned()),
+        ("TSUSAGE_API__USERNAME".to_owned(), "u".to_owned()),
+        ("TSUSAGE_API__PASSWORD".to_owned(), "p".to_owned()),
+        (
+            "TSUSAGE_INPUT__PATHS".to_owned(),
+            format!("[\"{}\"]", ws.path("iccids.csv").display()),
+        ),
+        ("TSUSAGE_PLAN__CHUNK_SIZE".to_owned(), "20".to_owned()),
+        ("TSUSAGE_API__REQUESTS_PER_SEC".to_owned(), "50".to_owned()),
+        (
+            "TSUSAGE_CALLBACKS__SOURCE".to_owned(),
+            "drop_dir".to_owned(),
+        ),
+        (
+            "TSUSAGE_CALLBACKS__DROP_DIR".to_owned(),
+            ws.inbox().display().to_string(),
+        ),
+        ("TSUSAGE_CALLBACKS__SETTLE_SECS".to_owned(), "1".to_owned()),
+    ];
+    let config = Config::load_with_env(&ws.config(), env).expect("config");
+    let client = tsusage::submit::ApiClient::new(&config.api).expect("client");
+    client
+        .register_callback(ACCOUNT, "DeviceUsage", &hook_url, None, None)
+        .await
+        .expect("register the hook");
+
+    let outcome = pipeline::run(&config, pipeline::RunOptions::new(range()))
+        .await
+        .expect("run");
+    assert_eq!(outcome.report.exit_code, 0, "{}", outcome.report.summary());
+    assert_eq!(output_rows(&ws).len(), truth(n).0.len());
+    assert!(
+        ws.inbox()
+            .join("processed")
+            .read_dir()
+            .expect("processed")
+            .count()
+            > 0
+    );
+    sim.shutdown().await;
+}
