@@ -36,7 +36,8 @@ use super::{Intake, now_micros};
 use crate::config::{CallbacksConfig, Secret};
 use crate::normalize::payload::Body;
 use crate::state::{Journaled, StateWriter, Store};
-use crate::write::rejects::RecordReject;
+use crate::write::WriteError;
+use crate::write::rejects::{RecordReject, RecordRejects};
 
 /// What the handlers share.
 pub struct ListenerState<S> {
@@ -44,8 +45,8 @@ pub struct ListenerState<S> {
     password: Secret,
     writer: Arc<StateWriter<S>>,
     pub intake: Mutex<Intake>,
-    /// Record-level and body-level rejects, for the owner to write out.
-    pub rejects: Mutex<Vec<RecordReject>>,
+    /// Record-level and body-level rejects, written as they come (memory stays flat).
+    rejects: Mutex<Option<RecordRejects>>,
     pub counts: Mutex<ListenerCounts>,
 }
 
@@ -129,6 +130,38 @@ impl<S> std::fmt::Debug for ListenerState<S> {
     }
 }
 
+impl<S> ListenerState<S> {
+    /// Appends rejects to the rejects file. A failure to write them is logged, not fatal: the
+    /// callbacks themselves are in the journal, and their rejects can be derived again from it.
+    fn write_rejects(&self, rejects: &[RecordReject]) {
+        if rejects.is_empty() {
+            return;
+        }
+        let mut file = self.rejects.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = file.as_mut() {
+            for reject in rejects {
+                if let Err(e) = file.push(reject) {
+                    tracing::error!(error = %e, "cannot write the rejects file");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Closes the rejects file; its path if anything was rejected.
+    pub fn finish_rejects(&self) -> Result<Option<std::path::PathBuf>, WriteError> {
+        match self
+            .rejects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            Some(file) => file.finish(),
+            None => Ok(None),
+        }
+    }
+}
+
 /// A running listener.
 #[derive(Debug)]
 pub struct ListenerHandle {
@@ -152,6 +185,7 @@ impl<S: Store + Send + 'static> ListenerState<S> {
         config: &CallbacksConfig,
         writer: Arc<StateWriter<S>>,
         intake: Intake,
+        rejects: RecordRejects,
     ) -> Result<Self, ListenerError> {
         let (Some(username), Some(password)) = (config.username.clone(), config.password.clone())
         else {
@@ -162,7 +196,7 @@ impl<S: Store + Send + 'static> ListenerState<S> {
             password,
             writer,
             intake: Mutex::new(intake),
-            rejects: Mutex::new(Vec::new()),
+            rejects: Mutex::new(Some(rejects)),
             counts: Mutex::new(ListenerCounts::default()),
         })
     }
@@ -360,17 +394,16 @@ async fn receive<S: Store + Send + 'static>(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .prepare(text, "listener".to_owned(), &mut rejects);
-        let mut all = state.rejects.lock().unwrap_or_else(|e| e.into_inner());
-        all.extend(rejects);
-        match prepared {
+        let prepared = match prepared {
             Ok(p) => p,
             Err(reject) => {
-                all.push(*reject);
-                drop(all);
+                state.write_rejects(&[*reject]);
                 count(|c| c.malformed += 1);
                 return answer(StatusCode::BAD_REQUEST, "not a callback");
             }
-        }
+        };
+        state.write_rejects(&rejects);
+        prepared
     };
     match state.writer.journal(prepared, now_micros()).await {
         Ok(outcome) => {

@@ -25,10 +25,14 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     let path = config.state.path.display().to_string();
     let writer = Arc::new(StateWriter::spawn(store, path.clone()));
     let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
+    let rejects = RecordRejects::new(
+        rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl")),
+    );
     let state = Arc::new(ListenerState::new(
         &config.callbacks,
         writer.clone(),
         intake,
+        rejects,
     )?);
     let handle = http_listener::start(&config.callbacks, state.clone()).await?;
     tracing::info!(addr = %handle.addr, "listening; SIGTERM or Ctrl-C stops after in-flight requests finish");
@@ -36,18 +40,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     tracing::info!("stopping");
     handle.shutdown(SHUTDOWN_GRACE).await;
 
-    let mut rejects = RecordRejects::new(
-        rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl")),
-    );
-    for reject in state
-        .rejects
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
-        rejects.push(reject)?;
-    }
-    report.rejects_files.extend(rejects.finish()?);
+    report.rejects_files.extend(state.finish_rejects()?);
     {
         let intake = state.intake.lock().unwrap_or_else(|e| e.into_inner());
         let counts = state

@@ -148,10 +148,14 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
     let listening = match config.callbacks.source {
         CallbackSource::Listener => {
+            let rejects = RecordRejects::new(
+                rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl")),
+            );
             let state = Arc::new(ListenerState::new(
                 &config.callbacks,
                 writer.clone(),
                 intake,
+                rejects,
             )?);
             let handle = http_listener::start(&config.callbacks, state.clone()).await?;
             if config.callbacks.listen_addr.port() == 0 {
@@ -211,8 +215,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let (callback_stats, record_stats, listener_rejects) = match listener_state {
         Some(state) => {
             let intake = state.intake.lock().unwrap_or_else(|e| e.into_inner());
-            let rejects =
-                std::mem::take(&mut *state.rejects.lock().unwrap_or_else(|e| e.into_inner()));
+            let rejects = state.finish_rejects()?;
             let mut callbacks = intake.callbacks.clone();
             if let Some(counts) = &listener_counts {
                 callbacks.journaled = counts.journaled;
@@ -221,7 +224,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
             callbacks.unmatched = tracker.stats.unmatched_callbacks;
             (callbacks, intake.records.clone(), rejects)
         }
-        None => (drop_stats.0, drop_stats.1, Vec::new()),
+        None => (drop_stats.0, drop_stats.1, None),
     };
     let mut store = finish_writer(writer, &path)?;
 
@@ -229,13 +232,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     report.output = Some(write_pending(config, &mut store, &run_id)?);
 
     // The report: rejects, completeness, counts.
-    let mut rejects = RecordRejects::new(
-        rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl")),
-    );
-    for reject in &listener_rejects {
-        rejects.push(reject)?;
-    }
-    report.rejects_files.extend(rejects.finish()?);
+    report.rejects_files.extend(listener_rejects);
     report.rejects_files.extend(drop_rejects_file);
     let (counts, mut rows) = tracker.completeness();
     let mut completeness: BTreeMap<String, u64> =
