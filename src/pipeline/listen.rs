@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Outcome, rejects_dir};
+use super::{Outcome, conclude, rejects_dir};
 use crate::Result;
 use crate::collect::Intake;
 use crate::collect::http_listener::{self, ListenerState};
@@ -61,14 +61,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
         message: "the state writer is still in use".into(),
     })?;
     let mut store = writer.finish()?;
-    report.finish();
-    let report_path = report.save(&config.output.dir)?;
-    let json = serde_json::to_string(&report).unwrap_or_default();
-    store.finish_run(&run_id, report.exit_code, &json)?;
-    Ok(Outcome {
-        report,
-        report_path,
-    })
+    conclude(report, &mut store, &config.output.dir)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -43,21 +43,26 @@ pub struct Outcome {
 pub fn validate(config: &Config, files: &[PathBuf]) -> Result<Outcome> {
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "validate");
-    let out = &config.output.dir;
-    let mut rejects = IccidRejects::new(rejects_dir(out).join(format!("{run_id}-iccids.csv")));
-    let options = IngestOptions {
-        strict_luhn: config.input.strict_luhn,
-    };
-    let list = ingest::read_iccid_files(files, options, &mut rejects).map_err(|e| match e {
-        ingest::IngestError::Read { path, source } => {
-            Error::Usage(format!("{}: cannot read: {source}", path.display()))
-        }
-        ingest::IngestError::Rejects(w) => Error::Write(w),
-    })?;
-    report.iccids = Some(list.stats);
-    report.rejects_files.extend(rejects.finish()?);
+    read_iccids(config, files, &run_id, &mut report)?;
     report.finish();
-    let report_path = report.save(out)?;
+    let report_path = report.save(&config.output.dir)?;
+    Ok(Outcome {
+        report,
+        report_path,
+    })
+}
+
+/// Ends a command: sets the exit code from the counts, saves the report (its path is printed last)
+/// and records it in the store's `runs` table.
+pub(crate) fn conclude<S: Store + ?Sized>(
+    mut report: RunReport,
+    store: &mut S,
+    out_dir: &Path,
+) -> Result<Outcome> {
+    report.finish();
+    let report_path = report.save(out_dir)?;
+    let json = serde_json::to_string(&report).unwrap_or_default();
+    store.finish_run(&report.run_id, report.exit_code, &json)?;
     Ok(Outcome {
         report,
         report_path,
@@ -143,14 +148,7 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
         })?
         .finish()?;
     report.submit = Some(submitted?);
-    report.finish();
-    let report_path = report.save(&config.output.dir)?;
-    let json = serde_json::to_string(&report).unwrap_or_default();
-    store.finish_run(&run_id, report.exit_code, &json)?;
-    Ok(Outcome {
-        report,
-        report_path,
-    })
+    conclude(report, &mut store, &config.output.dir)
 }
 
 /// `tsusage callbacks register`: registers `callbacks.public_url` for `callbacks.service_name`.
@@ -336,14 +334,7 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
     report.output = Some(write_pending(config, &mut store, &run_id)?);
     report.callbacks = Some(intake.callbacks);
     report.records = Some(intake.records);
-    report.finish();
-    let report_path = report.save(out)?;
-    let json = serde_json::to_string(&report).unwrap_or_default();
-    store.finish_run(&run_id, report.exit_code, &json)?;
-    Ok(Outcome {
-        report,
-        report_path,
-    })
+    conclude(report, &mut store, out)
 }
 
 /// Rewrites every partition whose journal has callbacks newer than its last write (invariant 3: the

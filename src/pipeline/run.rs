@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{Outcome, progress_bar, read_iccids, rejects_dir, simulate, write_pending};
+use super::{Outcome, conclude, progress_bar, read_iccids, rejects_dir, simulate, write_pending};
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::collect::http_listener::{self, ListenerHandle, ListenerState};
 use crate::collect::tracker::{CompletenessRow, JobState, Tracker};
@@ -269,14 +269,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     report.submit = Some(submitted);
     report.callbacks = Some(callback_stats);
     report.records = Some(record_stats);
-    report.finish();
-    let report_path = report.save(&config.output.dir)?;
-    let json = serde_json::to_string(&report).unwrap_or_default();
-    store.finish_run(&run_id, report.exit_code, &json)?;
-    Ok(Outcome {
-        report,
-        report_path,
-    })
+    conclude(report, &mut store, &config.output.dir)
 }
 
 /// Submits `to_send` and collects until every tracked job has ended (complete, failed, missing) or
