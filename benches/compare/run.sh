@@ -33,8 +33,7 @@ ROWS="SELECT '0000123456-00001' AS account_name, r.deviceIdentifierCollection[1]
         CAST(r.moSms AS BIGINT) AS mo_sms, CAST(r.mtSms AS BIGINT) AS mt_sms, request_id,
         now() AS received_at"
 
-duckdb_files() {
-  python3 - "$1" "$2" <<PY
+cat > "$DATA/duck_files.py" <<PY
 import duckdb, sys
 src, out = sys.argv[1], sys.argv[2]
 con = duckdb.connect(); con.execute("SET threads=1")
@@ -44,10 +43,8 @@ con.execute("""COPY (
                 FROM cb WHERE j.deviceResponse.devicePromoUsageResponse IS NOT NULL)
   $ROWS FROM recs) TO 'OUT' (FORMAT parquet, COMPRESSION zstd)""".replace("SRC", src).replace("OUT", out))
 PY
-}
 
-duckdb_ndjson() {
-  python3 - "$1" "$2" <<PY
+cat > "$DATA/duck_ndjson.py" <<PY
 import duckdb, sys
 src, out = sys.argv[1], sys.argv[2]
 con = duckdb.connect(); con.execute("SET threads=2")
@@ -58,7 +55,6 @@ con.execute("""COPY (
                 WHERE deviceResponse.devicePromoUsageResponse IS NOT NULL)
   $ROWS FROM recs) TO 'OUT' (FORMAT parquet, COMPRESSION zstd)""".replace("SRC", src).replace("OUT", out))
 PY
-}
 
 # Runs "$@" once; prints "seconds peak_rss_mb".
 measure() {
@@ -72,9 +68,9 @@ fresh() { rm -rf "$DATA/out" "$DATA/state" "$DATA/$1"; cp -r "$DATA/$1-src" "$DA
 declare -A T M
 for i in $(seq 1 "$RUNS"); do
   fresh files;  read -r s m < <(measure target/release/tsusage --log warn ingest "$DATA/files" --config "$DATA/tsusage.toml"); T[tf]+="$s "; M[tf]+="$m "
-  read -r s m < <(measure duckdb_files "$DATA/files-src" "$DATA/duck-files.parquet"); T[df]+="$s "; M[df]+="$m "
+  read -r s m < <(measure python3 "$DATA/duck_files.py" "$DATA/files-src" "$DATA/duck-files.parquet"); T[df]+="$s "; M[df]+="$m "
   fresh ndjson; read -r s m < <(measure target/release/tsusage --log warn ingest "$DATA/ndjson" --config "$DATA/tsusage.toml"); T[tn]+="$s "; M[tn]+="$m "
-  read -r s m < <(measure duckdb_ndjson "$DATA/ndjson-src" "$DATA/duck-ndjson.parquet"); T[dn]+="$s "; M[dn]+="$m "
+  read -r s m < <(measure python3 "$DATA/duck_ndjson.py" "$DATA/ndjson-src" "$DATA/duck-ndjson.parquet"); T[dn]+="$s "; M[dn]+="$m "
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 row() {
