@@ -110,8 +110,8 @@ pub struct Tracker {
     tracks: Vec<Track>,
     by_job: HashMap<String, usize>,
     by_request: HashMap<String, usize>,
-    /// Callbacks whose requestId is not (yet) known: `(request_id, kind, body)`.
-    parked: Vec<(String, String, String)>,
+    /// Callbacks whose requestId is not (yet) known: `(request_id, body)`.
+    parked: Vec<(String, String)>,
     strict_luhn: bool,
     settle: Duration,
     deadline: Duration,
@@ -176,24 +176,24 @@ impl Tracker {
         }
         // Callbacks that came before their requestId was recorded.
         let parked = std::mem::take(&mut self.parked);
-        for (rid, kind, body) in parked {
+        for (rid, body) in parked {
             if rid == request_id {
-                self.apply(i, &kind, &body, now);
+                self.apply(i, &body, now);
             } else {
-                self.parked.push((rid, kind, body));
+                self.parked.push((rid, body));
             }
         }
     }
 
     /// A journaled callback.
-    pub fn callback(&mut self, request_id: String, kind: String, body: String, now: Instant) {
+    pub fn callback(&mut self, request_id: String, body: String, now: Instant) {
         match self.by_request.get(&request_id) {
-            Some(&i) => self.apply(i, &kind, &body, now),
-            None => self.parked.push((request_id, kind, body)),
+            Some(&i) => self.apply(i, &body, now),
+            None => self.parked.push((request_id, body)),
         }
     }
 
-    fn apply(&mut self, i: usize, kind: &str, body: &str, now: Instant) {
+    fn apply(&mut self, i: usize, body: &str, now: Instant) {
         self.stats.callbacks += 1;
         let strict = self.strict_luhn;
         let track = &mut self.tracks[i];
@@ -231,7 +231,6 @@ impl Tracker {
                 }
             }
         }
-        let _ = kind;
     }
 
     /// The job could not be sent in this run.

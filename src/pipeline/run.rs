@@ -338,9 +338,9 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         loop {
             let page = reader.callbacks_since(callback_cursor, JOURNAL_PAGE)?;
             let full = page.len() == JOURNAL_PAGE;
-            for (id, request_id, kind, body) in page {
+            for (id, request_id, _kind, body) in page {
                 callback_cursor = id;
-                tracker.callback(request_id, kind, body, now);
+                tracker.callback(request_id, body, now);
             }
             if !full {
                 break;
