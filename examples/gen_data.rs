@@ -21,24 +21,6 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn luhn_digit(body: &str) -> u32 {
-    let sum: u32 = body
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(i, b)| {
-            let d = u32::from(b - b'0');
-            if i % 2 == 0 {
-                let d2 = d * 2;
-                if d2 > 9 { d2 - 9 } else { d2 }
-            } else {
-                d
-            }
-        })
-        .sum();
-    (10 - sum % 10) % 10
-}
-
 /// The i-th ICCID: Verizon-like `891480…`, 20 digits (every 7th one 19), valid Luhn; distinct for
 /// every i below 10^8 (the serial is a bijection of i modulo 10^8).
 fn iccid(i: u64) -> String {
@@ -48,7 +30,10 @@ fn iccid(i: u64) -> String {
     } else {
         format!("8914800000{serial:08}0")[..19].to_string()
     };
-    format!("{body}{}", luhn_digit(&body))
+    format!(
+        "{body}{}",
+        tsusage::ingest::luhn_check_digit(body.as_bytes())
+    )
 }
 
 /// Usage of one ICCID over one window, as the simulator would report it.

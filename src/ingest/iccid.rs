@@ -96,21 +96,7 @@ impl Iccid {
             Some(split) => split,
             None => return Err(IccidError::Empty),
         };
-        let sum: u32 = body
-            .iter()
-            .rev()
-            .enumerate()
-            .map(|(i, b)| {
-                let d = u32::from(b - b'0');
-                if i % 2 == 0 {
-                    let d2 = d * 2;
-                    if d2 > 9 { d2 - 9 } else { d2 }
-                } else {
-                    d
-                }
-            })
-            .sum();
-        let expected = ((10 - sum % 10) % 10) as u8;
+        let expected = luhn_check_digit(body);
         if last - b'0' == expected {
             Ok(())
         } else {
@@ -170,6 +156,29 @@ impl fmt::Debug for Iccid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Iccid({})", self.as_str())
     }
+}
+
+/// The Luhn check digit for `body` (ASCII digits): the digit an ICCID ending in it must have last.
+///
+/// ```
+/// assert_eq!(tsusage::ingest::luhn_check_digit(b"8914800000080013970"), 2);
+/// ```
+pub fn luhn_check_digit(body: &[u8]) -> u8 {
+    let sum: u32 = body
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b.wrapping_sub(b'0') % 10);
+            if i % 2 == 0 {
+                let d2 = d * 2;
+                if d2 > 9 { d2 - 9 } else { d2 }
+            } else {
+                d
+            }
+        })
+        .sum();
+    ((10 - sum % 10) % 10) as u8
 }
 
 /// `8.91480E+19`, `8.9148E19`, `89148000000800000000.0`: what a spreadsheet makes of a long number.

@@ -5,7 +5,7 @@ mod iccid;
 
 pub use csv_list::{IccidList, IngestOptions, IngestStats, read_iccid_files, read_iccid_source};
 pub(crate) use iccid::describe_char;
-pub use iccid::{Iccid, IccidError};
+pub use iccid::{Iccid, IccidError, luhn_check_digit};
 
 /// An input file that cannot be read at all (a bad row is a reject, not an error).
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use crate::collect::Intake;
 use crate::collect::http_listener::{self, ListenerState};
 use crate::config::Config;
 use crate::report::{RunReport, new_run_id};
-use crate::state::{SqliteStore, StateError, StateWriter, Store};
+use crate::state::{SqliteStore, StateWriter, Store};
 use crate::write::rejects::RecordRejects;
 
 /// How long in-flight requests get to finish after SIGTERM or Ctrl-C.
@@ -23,7 +23,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     let mut store = SqliteStore::open(&config.state.path)?;
     store.begin_run(&run_id, "listen")?;
     let path = config.state.path.display().to_string();
-    let writer = Arc::new(StateWriter::spawn(store, path.clone()));
+    let writer = Arc::new(StateWriter::spawn(store, path));
     let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
     let rejects = RecordRejects::new(
         rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl")),
@@ -56,11 +56,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
         report.listener = Some(counts);
     }
     drop(state);
-    let writer = Arc::try_unwrap(writer).map_err(|_| StateError::Invalid {
-        path: path.clone(),
-        message: "the state writer is still in use".into(),
-    })?;
-    let mut store = writer.finish()?;
+    let mut store = StateWriter::finish_shared(writer)?;
     conclude(report, &mut store, &config.output.dir)
 }
 

@@ -138,15 +138,10 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
         client.authenticate().await?;
     }
     let path = config.state.path.display().to_string();
-    let writer = Arc::new(StateWriter::spawn(store, path.clone()));
+    let writer = Arc::new(StateWriter::spawn(store, path));
     let submitted = submit::submit(client.clone(), writer.clone(), todo, &options).await;
     client.logout().await;
-    let mut store = Arc::try_unwrap(writer)
-        .map_err(|_| crate::state::StateError::Invalid {
-            path,
-            message: "the state writer is still shared".into(),
-        })?
-        .finish()?;
+    let mut store = StateWriter::finish_shared(writer)?;
     report.submit = Some(submitted?);
     conclude(report, &mut store, &config.output.dir)
 }
@@ -154,6 +149,17 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
 /// `tsusage callbacks register`: registers `callbacks.public_url` for `callbacks.service_name`.
 pub async fn register_callback(config: &Config) -> Result<String> {
     let client = ApiClient::new(&config.api)?;
+    register_ours(&client, config).await?;
+    client.logout().await;
+    let c = &config.callbacks;
+    Ok(format!(
+        "registered {} for {} on account {}",
+        c.public_url, c.service_name, config.account_name
+    ))
+}
+
+/// Registers `callbacks.public_url` for `callbacks.service_name`, with the callback credentials.
+pub(crate) async fn register_ours(client: &ApiClient, config: &Config) -> Result<()> {
     let c = &config.callbacks;
     client
         .register_callback(
@@ -164,11 +170,7 @@ pub async fn register_callback(config: &Config) -> Result<String> {
             c.password.as_ref(),
         )
         .await?;
-    client.logout().await;
-    Ok(format!(
-        "registered {} for {} on account {}",
-        c.public_url, c.service_name, config.account_name
-    ))
+    Ok(())
 }
 
 /// `tsusage callbacks list`: one line per registered callback (`name url`).

@@ -144,7 +144,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
 
     // 3. collect: the listener is up before the first request goes out.
     let path = state_path.display().to_string();
-    let writer = Arc::new(StateWriter::spawn(store, path.clone()));
+    let writer = Arc::new(StateWriter::spawn(store, path));
     let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
     let listening = match config.callbacks.source {
         CallbackSource::Listener => {
@@ -189,7 +189,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         Ok(done) => done,
         Err(e) => {
             drop(listener_state);
-            let _ = finish_writer(writer, &path);
+            let _ = StateWriter::finish_shared(writer);
             return Err(e);
         }
     };
@@ -226,7 +226,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         }
         None => (drop_stats.0, drop_stats.1, None),
     };
-    let mut store = finish_writer(writer, &path)?;
+    let mut store = StateWriter::finish_shared(writer)?;
 
     // 5-6. normalize and write every partition the journal has news for.
     report.output = Some(write_pending(config, &mut store, &run_id)?);
@@ -426,30 +426,13 @@ async fn ensure_callback_registered(client: &ApiClient, config: &Config) -> Resu
                 service = c.service_name,
                 "registering the callback URL"
             );
-            client
-                .register_callback(
-                    &config.account_name,
-                    &c.service_name,
-                    &c.public_url,
-                    c.username.as_ref(),
-                    c.password.as_ref(),
-                )
-                .await?;
-            Ok(())
+            super::register_ours(client, config).await
         }
     }
 }
 
 async fn stop_listener(handle: ListenerHandle) {
     handle.shutdown(LISTENER_GRACE).await;
-}
-
-fn finish_writer<S: Store + Send + 'static>(writer: Arc<StateWriter<S>>, path: &str) -> Result<S> {
-    let writer = Arc::try_unwrap(writer).map_err(|_| StateError::Invalid {
-        path: path.to_owned(),
-        message: "the state writer is still in use".into(),
-    })?;
-    Ok(writer.finish()?)
 }
 
 fn merge(into: &mut SubmitReport, from: SubmitReport) {

@@ -98,6 +98,17 @@ impl<S: Store + Send + 'static> StateWriter<S> {
             .map_err(|m| self.failed(m))
     }
 
+    /// [`StateWriter::finish`] for a writer shared with tasks that have all ended.
+    pub fn finish_shared(writer: std::sync::Arc<Self>) -> Result<S, StateError> {
+        match std::sync::Arc::try_unwrap(writer) {
+            Ok(writer) => writer.finish(),
+            Err(shared) => Err(StateError::Invalid {
+                path: shared.path.clone(),
+                message: "the state writer is still in use".into(),
+            }),
+        }
+    }
+
     /// Stops the writer once everything sent is committed, and gives the store back.
     pub fn finish(self) -> Result<S, StateError> {
         drop(self.tx);

@@ -97,15 +97,7 @@ fn a_listen_session_at_trace_level_leaks_no_secret() {
         .env("TSUSAGE_CALLBACKS__PASSWORD", SENTINELS[3])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn listen");
-    let up = (0..200).any(|_| {
-        let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-        if !ok {
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        ok
-    });
-    assert!(up, "listener up");
+    let child = wait_listening(cmd.spawn().expect("spawn listen"), port);
     let good = usage_callback(
         "req-1",
         1,

@@ -309,21 +309,10 @@ pub fn completion_callback(request_id: &str) -> String {
 /// Valid-Luhn ICCIDs for tests: `89148000000000000xx` + check digit (20 digits).
 pub fn iccid(i: u32) -> String {
     let body = format!("891480000000000{i:04}");
-    let sum: u32 = body
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(k, b)| {
-            let d = u32::from(b - b'0');
-            if k % 2 == 0 {
-                let d2 = d * 2;
-                if d2 > 9 { d2 - 9 } else { d2 }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{body}{}", (10 - sum % 10) % 10)
+    format!(
+        "{body}{}",
+        tsusage::ingest::luhn_check_digit(body.as_bytes())
+    )
 }
 
 /// A free loopback port (bound then released).
@@ -355,7 +344,11 @@ pub fn spawn_listen(ws: &Workspace, port: u16, extra: &[(&str, &str)]) -> Child 
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn listen");
+    wait_listening(cmd.spawn().expect("spawn listen"), port)
+}
+
+/// Waits (up to 5 s) until `child` accepts connections on `port`; kills it and fails otherwise.
+pub fn wait_listening(mut child: Child, port: u16) -> Child {
     let up = (0..200).any(|_| {
         let connected = TcpStream::connect(("127.0.0.1", port)).is_ok();
         if !connected {
