@@ -44,13 +44,15 @@ pub fn callback_body(data: &[u8]) {
     if let Ok(cb) = body.callback()
         && let CallbackKind::Usage(records) = &cb.kind
     {
-        for raw in records {
-            if let Ok(r) = parse_record(raw, false) {
-                assert!(r.usage_start < r.usage_end);
-                assert!(
-                    r.data_usage_bytes >= 0 && r.sms_usage >= 0 && r.mo_sms >= 0 && r.mt_sms >= 0
-                );
-            }
+        let parsed: Vec<_> = records.parsed(false).collect();
+        // Invariant: the one-pass typed reading and the record-by-record one agree.
+        if let Some(raw) = body.raw_records() {
+            let one_by_one: Vec<_> = raw.iter().map(|r| parse_record(r, false)).collect();
+            assert_eq!(parsed, one_by_one, "typed and raw record readings differ");
+        }
+        for r in parsed.into_iter().flatten() {
+            assert!(r.usage_start < r.usage_end);
+            assert!(r.data_usage_bytes >= 0 && r.sms_usage >= 0 && r.mo_sms >= 0 && r.mt_sms >= 0);
         }
     }
 }

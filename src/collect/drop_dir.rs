@@ -6,14 +6,17 @@
 //! is read again, and the journal, keyed by content, adds nothing twice. Symlinks are never followed;
 //! FIFOs, sockets, directories, dotfiles and `*.tmp` / `*.part` uploads are left alone.
 
-use std::io::Read;
+use std::fs::File;
+use std::io::Read as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::{Intake, Prepared, now_micros};
+use crate::normalize::collapse::RowSet;
 use crate::state::Store;
 use crate::write::rejects::{RecordReject, RecordRejects};
 use crate::write::sync_dir;
@@ -58,7 +61,14 @@ enum Format {
     Lines,
 }
 
-/// Reads every callback file in `dir` once, journaling what it finds through `intake`.
+/// Reads every callback file in `dir` once, journaling what it finds through `intake`. With `rows`,
+/// the records of newly journaled callbacks are added to it.
+///
+/// Files are read and parsed on every core (workers get the work in turns, and their results are
+/// taken in the same turns, so callbacks are journaled in file-name order whatever the timing); the
+/// calling thread journals in batches and moves each file once all its callbacks are committed.
+/// Large NDJSON files are read in slices, so memory does not grow with file size.
+#[allow(clippy::too_many_arguments)]
 pub fn collect<S: Store + ?Sized>(
     dir: &Path,
     options: DropDirOptions,
@@ -66,6 +76,7 @@ pub fn collect<S: Store + ?Sized>(
     store: &mut S,
     rejects: &mut RecordRejects,
     progress: &indicatif::ProgressBar,
+    mut rows: Option<&mut RowSet>,
 ) -> Result<DropDirStats> {
     let mut stats = DropDirStats::default();
     let mut names = Vec::new();
@@ -75,67 +86,370 @@ pub fn collect<S: Store + ?Sized>(
     }
     names.sort();
     progress.set_length(names.len() as u64);
-
-    let mut batch: Vec<Prepared> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let mut moves: Vec<(PathBuf, &'static str)> = Vec::new();
-    let mut record_rejects = Vec::new();
+    let mut files = Vec::new();
     for name in names {
-        progress.inc(1);
         let path = dir.join(&name);
-        let Some(format) = candidate(&path, &name, &mut stats)? else {
-            continue;
-        };
-        stats.files += 1;
-        let bytes = match read_regular(&path, options.max_file_bytes) {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => {
-                stats.too_large += 1;
-                tracing::warn!(file = %path.display(), limit = options.max_file_bytes, "file over callbacks.max_file_bytes left in place");
-                rejects.push(&file_reject(
-                    &path,
-                    "file_too_large",
-                    format!(
-                        "larger than callbacks.max_file_bytes ({} bytes); left in place",
-                        options.max_file_bytes
-                    ),
-                ))?;
-                continue;
-            }
-            Err(e) => {
-                stats.skipped += 1;
-                tracing::warn!(file = %path.display(), error = %e, "file not read");
-                continue;
-            }
-        };
-        let before = batch.len();
-        let bodies_rejected = split_and_prepare(
-            &path,
-            &bytes,
-            format,
-            intake,
-            &mut batch,
-            &mut record_rejects,
-        );
-        for reject in record_rejects.drain(..).chain(bodies_rejected) {
-            rejects.push(&reject)?;
-        }
-        let good = batch.len() - before;
-        batch_bytes += batch[before..].iter().map(|p| p.body.len()).sum::<usize>();
-        if good > 0 {
-            stats.processed += 1;
-            moves.push((path, PROCESSED_DIR));
-        } else {
-            stats.rejected += 1;
-            moves.push((path, REJECTED_DIR));
-        }
-        if moves.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
-            flush(dir, options, intake, store, &mut batch, &mut moves)?;
-            batch_bytes = 0;
+        match candidate(&path, &name, &mut stats)? {
+            Some(format) => files.push((path, format)),
+            None => progress.inc(1),
         }
     }
-    flush(dir, options, intake, store, &mut batch, &mut moves)?;
-    Ok(stats)
+    stats.files = files.len() as u64;
+
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let limit = options.max_file_bytes;
+    std::thread::scope(|scope| -> Result<DropDirStats> {
+        let mut inputs = Vec::with_capacity(workers);
+        let mut outputs = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (unit_tx, unit_rx) = mpsc::sync_channel::<Unit>(2);
+            let (out_tx, out_rx) = mpsc::sync_channel::<Vec<FileOut>>(2);
+            let mut worker = intake.worker();
+            handles.push(scope.spawn(move || {
+                for unit in unit_rx {
+                    if out_tx.send(unit.prepare(&mut worker, limit)).is_err() {
+                        break;
+                    }
+                }
+                worker
+            }));
+            inputs.push(unit_tx);
+            outputs.push(out_rx);
+        }
+        scope.spawn(move || dispatch(files, limit, &inputs));
+
+        let mut batch: Vec<Prepared> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut moves: Vec<(PathBuf, &'static str)> = Vec::new();
+        let mut open_good = 0u64; // callbacks so far in a file read in slices
+        'units: for turn in 0usize.. {
+            let Ok(outs) = outputs[turn % workers].recv() else {
+                break 'units; // the dispatcher is done
+            };
+            for out in outs {
+                for reject in &out.rejects {
+                    rejects.push(reject)?;
+                }
+                let FileOut {
+                    path,
+                    prepared,
+                    read,
+                    last,
+                    ..
+                } = out;
+                open_good += prepared.len() as u64;
+                batch_bytes += prepared.iter().map(|p| p.body.len()).sum::<usize>();
+                batch.extend(prepared);
+                match read {
+                    Read::Done => {}
+                    Read::TooLarge => {
+                        stats.too_large += 1;
+                        tracing::warn!(file = %path.display(), limit, "file over callbacks.max_file_bytes left in place");
+                    }
+                    Read::Failed => stats.skipped += 1,
+                }
+                if !last {
+                    continue;
+                }
+                progress.inc(1);
+                if matches!(read, Read::Done) {
+                    if open_good > 0 {
+                        stats.processed += 1;
+                        moves.push((path, PROCESSED_DIR));
+                    } else {
+                        stats.rejected += 1;
+                        moves.push((path, REJECTED_DIR));
+                    }
+                }
+                open_good = 0;
+                if moves.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
+                    flush(
+                        dir,
+                        options,
+                        intake,
+                        store,
+                        &mut batch,
+                        &mut moves,
+                        rows.as_deref_mut(),
+                    )?;
+                    batch_bytes = 0;
+                }
+            }
+            if batch_bytes >= BATCH_BYTES {
+                // A large file read in slices: commit what is read so far (its file stays put
+                // until its last slice is committed).
+                flush(
+                    dir,
+                    options,
+                    intake,
+                    store,
+                    &mut batch,
+                    &mut moves,
+                    rows.as_deref_mut(),
+                )?;
+                batch_bytes = 0;
+            }
+        }
+        flush(
+            dir,
+            options,
+            intake,
+            store,
+            &mut batch,
+            &mut moves,
+            rows,
+        )?;
+        drop(outputs);
+        for handle in handles {
+            if let Ok(worker) = handle.join() {
+                intake.absorb(worker);
+            }
+        }
+        Ok(stats)
+    })
+}
+
+/// Work for a worker: whole `.json` files, or a slice of lines of an NDJSON file.
+enum Unit {
+    Files(Vec<PathBuf>),
+    Lines {
+        path: PathBuf,
+        bytes: Vec<u8>,
+        /// Line number of the first line in `bytes` (1-based).
+        first_line: usize,
+        /// Bodies in the file before this slice.
+        bodies_before: usize,
+        last: bool,
+    },
+    /// A file the dispatcher could not read whole (over the size limit, or unreadable).
+    Unread {
+        path: PathBuf,
+        read: Read,
+    },
+}
+
+/// How reading a file went.
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    Done,
+    TooLarge,
+    Failed,
+}
+
+/// What a worker made of one file (or one slice of it).
+struct FileOut {
+    path: PathBuf,
+    prepared: Vec<Prepared>,
+    rejects: Vec<RecordReject>,
+    read: Read,
+    /// The file's last slice (always, for whole files).
+    last: bool,
+}
+
+/// `.json` files per unit, and the NDJSON slice size.
+const FILES_PER_UNIT: usize = 32;
+const SLICE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Hands out the files in order, in turns: unit `k` goes to worker `k % workers`.
+fn dispatch(files: Vec<(PathBuf, Format)>, limit: u64, inputs: &[mpsc::SyncSender<Unit>]) {
+    let mut turn = 0usize;
+    let mut send = |unit: Unit| {
+        let sent = inputs[turn % inputs.len()].send(unit).is_ok();
+        turn += 1;
+        sent
+    };
+    let mut group = Vec::new();
+    for (path, format) in files {
+        match format {
+            Format::Json => {
+                group.push(path);
+                if group.len() == FILES_PER_UNIT && !send(Unit::Files(std::mem::take(&mut group))) {
+                    return;
+                }
+            }
+            Format::Lines => {
+                if !group.is_empty() && !send(Unit::Files(std::mem::take(&mut group))) {
+                    return;
+                }
+                if !send_lines(path, limit, &mut send) {
+                    return;
+                }
+            }
+        }
+    }
+    if !group.is_empty() {
+        send(Unit::Files(group));
+    }
+}
+
+/// Sends an NDJSON file as slices of whole lines; false when the workers are gone.
+fn send_lines(path: PathBuf, limit: u64, send: &mut impl FnMut(Unit) -> bool) -> bool {
+    let mut file = match open_regular(&path) {
+        Ok((file, len)) if len <= limit => file,
+        Ok(_) => {
+            return send(Unit::Unread {
+                path,
+                read: Read::TooLarge,
+            });
+        }
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "file not read");
+            return send(Unit::Unread {
+                path,
+                read: Read::Failed,
+            });
+        }
+    };
+    let (mut first_line, mut bodies_before, mut total) = (1usize, 0usize, 0u64);
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let mut bytes = std::mem::take(&mut carry);
+        let start = bytes.len();
+        bytes.resize(start + SLICE_BYTES, 0);
+        let n = match read_full(&mut file, &mut bytes[start..]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "file not read");
+                return send(Unit::Unread {
+                    path,
+                    read: Read::Failed,
+                });
+            }
+        };
+        bytes.truncate(start + n);
+        total += n as u64;
+        if total > limit {
+            // It grew past the limit while being read: left in place (what was journaled stays,
+            // and is recognized when the file is read again).
+            return send(Unit::Unread {
+                path,
+                read: Read::TooLarge,
+            });
+        }
+        let last = n < SLICE_BYTES; // read_full stops short only at the end of the file
+        if !last {
+            match bytes.iter().rposition(|&b| b == b'\n') {
+                Some(cut) => carry = bytes.split_off(cut + 1),
+                None => {
+                    carry = bytes; // one line longer than a slice: read on
+                    continue;
+                }
+            }
+        }
+        let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+        let bodies = bytes
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .count();
+        let unit = Unit::Lines {
+            path: path.clone(),
+            bytes,
+            first_line,
+            bodies_before,
+            last,
+        };
+        if !send(unit) {
+            return false;
+        }
+        if last {
+            return true;
+        }
+        first_line += lines;
+        bodies_before += bodies;
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+impl Unit {
+    fn prepare(self, intake: &mut Intake, limit: u64) -> Vec<FileOut> {
+        match self {
+            Unit::Files(paths) => paths
+                .into_iter()
+                .map(|path| {
+                    let mut out = FileOut {
+                        path,
+                        prepared: Vec::new(),
+                        rejects: Vec::new(),
+                        read: Read::Done,
+                        last: true,
+                    };
+                    match read_regular(&out.path, limit) {
+                        Ok(Some(bytes)) => {
+                            prepare_json(&out.path.clone(), &bytes, intake, &mut out)
+                        }
+                        Ok(None) => {
+                            out.read = Read::TooLarge;
+                            out.rejects.push(too_large(&out.path, limit));
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = %out.path.display(), error = %e, "file not read");
+                            out.read = Read::Failed;
+                        }
+                    }
+                    out
+                })
+                .collect(),
+            Unit::Lines {
+                path,
+                bytes,
+                first_line,
+                bodies_before,
+                last,
+            } => {
+                let mut out = FileOut {
+                    path,
+                    prepared: Vec::new(),
+                    rejects: Vec::new(),
+                    read: Read::Done,
+                    last,
+                };
+                let bodies = prepare_lines(&out.path.clone(), &bytes, first_line, intake, &mut out);
+                if last && bodies_before + bodies == 0 {
+                    out.rejects.push(file_reject(
+                        &out.path,
+                        "file_empty",
+                        "no callbacks in the file".into(),
+                    ));
+                }
+                vec![out]
+            }
+            Unit::Unread { path, read } => {
+                let mut out = FileOut {
+                    path,
+                    prepared: Vec::new(),
+                    rejects: Vec::new(),
+                    read,
+                    last: true,
+                };
+                if matches!(read, Read::TooLarge) {
+                    out.rejects.push(too_large(&out.path, limit));
+                }
+                vec![out]
+            }
+        }
+    }
+}
+
+fn too_large(path: &Path, limit: u64) -> RecordReject {
+    file_reject(
+        path,
+        "file_too_large",
+        format!("larger than callbacks.max_file_bytes ({limit} bytes); left in place"),
+    )
 }
 
 /// Journals the batch (durably), then moves its files out of the way.
@@ -146,8 +460,9 @@ fn flush<S: Store + ?Sized>(
     store: &mut S,
     batch: &mut Vec<Prepared>,
     moves: &mut Vec<(PathBuf, &'static str)>,
+    rows: Option<&mut RowSet>,
 ) -> Result<()> {
-    intake.commit(store, batch, now_micros())?;
+    intake.commit(store, batch, now_micros(), rows)?;
     batch.clear();
     if options.keep_files {
         moves.clear();
@@ -156,7 +471,9 @@ fn flush<S: Store + ?Sized>(
     let mut touched = std::collections::BTreeSet::new();
     for (path, sub) in moves.drain(..) {
         let target_dir = dir.join(sub);
-        std::fs::create_dir_all(&target_dir).map_err(|e| Error::io(&target_dir, e))?;
+        if !touched.contains(&target_dir) {
+            std::fs::create_dir_all(&target_dir).map_err(|e| Error::io(&target_dir, e))?;
+        }
         let target = free_name(&target_dir, &path);
         std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
         touched.insert(target_dir);
@@ -205,8 +522,8 @@ fn candidate(
     }
 }
 
-/// Reads a regular file without following symlinks; `None` when it is over `limit` bytes.
-fn read_regular(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+/// Opens a regular file without following symlinks (nor blocking on a FIFO); returns its size.
+fn open_regular(path: &Path) -> std::io::Result<(File, u64)> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -215,10 +532,16 @@ fn read_regular(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
-    if meta.len() > limit {
+    Ok((file, meta.len()))
+}
+
+/// Reads a regular file without following symlinks; `None` when it is over `limit` bytes.
+fn read_regular(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let (file, len) = open_regular(path)?;
+    if len > limit {
         return Ok(None);
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let mut bytes = Vec::with_capacity(len as usize + 1);
     file.take(limit + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Ok(None);
@@ -226,91 +549,84 @@ fn read_regular(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-/// Splits a file into bodies and prepares each; returns the whole-file or whole-line rejects.
-fn split_and_prepare(
+/// Prepares each line of an NDJSON slice; returns how many lines held a body.
+fn prepare_lines(
     path: &Path,
     bytes: &[u8],
-    format: Format,
+    first_line: usize,
     intake: &mut Intake,
-    batch: &mut Vec<Prepared>,
-    record_rejects: &mut Vec<RecordReject>,
-) -> Vec<RecordReject> {
+    out: &mut FileOut,
+) -> usize {
     let shown = path.display();
-    let mut body_rejects = Vec::new();
-    let mut take = |body: &str, source: String, body_rejects: &mut Vec<RecordReject>| match intake
-        .prepare(body, source, record_rejects)
-    {
-        Ok(p) => batch.push(p),
-        Err(r) => body_rejects.push(*r),
-    };
-    match format {
-        Format::Lines => {
-            let mut bodies = 0usize;
-            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-                let source = format!("{shown}:{}", i + 1);
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                bodies += 1;
-                match std::str::from_utf8(line) {
-                    Ok(text) => take(text, source, &mut body_rejects),
-                    Err(e) => body_rejects.push(text_reject(
-                        source,
-                        "body_not_utf8",
-                        format!("not UTF-8: {e}"),
-                    )),
-                }
-            }
-            if bodies == 0 {
-                body_rejects.push(file_reject(
-                    path,
-                    "file_empty",
-                    "no callbacks in the file".into(),
-                ));
-            }
+    let mut bodies = 0usize;
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
         }
-        Format::Json => {
-            let text = match std::str::from_utf8(bytes) {
-                Ok(text) => text.trim_start_matches('\u{feff}'),
-                Err(e) => {
-                    body_rejects.push(file_reject(
-                        path,
-                        "body_not_utf8",
-                        format!("not UTF-8: {e}"),
-                    ));
-                    return body_rejects;
-                }
-            };
-            let trimmed = text.trim_start();
-            if trimmed.is_empty() {
-                body_rejects.push(file_reject(path, "file_empty", "the file is empty".into()));
-            } else if trimmed.starts_with('[') {
-                match serde_json::from_str::<Vec<&RawValue>>(text) {
-                    Ok(items) if items.is_empty() => {
-                        body_rejects.push(file_reject(
-                            path,
-                            "file_empty",
-                            "an empty JSON array".into(),
-                        ));
-                    }
-                    Ok(items) => {
-                        for (i, item) in items.iter().enumerate() {
-                            take(item.get(), format!("{shown}[{i}]"), &mut body_rejects);
-                        }
-                    }
-                    Err(e) => body_rejects.push(file_reject(
-                        path,
-                        "body_not_json",
-                        format!("not valid JSON: {e}"),
-                    )),
-                }
-            } else {
-                take(text, shown.to_string(), &mut body_rejects);
-            }
+        bodies += 1;
+        let source = format!("{shown}:{}", first_line + i);
+        match std::str::from_utf8(line) {
+            Ok(text) => take(intake, text, source, out),
+            Err(e) => out.rejects.push(text_reject(
+                source,
+                "body_not_utf8",
+                format!("not UTF-8: {e}"),
+            )),
         }
     }
-    body_rejects
+    bodies
+}
+
+/// Prepares a `.json` file: one callback, or an array of them.
+fn prepare_json(path: &Path, bytes: &[u8], intake: &mut Intake, out: &mut FileOut) {
+    let shown = path.display();
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text.trim_start_matches('\u{feff}'),
+        Err(e) => {
+            out.rejects.push(file_reject(
+                path,
+                "body_not_utf8",
+                format!("not UTF-8: {e}"),
+            ));
+            return;
+        }
+    };
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        out.rejects
+            .push(file_reject(path, "file_empty", "the file is empty".into()));
+    } else if trimmed.starts_with('[') {
+        match serde_json::from_str::<Vec<&RawValue>>(text) {
+            Ok(items) if items.is_empty() => {
+                out.rejects.push(file_reject(
+                    path,
+                    "file_empty",
+                    "an empty JSON array".into(),
+                ));
+            }
+            Ok(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    take(intake, item.get(), format!("{shown}[{i}]"), out);
+                }
+            }
+            Err(e) => out.rejects.push(file_reject(
+                path,
+                "body_not_json",
+                format!("not valid JSON: {e}"),
+            )),
+        }
+    } else {
+        take(intake, text, shown.to_string(), out);
+    }
+}
+
+/// Prepares one body: a good one joins `out.prepared`, a bad one `out.rejects`.
+fn take(intake: &mut Intake, body: &str, source: String, out: &mut FileOut) {
+    match intake.prepare(body, source, &mut out.rejects) {
+        Ok(p) => out.prepared.push(p),
+        Err(r) => out.rejects.push(*r),
+    }
 }
 
 fn file_reject(path: &Path, code: &str, reason: String) -> RecordReject {

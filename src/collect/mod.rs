@@ -9,14 +9,17 @@ pub mod drop_dir;
 pub mod http_listener;
 pub mod tracker;
 
+use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 
 use serde::Serialize;
 
 use crate::config::PartitionBy;
+use crate::normalize::collapse::RowSet;
 use crate::normalize::payload::{Body, CallbackKind};
+use crate::normalize::record::ParsedRecord;
 use crate::normalize::{self, RecordStats};
-use crate::state::{Journaled, NewCallback, StateError, Store};
+use crate::state::{Journaled, NewCallback, Store};
 use crate::write::rejects::RecordReject;
 
 /// Callback counts for the run report.
@@ -48,8 +51,11 @@ pub struct Prepared {
     pub source: String,
     /// The body without credentials.
     pub body: String,
+    /// SHA-256 of `body`: the journal's identity of a callback.
+    pub digest: [u8; 32],
     pub partitions: BTreeSet<String>,
-    accepted_records: u64,
+    /// Its accepted usage records, typed.
+    pub records: Vec<ParsedRecord>,
 }
 
 impl Prepared {
@@ -60,13 +66,14 @@ impl Prepared {
             kind: self.kind,
             source: &self.source,
             body: &self.body,
+            digest: &self.digest,
             partitions: &self.partitions,
         }
     }
 
     /// Accepted usage records in it.
     pub fn accepted_records(&self) -> u64 {
-        self.accepted_records
+        self.records.len() as u64
     }
 }
 
@@ -75,6 +82,9 @@ impl Prepared {
 pub struct Intake {
     strict_luhn: bool,
     partition_by: PartitionBy,
+    /// The `received_at` of the last commit: commits never go back in time, so that "newest wins"
+    /// by received time agrees with the journal's order.
+    last_received_at: i64,
     pub callbacks: CallbackStats,
     pub records: RecordStats,
 }
@@ -84,9 +94,30 @@ impl Intake {
         Intake {
             strict_luhn,
             partition_by,
+            last_received_at: 0,
             callbacks: CallbackStats::default(),
             records: RecordStats::default(),
         }
+    }
+
+    /// An intake with the same settings and no counts, for a worker thread; see [`Intake::absorb`].
+    pub fn worker(&self) -> Intake {
+        Intake::new(self.strict_luhn, self.partition_by)
+    }
+
+    /// Adds the counts of a worker's intake.
+    pub fn absorb(&mut self, worker: Intake) {
+        let (mine, theirs) = (&mut self.callbacks, worker.callbacks);
+        mine.received += theirs.received;
+        mine.rejected += theirs.rejected;
+        mine.usage += theirs.usage;
+        mine.completion += theirs.completion;
+        mine.fault += theirs.fault;
+        mine.journaled += theirs.journaled;
+        mine.already_journaled += theirs.already_journaled;
+        mine.unmatched += theirs.unmatched;
+        mine.unmatched_records += theirs.unmatched_records;
+        merge(&mut self.records, worker.records);
     }
 
     /// Checks one body from `source`. Record-level rejects are appended to `rejects`; a body that
@@ -102,7 +133,7 @@ impl Intake {
             let cb = parsed.callback()?;
             let stripped = parsed.stripped();
             let mut record_stats = RecordStats::default();
-            let partitions = normalize::inspect(
+            let (partitions, records) = normalize::inspect(
                 &cb,
                 &source,
                 self.strict_luhn,
@@ -136,24 +167,32 @@ impl Intake {
                     ),
                 });
             }
-            Ok((kind, request_id, partitions, record_stats, stripped))
+            Ok((
+                kind,
+                request_id,
+                partitions,
+                records,
+                record_stats,
+                stripped,
+            ))
         });
         match checked {
-            Ok((kind, request_id, partitions, record_stats, body)) => {
+            Ok((kind, request_id, partitions, records, record_stats, body)) => {
                 match kind {
                     "usage" => self.callbacks.usage += 1,
                     "completion" => self.callbacks.completion += 1,
                     _ => self.callbacks.fault += 1,
                 }
-                let accepted_records = record_stats.accepted;
                 merge(&mut self.records, record_stats);
+                let digest = Sha256::digest(body.as_bytes()).into();
                 Ok(Prepared {
                     request_id,
                     kind,
                     source,
                     body,
+                    digest,
                     partitions,
-                    accepted_records,
+                    records,
                 })
             }
             Err(e) => {
@@ -172,26 +211,42 @@ impl Intake {
         }
     }
 
-    /// Journals `batch` in one durable commit and counts what was new.
+    /// Journals `batch` in one durable commit and counts what was new. With `rows`, the records of
+    /// the newly journaled callbacks are added to it (in journal order, which is "newest wins" order).
     pub fn commit<S: Store + ?Sized>(
         &mut self,
         store: &mut S,
         batch: &[Prepared],
         received_at: i64,
-    ) -> Result<(), StateError> {
+        mut rows: Option<&mut RowSet>,
+    ) -> crate::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
+        let received_at = received_at.max(self.last_received_at);
+        self.last_received_at = received_at;
         let new: Vec<NewCallback<'_>> = batch.iter().map(Prepared::as_new).collect();
         let outcomes = store.journal(&new, received_at)?;
         for (prepared, outcome) in batch.iter().zip(outcomes) {
+            let account = store.request_account(&prepared.request_id)?;
+            if account.is_none() {
+                self.callbacks.unmatched += 1;
+                self.callbacks.unmatched_records += prepared.accepted_records();
+            }
             match outcome {
                 Journaled::New(_) => self.callbacks.journaled += 1,
-                Journaled::AlreadyJournaled => self.callbacks.already_journaled += 1,
+                Journaled::AlreadyJournaled => {
+                    self.callbacks.already_journaled += 1;
+                    continue;
+                }
             }
-            if !store.known_request(&prepared.request_id)? {
-                self.callbacks.unmatched += 1;
-                self.callbacks.unmatched_records += prepared.accepted_records;
+            if let Some(rows) = rows.as_deref_mut()
+                && !prepared.records.is_empty()
+            {
+                let origin = rows.add_origin(&prepared.request_id, account.as_deref(), received_at);
+                for record in &prepared.records {
+                    rows.push(origin, record)?;
+                }
             }
         }
         Ok(())

@@ -20,7 +20,6 @@ use tokio::time::Instant;
 
 use crate::ingest::Iccid;
 use crate::normalize::payload::{CallbackKind, parse_callback};
-use crate::normalize::record::parse_record;
 use crate::plan::Job;
 
 /// Where one planned (ICCID, window) pair ended (DESIGN invariant 4).
@@ -213,8 +212,8 @@ impl Tracker {
                 }
             }
             CallbackKind::Usage(records) => {
-                for raw in records {
-                    match parse_record(raw, strict) {
+                for parsed in records.parsed(strict) {
+                    match parsed {
                         Ok(r) => {
                             track.rejected.remove(&r.iccid);
                             track.with_data.insert(r.iccid);

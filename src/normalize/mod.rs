@@ -4,15 +4,18 @@
 //! - [`record`]: one usage record → [`record::ParsedRecord`] or a reject naming the field.
 //! - [`values`]: the value policy for counts and timestamps.
 //!
-//! [`inspect`] runs when a callback is journaled (counts, rejects, which partitions it touches);
-//! [`Collapser`] rebuilds a partition from the journal: one row per (iccid, usage_start, usage_end),
-//! the most recently received value winning.
+//! - [`collapse`]: rows of partitions in bounded memory, one per (iccid, usage_start, usage_end), the
+//!   most recently received value winning.
+//!
+//! [`inspect`] runs when a callback is received (counts, rejects, which partitions it touches, and its
+//! accepted records, which go straight to the output when the partition is new).
 
+pub mod collapse;
 pub mod payload;
 pub mod record;
 pub mod values;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::Datelike;
@@ -84,7 +87,7 @@ pub fn partition_of(usage_start_us: i64, by: PartitionBy) -> String {
 }
 
 /// Inspects a newly received callback: counts its records, turns bad ones into rejects (with
-/// `source` and the requestId), and returns the partitions its good records fall in.
+/// `source` and the requestId), and returns the partitions its good records fall in, with those records.
 pub fn inspect(
     cb: &Callback<'_>,
     source: &str,
@@ -92,15 +95,16 @@ pub fn inspect(
     by: PartitionBy,
     stats: &mut RecordStats,
     rejects: &mut Vec<RecordReject>,
-) -> BTreeSet<String> {
+) -> (BTreeSet<String>, Vec<record::ParsedRecord>) {
     let mut partitions = BTreeSet::new();
     let CallbackKind::Usage(records) = &cb.kind else {
-        return partitions;
+        return (partitions, Vec::new());
     };
+    let mut accepted = Vec::with_capacity(records.len());
     let mut seen_keys: Vec<i64> = Vec::new();
-    for (i, raw) in records.iter().enumerate() {
+    for (i, parsed) in records.parsed(strict_luhn).enumerate() {
         stats.records += 1;
-        match record::parse_record(raw, strict_luhn) {
+        match parsed {
             Ok(r) => {
                 stats.accepted += 1;
                 stats.recovered += u64::from(r.recovered);
@@ -110,6 +114,7 @@ pub fn inspect(
                     seen_keys.push(key);
                     partitions.insert(partition_of(r.usage_start, by));
                 }
+                accepted.push(r);
             }
             Err(e) => {
                 stats.reject(e.code);
@@ -126,112 +131,10 @@ pub fn inspect(
             }
         }
     }
-    partitions
+    (partitions, accepted)
 }
 
 /// A record's raw JSON, cut for a rejects file.
 pub(crate) fn record_raw(raw: &str) -> String {
     crate::write::rejects::shorten(raw)
-}
-
-type RowKey = (Iccid, i64, i64);
-
-/// Collapses usage records into one row per (iccid, usage_start, usage_end): feed callbacks oldest
-/// first and the newest value wins. Counts how many records were superseded.
-#[derive(Debug)]
-pub struct Collapser {
-    partition: String,
-    by: PartitionBy,
-    strict_luhn: bool,
-    default_account: Arc<str>,
-    rows: HashMap<RowKey, UsageRow>,
-    /// The last partition key looked at and whether it is this partition's.
-    last_key: Option<(i64, bool)>,
-    /// Records read for this partition.
-    pub records_in: u64,
-    /// Records replaced by a newer one for the same key.
-    pub collapsed: u64,
-}
-
-impl Collapser {
-    pub fn new(
-        partition: &str,
-        by: PartitionBy,
-        strict_luhn: bool,
-        default_account: Arc<str>,
-    ) -> Self {
-        Collapser {
-            partition: partition.to_owned(),
-            by,
-            strict_luhn,
-            default_account,
-            rows: HashMap::new(),
-            last_key: None,
-            records_in: 0,
-            collapsed: 0,
-        }
-    }
-
-    /// Adds the good records of `body` that fall in this partition. Bad records were reported when
-    /// the callback was journaled and are skipped here.
-    pub fn add(&mut self, body: &str, received_at: i64, account_name: Option<&str>) {
-        let Ok(cb) = payload::parse_callback(body) else {
-            return;
-        };
-        let CallbackKind::Usage(records) = &cb.kind else {
-            return;
-        };
-        let account: Arc<str> = match account_name {
-            Some(a) if *a != *self.default_account => Arc::from(a),
-            _ => self.default_account.clone(),
-        };
-        let request_id: Arc<str> = Arc::from(cb.request_id.as_ref());
-        for raw in records {
-            let Ok(r) = record::parse_record(raw, self.strict_luhn) else {
-                continue;
-            };
-            if !self.is_mine(r.usage_start) {
-                continue;
-            }
-            self.records_in += 1;
-            let row = UsageRow {
-                account_name: account.clone(),
-                iccid: r.iccid,
-                usage_start: r.usage_start,
-                usage_end: r.usage_end,
-                data_usage_bytes: r.data_usage_bytes,
-                sms_usage: r.sms_usage,
-                mo_sms: r.mo_sms,
-                mt_sms: r.mt_sms,
-                request_id: request_id.clone(),
-                received_at,
-            };
-            if self
-                .rows
-                .insert((r.iccid, r.usage_start, r.usage_end), row)
-                .is_some()
-            {
-                self.collapsed += 1;
-            }
-        }
-    }
-
-    fn is_mine(&mut self, usage_start: i64) -> bool {
-        let key = partition_key(usage_start, self.by);
-        match self.last_key {
-            Some((last, mine)) if last == key => mine,
-            _ => {
-                let mine = partition_of(usage_start, self.by) == self.partition;
-                self.last_key = Some((key, mine));
-                mine
-            }
-        }
-    }
-
-    /// The collapsed rows, sorted by (iccid, usage_start, usage_end) for compression and stable output.
-    pub fn into_rows(self) -> Vec<UsageRow> {
-        let mut rows: Vec<UsageRow> = self.rows.into_values().collect();
-        rows.sort_unstable_by_key(|r| (r.iccid, r.usage_start, r.usage_end));
-        rows
-    }
 }

@@ -10,6 +10,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::record::{Records, TypedRecord};
+
 /// The echoed registration credentials: removed before anything rests on disk.
 pub const CREDENTIAL_KEYS: &[&str] = &["username", "password"];
 
@@ -129,6 +131,15 @@ impl<'a> Body<'a> {
         out
     }
 
+    /// The usage records read one by one (never the one-pass typed reading): for checking that both
+    /// readings agree. `None` when there is no record list.
+    pub fn raw_records(&self) -> Option<Vec<&'a RawValue>> {
+        let text = self.get("deviceResponse")?.get();
+        serde_json::from_str::<DeviceResponse<&'a RawValue>>(text)
+            .ok()?
+            .records
+    }
+
     /// Recognizes the callback: usage, completion or fault.
     pub fn callback(&self) -> Result<Callback<'a>, BodyError> {
         let request_id = match self.get("requestId") {
@@ -167,21 +178,30 @@ impl<'a> Body<'a> {
                 }
             }
             (Some(device_response), None) => {
-                let response: WireDeviceResponse<'a> = serde_json::from_str(device_response.get())
-                    .map_err(|_| {
-                        BodyError::NotCallback(
-                            "deviceResponse is not an object with a devicePromoUsageResponse list"
-                                .into(),
-                        )
-                    })?;
-                match response.records {
+                let text = device_response.get();
+                // One typed pass when every record has the usual shape; otherwise record by record.
+                let (records, other) = match serde_json::from_str::<DeviceResponse<TypedRecord<'a>>>(
+                    text,
+                ) {
+                    Ok(typed) => (typed.records.map(Records::Typed), typed.other),
+                    Err(_) => {
+                        let raw = serde_json::from_str::<DeviceResponse<&'a RawValue>>(text)
+                                .map_err(|_| {
+                                    BodyError::NotCallback(
+                                        "deviceResponse is not an object with a devicePromoUsageResponse list"
+                                            .into(),
+                                    )
+                                })?;
+                        (raw.records.map(Records::Raw), raw.other)
+                    }
+                };
+                match records {
                     Some(records) => CallbackKind::Usage(records),
-                    None if response.other.is_empty() => CallbackKind::Completion,
+                    None if other.is_empty() => CallbackKind::Completion,
                     None => {
-                        let keys: Vec<&str> = response.other.keys().map(String::as_str).collect();
                         return Err(BodyError::NotCallback(format!(
                             "deviceResponse holds {} but no devicePromoUsageResponse",
-                            keys.join(", ")
+                            other.join(", ")
                         )));
                     }
                 }
@@ -212,7 +232,7 @@ pub fn strip_credentials(body: &str) -> Result<String, BodyError> {
 }
 
 /// A recognized callback.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Callback<'a> {
     pub request_id: Cow<'a, str>,
     /// Delivery attempt (1 for the first); redeliveries carry higher numbers.
@@ -221,11 +241,11 @@ pub struct Callback<'a> {
 }
 
 /// What a callback says.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum CallbackKind<'a> {
     /// Usage records (`deviceResponse.devicePromoUsageResponse[]`), each still raw: a bad record is
     /// rejected on its own by [`super::record::parse_record`] while the rest of the callback lands.
-    Usage(Vec<&'a RawValue>),
+    Usage(Records<'a>),
     /// "Request Completed Processing": `deviceResponse` is empty.
     Completion,
     /// `faultResponse`: the vendor could not process the request.
@@ -246,12 +266,40 @@ impl CallbackKind<'_> {
     }
 }
 
-#[derive(Deserialize)]
-struct WireDeviceResponse<'a> {
-    #[serde(rename = "devicePromoUsageResponse", borrow, default)]
-    records: Option<Vec<&'a RawValue>>,
-    #[serde(flatten)]
-    other: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+/// `deviceResponse`: its record list (`R` raw or typed) and the names of any other members.
+struct DeviceResponse<R> {
+    records: Option<Vec<R>>,
+    other: Vec<String>,
+}
+
+impl<'de, R: Deserialize<'de>> Deserialize<'de> for DeviceResponse<R> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<R>(std::marker::PhantomData<R>);
+        impl<'de, R: Deserialize<'de>> Visitor<'de> for V<R> {
+            type Value = DeviceResponse<R>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let (mut records, mut seen) = (None, false);
+                let mut other = Vec::new();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "devicePromoUsageResponse" {
+                        if seen {
+                            return Err(de::Error::duplicate_field("devicePromoUsageResponse"));
+                        }
+                        seen = true;
+                        records = map.next_value::<Option<Vec<R>>>()?;
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                        other.push(key.into_owned());
+                    }
+                }
+                Ok(DeviceResponse { records, other })
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]

@@ -33,10 +33,12 @@ pub struct RecordError {
     pub reason: String,
 }
 
+/// A usage record as received. `I` is how `deviceIdentifierCollection` is read: raw (so that a
+/// malformed one rejects only this record) or typed (the one-pass fast path of [`Records`]).
 #[derive(Deserialize)]
-struct WireRecord<'a> {
-    #[serde(rename = "deviceIdentifierCollection", borrow, default)]
-    ids: RawScalarOrList<'a>,
+struct WireRecord<'a, I> {
+    #[serde(rename = "deviceIdentifierCollection")]
+    ids: I,
     #[serde(rename = "dataUsage", borrow, default)]
     data_usage: RawScalar<'a>,
     #[serde(rename = "smsUsage", borrow, default)]
@@ -69,16 +71,75 @@ struct WireId<'a> {
     kind: RawScalar<'a>,
 }
 
+/// A record read in the one pass over its callback: the usual shape, every field where expected.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct TypedRecord<'a>(#[serde(borrow)] WireRecord<'a, Vec<WireId<'a>>>);
+
+/// The usage records of a callback (`deviceResponse.devicePromoUsageResponse`).
+///
+/// Read in one pass into typed fields when every record has the usual shape ([`Records::Typed`]);
+/// otherwise each record is kept raw and read on its own ([`Records::Raw`]), so that one malformed
+/// record is rejected alone. Both give the same results: the typed form is only a faster road to them.
+#[derive(Debug)]
+pub enum Records<'a> {
+    Typed(Vec<TypedRecord<'a>>),
+    Raw(Vec<&'a RawValue>),
+}
+
+impl std::fmt::Debug for TypedRecord<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TypedRecord")
+    }
+}
+
+impl Records<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Records::Typed(r) => r.len(),
+            Records::Raw(r) => r.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each record through the value policy, in order.
+    pub fn parsed(
+        &self,
+        strict_luhn: bool,
+    ) -> impl Iterator<Item = Result<ParsedRecord, RecordError>> + '_ {
+        let n = self.len();
+        (0..n).map(move |i| match self {
+            Records::Typed(r) => {
+                let wire = &r[i].0;
+                iccid_of(&wire.ids).and_then(|iccid| check(wire, iccid, strict_luhn))
+            }
+            Records::Raw(r) => parse_record(r[i], strict_luhn),
+        })
+    }
+}
+
 /// Applies the value policy to one record. `strict_luhn` turns a failed Luhn check into a reject.
 pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, RecordError> {
-    let wire: WireRecord<'_> = serde_json::from_str(raw.get()).map_err(|e| RecordError {
-        iccid: None,
-        field: "(record)",
-        raw: None,
-        code: "record_malformed",
-        reason: format!("not a usage record object: {e}"),
-    })?;
+    let wire: WireRecord<'_, RawScalarOrList<'_>> =
+        serde_json::from_str(raw.get()).map_err(|e| RecordError {
+            iccid: None,
+            field: "(record)",
+            raw: None,
+            code: "record_malformed",
+            reason: format!("not a usage record object: {e}"),
+        })?;
     let iccid = parse_iccid(wire.ids.0)?;
+    check(&wire, iccid, strict_luhn)
+}
+
+fn check<I>(
+    wire: &WireRecord<'_, I>,
+    iccid: Iccid,
+    strict_luhn: bool,
+) -> Result<ParsedRecord, RecordError> {
     let fail = |field: &'static str, raw: &RawScalar<'_>, e: ValueError| RecordError {
         iccid: Some(iccid.to_string()),
         field,
@@ -139,20 +200,25 @@ pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, R
     })
 }
 
-/// Finds the `kind: "ICCID"` entry (any case) and validates its id.
-fn parse_iccid(ids: Option<&RawValue>) -> Result<Iccid, RecordError> {
-    let reject = |iccid: Option<String>,
-                  raw: Option<String>,
-                  code: &'static str,
-                  reason: String| RecordError {
+fn iccid_reject(
+    iccid: Option<String>,
+    raw: Option<String>,
+    code: &'static str,
+    reason: String,
+) -> RecordError {
+    RecordError {
         iccid,
         field: "deviceIdentifierCollection",
         raw,
         code,
         reason,
-    };
+    }
+}
+
+/// Reads `deviceIdentifierCollection` from its raw text, then [`iccid_of`].
+fn parse_iccid(ids: Option<&RawValue>) -> Result<Iccid, RecordError> {
     let Some(ids) = ids else {
-        return Err(reject(
+        return Err(iccid_reject(
             None,
             None,
             "iccid_missing",
@@ -160,13 +226,19 @@ fn parse_iccid(ids: Option<&RawValue>) -> Result<Iccid, RecordError> {
         ));
     };
     let list: Vec<WireId<'_>> = serde_json::from_str(ids.get()).map_err(|_| {
-        reject(
+        iccid_reject(
             None,
             Some(super::record_raw(ids.get())),
             "iccid_missing",
             "deviceIdentifierCollection is not a list of {id, kind}".into(),
         )
     })?;
+    iccid_of(&list)
+}
+
+/// Finds the `kind: "ICCID"` entry (any case) and validates its id.
+fn iccid_of(list: &[WireId<'_>]) -> Result<Iccid, RecordError> {
+    let reject = iccid_reject;
     let entry = list.iter().find(|id| match &id.kind {
         RawScalar::Str(k) => k.eq_ignore_ascii_case("iccid"),
         _ => false,

@@ -14,7 +14,9 @@ use crate::collect::Intake;
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::config::Config;
 use crate::ingest::{self, Iccid, IngestOptions};
-use crate::normalize::Collapser;
+use crate::normalize::collapse::{RowSet, usage_row};
+use crate::normalize::payload::{CallbackKind, parse_callback};
+use crate::normalize::{partition_key, partition_of};
 use crate::plan::{self, DateRange};
 use crate::report::PlanReport;
 use crate::report::{OutputReport, PartitionReport, RunReport, new_run_id};
@@ -316,6 +318,7 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
         max_file_bytes: config.callbacks.max_file_bytes,
     };
     let progress = progress_bar("files");
+    let mut rows = fresh_rows(config)?;
     let dropped = drop_dir::collect(
         dir,
         options,
@@ -323,6 +326,7 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
         &mut store,
         &mut rejects,
         &progress,
+        Some(&mut rows),
     );
     progress.finish_and_clear();
     report.drop_dir = Some(dropped?);
@@ -333,18 +337,47 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
         "journaled"
     );
 
-    report.output = Some(write_pending(config, &mut store, &run_id)?);
+    report.output = Some(write_pending(config, &mut store, &run_id, Some(rows))?);
     report.callbacks = Some(intake.callbacks);
     report.records = Some(intake.records);
     conclude(report, &mut store, out)
 }
 
+/// Memory for usage rows while partitions are built; past it, rows are sorted and spilled to disk.
+pub const ROW_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where rows spill: beside the output, never inside `usage/`.
+fn spill_dir(config: &Config) -> PathBuf {
+    config.output.dir.join(".spill")
+}
+
+/// An empty set for the rows of the callbacks a command journals (left-overs of a crashed run are
+/// removed: the command holds the run lock).
+pub(crate) fn fresh_rows(config: &Config) -> Result<RowSet> {
+    let dir = spill_dir(config);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&dir, e)),
+    }
+    Ok(RowSet::new(
+        config.output.partition_by,
+        Arc::from(config.account_name.as_str()),
+        ROW_MEMORY_BYTES,
+        &dir,
+    ))
+}
+
 /// Rewrites every partition whose journal has callbacks newer than its last write (invariant 3: the
 /// output is a function of the journal, so this can run at any time).
+///
+/// `fresh` holds the rows of the callbacks this command journaled. A partition whose every journaled
+/// callback is among them is written from them directly; any other is rebuilt from the journal.
 pub fn write_pending<S: Store + ?Sized>(
     config: &Config,
     store: &mut S,
     run_id: &str,
+    mut fresh: Option<RowSet>,
 ) -> Result<OutputReport> {
     let writer = PartitionWriter::new(
         &config.output.dir,
@@ -355,22 +388,46 @@ pub fn write_pending<S: Store + ?Sized>(
         },
     );
     writer.clean_staging()?;
-    let account: Arc<str> = Arc::from(config.account_name.as_str());
     let mut output = OutputReport::default();
     for pending in store.pending_partitions()? {
-        let mut collapser = Collapser::new(
+        let mine = match fresh.as_mut().and_then(|f| f.take(&pending.partition)) {
+            Some(part)
+                if part.origins
+                    == store.partition_callbacks(&pending.partition, pending.through_id)? =>
+            {
+                Some(part)
+            }
+            _ => None,
+        };
+        let (part, rebuilt) = match mine {
+            Some(part) => (part, None),
+            None => {
+                let mut set = rebuild(config, &*store, &pending.partition, pending.through_id)?;
+                let part = set.take(&pending.partition).unwrap_or_else(|| {
+                    crate::normalize::collapse::PartitionRows::empty(&pending.partition)
+                });
+                (part, Some(set))
+            }
+        };
+        let origins = match (&rebuilt, &fresh) {
+            (Some(set), _) | (None, Some(set)) => set.origins(),
+            (None, None) => &[],
+        };
+        let records_in = part.records_in;
+        let mut merged = part.collapsed()?;
+        let written = writer.write_rows(
             &pending.partition,
-            config.output.partition_by,
-            config.input.strict_luhn,
-            account.clone(),
-        );
-        store.callbacks_for_partition(&pending.partition, pending.through_id, &mut |cb| {
-            collapser.add(&cb.body, cb.received_at, cb.account_name.as_deref());
-            Ok(())
-        })?;
-        let (records_in, collapsed) = (collapser.records_in, collapser.collapsed);
-        let rows = collapser.into_rows();
-        let written = writer.write(&pending.partition, &rows)?;
+            merged.by_ref().map(|row| {
+                row.and_then(|row| {
+                    usage_row(&row, origins).ok_or_else(|| crate::write::WriteError::Parquet {
+                        path: config.output.dir.clone(),
+                        message: "a row without its callback".into(),
+                    })
+                })
+            }),
+        )?;
+        let collapsed = merged.collapsed;
+        drop(merged);
         store.mark_written(
             &pending.partition,
             pending.through_id,
@@ -382,6 +439,7 @@ pub fn write_pending<S: Store + ?Sized>(
             partition = pending.partition,
             rows = written.rows,
             files = written.files,
+            rebuilt = rebuilt.is_some(),
             "partition written"
         );
         output.rows_written += written.rows;
@@ -395,7 +453,57 @@ pub fn write_pending<S: Store + ?Sized>(
             collapsed,
         });
     }
+    let _ = std::fs::remove_dir_all(spill_dir(config));
     Ok(output)
+}
+
+/// The rows of `partition` from every journaled callback with id ≤ `through_id`, oldest received
+/// first, so that the newest wins when collapsed.
+fn rebuild<S: Store + ?Sized>(
+    config: &Config,
+    store: &S,
+    partition: &str,
+    through_id: i64,
+) -> Result<RowSet> {
+    let by = config.output.partition_by;
+    let strict = config.input.strict_luhn;
+    let mut set = RowSet::new(
+        by,
+        Arc::from(config.account_name.as_str()),
+        ROW_MEMORY_BYTES,
+        &spill_dir(config),
+    );
+    // Whether a partition key is this partition's, for the last key seen (records come in runs).
+    let mut last: Option<(i64, bool)> = None;
+    store.callbacks_for_partition(partition, through_id, &mut |cb| {
+        let Ok(parsed) = parse_callback(&cb.body) else {
+            return Ok(());
+        };
+        let CallbackKind::Usage(records) = &parsed.kind else {
+            return Ok(());
+        };
+        let origin = set.add_origin(
+            &parsed.request_id,
+            cb.account_name.as_deref(),
+            cb.received_at,
+        );
+        for r in records.parsed(strict).flatten() {
+            let key = partition_key(r.usage_start, by);
+            let mine = match last {
+                Some((k, mine)) if k == key => mine,
+                _ => {
+                    let mine = partition_of(r.usage_start, by) == partition;
+                    last = Some((key, mine));
+                    mine
+                }
+            };
+            if mine {
+                set.push(origin, &r)?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(set)
 }
 
 pub(crate) fn rejects_dir(out: &Path) -> PathBuf {

@@ -229,7 +229,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let mut store = StateWriter::finish_shared(writer)?;
 
     // 5-6. normalize and write every partition the journal has news for.
-    report.output = Some(write_pending(config, &mut store, &run_id)?);
+    report.output = Some(write_pending(config, &mut store, &run_id, None)?);
 
     // The report: rejects, completeness, counts.
     report.rejects_files.extend(listener_rejects);
@@ -329,6 +329,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
                 store,
                 &mut drop_rejects,
                 &hidden,
+                None,
             )?;
         }
         for (rowid, request_id, job_id) in reader.requests_since(request_cursor)? {

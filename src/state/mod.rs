@@ -44,6 +44,8 @@ pub struct NewCallback<'a> {
     /// Where it came from: a file path (with line or index) or `listener`.
     pub source: &'a str,
     pub body: &'a str,
+    /// SHA-256 of `body`.
+    pub digest: &'a [u8; 32],
     /// Output partitions its usage records fall in (empty for completion and fault callbacks).
     pub partitions: &'a BTreeSet<String>,
 }
@@ -172,8 +174,12 @@ pub trait Store {
         run_id: &str,
     ) -> Result<(), StateError>;
 
-    /// Whether a request with this id was sent by a job of this store.
-    fn known_request(&self, request_id: &str) -> Result<bool, StateError>;
+    /// The account of the job that sent the request with this id; `None` when no job of this store
+    /// sent it.
+    fn request_account(&self, request_id: &str) -> Result<Option<String>, StateError>;
+
+    /// How many journaled callbacks with id ≤ `through_id` touch `partition`.
+    fn partition_callbacks(&self, partition: &str, through_id: i64) -> Result<u64, StateError>;
 
     /// How many callbacks the journal holds.
     fn journal_len(&self) -> Result<u64, StateError>;

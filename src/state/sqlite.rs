@@ -5,7 +5,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
 
 use std::collections::HashMap;
 
@@ -466,14 +465,13 @@ impl Store for SqliteStore {
                 )
                 .map_err(err)?;
             for cb in batch {
-                let digest = Sha256::digest(cb.body.as_bytes());
                 let inserted = insert
                     .execute(params![
                         cb.request_id,
                         cb.kind,
                         received_at,
                         cb.source,
-                        digest.as_slice(),
+                        cb.digest.as_slice(),
                         cb.body
                     ])
                     .map_err(err)?;
@@ -581,10 +579,24 @@ impl Store for SqliteStore {
             .map_err(self.err())
     }
 
-    fn known_request(&self, request_id: &str) -> Result<bool, StateError> {
+    fn request_account(&self, request_id: &str) -> Result<Option<String>, StateError> {
         self.conn
-            .prepare_cached("SELECT 1 FROM requests WHERE request_id = ?1")
-            .and_then(|mut stmt| stmt.exists([request_id]))
+            .prepare_cached(
+                "SELECT j.account_name FROM requests r JOIN jobs j ON j.job_id = r.job_id
+                 WHERE r.request_id = ?1",
+            )
+            .and_then(|mut stmt| stmt.query_row([request_id], |r| r.get(0)).optional())
+            .map_err(self.err())
+    }
+
+    fn partition_callbacks(&self, partition: &str, through_id: i64) -> Result<u64, StateError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM callback_partitions WHERE partition = ?1 AND callback_id <= ?2",
+                params![partition, through_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
             .map_err(self.err())
     }
 
@@ -611,8 +623,10 @@ mod tests {
             MIGRATIONS.len() as i64
         );
         let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
+        let digest = [7u8; 32];
         let cb = NewCallback {
             request_id: "r1",
+            digest: &digest,
             kind: "usage",
             source: "a.json",
             body: r#"{"requestId":"r1"}"#,

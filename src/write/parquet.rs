@@ -125,6 +125,16 @@ impl PartitionWriter {
 
     /// Replaces partition `name` (e.g. `usage_date=2021-08-15`) with `rows`, atomically.
     pub fn write(&self, name: &str, rows: &[UsageRow]) -> Result<Written, WriteError> {
+        self.write_rows(name, rows.iter().cloned().map(Ok))
+    }
+
+    /// Replaces partition `name` with the rows of an iterator (streamed: a batch at a time), atomically.
+    /// An error from the iterator abandons the write; the previous partition stays as it was.
+    pub fn write_rows(
+        &self,
+        name: &str,
+        rows: impl Iterator<Item = Result<UsageRow, WriteError>>,
+    ) -> Result<Written, WriteError> {
         let stage = self
             .staging_dir
             .join(format!("{name}.{}", self.options.run_id));
@@ -132,14 +142,46 @@ impl PartitionWriter {
             std::fs::remove_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
         }
         std::fs::create_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
-        let per_file = usize::try_from(self.options.max_rows_per_file)
-            .unwrap_or(usize::MAX)
-            .max(1);
-        let mut files = 0u64;
-        for (i, chunk) in rows.chunks(per_file).enumerate() {
-            let path = stage.join(format!("part-{i:05}.parquet"));
-            self.write_file(&path, chunk)?;
-            files += 1;
+        let per_file = self.options.max_rows_per_file.max(1);
+        let schema = schema();
+        let mut file: Option<(PathBuf, ArrowWriter<File>, u64)> = None;
+        let (mut files, mut total) = (0u64, 0u64);
+        let mut chunk: Vec<UsageRow> = Vec::with_capacity(BATCH_ROWS);
+        let mut rows = rows.peekable();
+        while rows.peek().is_some() {
+            chunk.clear();
+            let (path, writer, in_file) = match &mut file {
+                Some(open) => open,
+                None => {
+                    let path = stage.join(format!("part-{files:05}.parquet"));
+                    files += 1;
+                    let writer = self.open_file(&path)?;
+                    file.insert((path, writer, 0))
+                }
+            };
+            let room = usize::try_from(per_file - *in_file)
+                .unwrap_or(usize::MAX)
+                .min(BATCH_ROWS);
+            for row in rows.by_ref().take(room) {
+                chunk.push(row?);
+            }
+            let batch = to_batch(&schema, &chunk).map_err(|e| WriteError::Parquet {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            writer.write(&batch).map_err(parquet_err(path))?;
+            crate::failpoint::fail(crate::failpoint::PARQUET_WRITE)
+                .map_err(|e| WriteError::io(path, e))?;
+            *in_file += chunk.len() as u64;
+            total += chunk.len() as u64;
+            if *in_file >= per_file
+                && let Some((path, writer, _)) = file.take()
+            {
+                close_file(&path, writer)?;
+            }
+        }
+        if let Some((path, writer, _)) = file.take() {
+            close_file(&path, writer)?;
         }
         sync_dir(&stage)?;
         crate::failpoint::pause(crate::failpoint::PARQUET_PUBLISH);
@@ -151,19 +193,12 @@ impl PartitionWriter {
         if stage.exists() {
             std::fs::remove_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
         }
-        Ok(Written {
-            rows: rows.len() as u64,
-            files,
-        })
+        Ok(Written { rows: total, files })
     }
 
-    fn write_file(&self, path: &Path, rows: &[UsageRow]) -> Result<(), WriteError> {
-        let parquet_err = |e: parquet::errors::ParquetError| WriteError::Parquet {
-            path: path.to_owned(),
-            message: e.to_string(),
-        };
+    fn open_file(&self, path: &Path) -> Result<ArrowWriter<File>, WriteError> {
         let file = File::create(path).map_err(|e| WriteError::io(path, e))?;
-        let level = ZstdLevel::try_new(self.options.zstd_level).map_err(parquet_err)?;
+        let level = ZstdLevel::try_new(self.options.zstd_level).map_err(parquet_err(path))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_statistics_enabled(EnabledStatistics::Page)
@@ -177,21 +212,21 @@ impl PartitionWriter {
                 KeyValue::new(META_RUN_ID.to_owned(), self.options.run_id.clone()),
             ]))
             .build();
-        let schema = schema();
-        let mut writer =
-            ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
-        for chunk in rows.chunks(BATCH_ROWS) {
-            let batch = to_batch(&schema, chunk).map_err(|e| WriteError::Parquet {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
-            writer.write(&batch).map_err(parquet_err)?;
-            crate::failpoint::fail(crate::failpoint::PARQUET_WRITE)
-                .map_err(|e| WriteError::io(path, e))?;
-        }
-        let file = writer.into_inner().map_err(parquet_err)?;
-        file.sync_all().map_err(|e| WriteError::io(path, e))
+        ArrowWriter::try_new(file, schema(), Some(props)).map_err(parquet_err(path))
     }
+}
+
+fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> WriteError + '_ {
+    move |e| WriteError::Parquet {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Finishes a file (footer) and makes it durable.
+fn close_file(path: &Path, writer: ArrowWriter<File>) -> Result<(), WriteError> {
+    let file = writer.into_inner().map_err(parquet_err(path))?;
+    file.sync_all().map_err(|e| WriteError::io(path, e))
 }
 
 /// Builds one Arrow batch of schema v1 from rows.

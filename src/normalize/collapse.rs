@@ -1,0 +1,479 @@
+//! Partition rows in bounded memory: one row per (iccid, usage_start, usage_end), the newest wins.
+//!
+//! Records come in as [`ParsedRecord`]s tagged with their [`Origin`] (the callback they came from).
+//! Origins are numbered in "newest wins" order: a higher number was received later (ties broken by
+//! journal id), so collapsing keeps, per key, the row with the highest origin.
+//!
+//! Rows are kept in memory as 80-byte [`Row`]s. Past the memory budget, the largest partition's rows
+//! are sorted and spilled to a run file; [`PartitionRows::collapsed`] merges the runs and the rows still
+//! in memory (a k-way merge over sorted inputs), so memory stays flat however large the input is, and
+//! the output comes out sorted by (iccid, usage_start, usage_end).
+
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::record::ParsedRecord;
+use super::{UsageRow, partition_key, partition_of};
+use crate::config::PartitionBy;
+use crate::ingest::Iccid;
+use crate::write::WriteError;
+
+/// The callback a row came from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub request_id: Arc<str>,
+    pub account_name: Arc<str>,
+    /// µs since the epoch, UTC.
+    pub received_at: i64,
+}
+
+/// One usage row, compact: the callback's fields live once in its [`Origin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Row {
+    pub iccid: Iccid,
+    pub usage_start: i64,
+    pub usage_end: i64,
+    /// data_usage_bytes, sms_usage, mo_sms, mt_sms.
+    pub counts: [i64; 4],
+    /// Index into the origins: higher is newer.
+    pub origin: u32,
+}
+
+impl Row {
+    fn sort_key(&self) -> (Iccid, i64, i64, u32) {
+        (self.iccid, self.usage_start, self.usage_end, self.origin)
+    }
+
+    fn same_key(&self, other: &Row) -> bool {
+        self.iccid == other.iccid
+            && self.usage_start == other.usage_start
+            && self.usage_end == other.usage_end
+    }
+}
+
+/// Bytes of one spilled row: 20 ICCID digits, their count, six i64 and the origin.
+const SPILL_ROW_BYTES: usize = 20 + 1 + 6 * 8 + 4;
+
+/// Rows of every partition seen so far, within a memory budget.
+#[derive(Debug)]
+pub struct RowSet {
+    by: PartitionBy,
+    /// Accounts seen, the configured one first (for callbacks of requests this store did not send).
+    accounts: Vec<Arc<str>>,
+    origins: Vec<Origin>,
+    parts: BTreeMap<i64, PartitionRows>,
+    /// Rows held in memory over all partitions, and the most allowed.
+    in_memory: usize,
+    max_in_memory: usize,
+    spill_dir: PathBuf,
+    spills: u64,
+}
+
+/// The rows of one partition: sorted runs on disk plus the rows still in memory.
+#[derive(Debug)]
+pub struct PartitionRows {
+    pub name: String,
+    rows: Vec<Row>,
+    runs: Vec<PathBuf>,
+    /// Records added (before collapsing).
+    pub records_in: u64,
+    /// Distinct origins that added rows.
+    pub origins: u64,
+    last_origin: Option<u32>,
+}
+
+impl RowSet {
+    /// `memory_bytes` bounds the rows held in memory; run files go to `spill_dir` (created when needed).
+    pub fn new(
+        by: PartitionBy,
+        default_account: Arc<str>,
+        memory_bytes: usize,
+        spill_dir: &Path,
+    ) -> Self {
+        RowSet {
+            by,
+            accounts: vec![default_account],
+            origins: Vec::new(),
+            parts: BTreeMap::new(),
+            in_memory: 0,
+            max_in_memory: (memory_bytes / std::mem::size_of::<Row>()).max(1024),
+            spill_dir: spill_dir.to_owned(),
+            spills: 0,
+        }
+    }
+
+    /// Registers a callback; rows added with the returned number come from it. Call in "newest
+    /// wins" order (received time, then journal id). `account` is its job's account (the configured
+    /// one when `None`: a request this store did not send).
+    pub fn add_origin(&mut self, request_id: &str, account: Option<&str>, received_at: i64) -> u32 {
+        let account_name = match account {
+            None => self.accounts[0].clone(),
+            Some(a) => match self.accounts.iter().find(|known| ***known == *a) {
+                Some(known) => known.clone(),
+                None => {
+                    let new: Arc<str> = Arc::from(a);
+                    self.accounts.push(new.clone());
+                    new
+                }
+            },
+        };
+        self.origins.push(Origin {
+            request_id: Arc::from(request_id),
+            account_name,
+            received_at,
+        });
+        u32::try_from(self.origins.len() - 1).unwrap_or(u32::MAX)
+    }
+
+    pub fn origins(&self) -> &[Origin] {
+        &self.origins
+    }
+
+    /// Adds one accepted record of `origin`.
+    pub fn push(&mut self, origin: u32, r: &ParsedRecord) -> Result<(), WriteError> {
+        let key = partition_key(r.usage_start, self.by);
+        let by = self.by;
+        let part = self
+            .parts
+            .entry(key)
+            .or_insert_with(|| PartitionRows::empty(&partition_of(r.usage_start, by)));
+        part.rows.push(Row {
+            iccid: r.iccid,
+            usage_start: r.usage_start,
+            usage_end: r.usage_end,
+            counts: [r.data_usage_bytes, r.sms_usage, r.mo_sms, r.mt_sms],
+            origin,
+        });
+        part.records_in += 1;
+        if part.last_origin != Some(origin) {
+            part.last_origin = Some(origin);
+            part.origins += 1;
+        }
+        self.in_memory += 1;
+        if self.in_memory > self.max_in_memory {
+            self.spill_largest()?;
+        }
+        Ok(())
+    }
+
+    fn spill_largest(&mut self) -> Result<(), WriteError> {
+        let Some(part) = self.parts.values_mut().max_by_key(|p| p.rows.len()) else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(&self.spill_dir).map_err(|e| WriteError::io(&self.spill_dir, e))?;
+        self.spills += 1;
+        let path = self
+            .spill_dir
+            .join(format!("rows-{}-{}.run", std::process::id(), self.spills));
+        tracing::debug!(partition = part.name, rows = part.rows.len(), run = %path.display(), "spilling rows");
+        self.in_memory -= part.rows.len();
+        part.spill(&path)?;
+        Ok(())
+    }
+
+    /// The partitions with rows, by name.
+    pub fn partition_names(&self) -> Vec<String> {
+        self.parts.values().map(|p| p.name.clone()).collect()
+    }
+
+    /// Takes the rows of partition `name` out of the set.
+    pub fn take(&mut self, name: &str) -> Option<PartitionRows> {
+        let key = self
+            .parts
+            .iter()
+            .find(|(_, p)| p.name == name)
+            .map(|(k, _)| *k)?;
+        let part = self.parts.remove(&key)?;
+        self.in_memory -= part.rows.len();
+        Some(part)
+    }
+}
+
+impl PartitionRows {
+    /// A partition without rows (all its records were superseded or rejected).
+    pub fn empty(name: &str) -> Self {
+        PartitionRows {
+            name: name.to_owned(),
+            rows: Vec::new(),
+            runs: Vec::new(),
+            records_in: 0,
+            origins: 0,
+            last_origin: None,
+        }
+    }
+
+    fn spill(&mut self, path: &Path) -> Result<(), WriteError> {
+        self.rows.sort_unstable_by_key(Row::sort_key);
+        let file = File::create(path).map_err(|e| WriteError::io(path, e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut buf = [0u8; SPILL_ROW_BYTES];
+        for row in self.rows.drain(..) {
+            encode(&row, &mut buf);
+            out.write_all(&buf).map_err(|e| WriteError::io(path, e))?;
+        }
+        out.flush().map_err(|e| WriteError::io(path, e))?;
+        self.rows = Vec::new();
+        self.runs.push(path.to_owned());
+        Ok(())
+    }
+
+    /// The collapsed rows in (iccid, usage_start, usage_end) order: per key, the newest origin's.
+    /// Returns them with the number of records superseded. Run files are removed when done.
+    pub fn collapsed(mut self) -> Result<Collapsed, WriteError> {
+        self.rows.sort_unstable_by_key(Row::sort_key);
+        let mut sources = Vec::with_capacity(self.runs.len() + 1);
+        for path in &self.runs {
+            let file = File::open(path).map_err(|e| WriteError::io(path, e))?;
+            sources.push(Source::Run {
+                reader: BufReader::with_capacity(256 * 1024, file),
+                path: path.clone(),
+            });
+        }
+        sources.push(Source::Memory(std::mem::take(&mut self.rows).into_iter()));
+        let mut heap = BinaryHeap::with_capacity(sources.len());
+        for (i, source) in sources.iter_mut().enumerate() {
+            if let Some(row) = source.next_row()? {
+                heap.push(std::cmp::Reverse((row.sort_key(), i, row)));
+            }
+        }
+        Ok(Collapsed {
+            sources,
+            heap,
+            pending: None,
+            runs: std::mem::take(&mut self.runs),
+            collapsed: 0,
+        })
+    }
+}
+
+/// A sorted input of the merge.
+#[derive(Debug)]
+enum Source {
+    Memory(std::vec::IntoIter<Row>),
+    Run {
+        reader: BufReader<File>,
+        path: PathBuf,
+    },
+}
+
+impl Source {
+    fn next_row(&mut self) -> Result<Option<Row>, WriteError> {
+        match self {
+            Source::Memory(rows) => Ok(rows.next()),
+            Source::Run { reader, path } => {
+                let mut buf = [0u8; SPILL_ROW_BYTES];
+                match reader.read_exact(&mut buf) {
+                    Ok(()) => decode(&buf).map(Some).ok_or_else(|| {
+                        WriteError::io(path, std::io::Error::other("corrupt row in spill file"))
+                    }),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                    Err(e) => Err(WriteError::io(path, e)),
+                }
+            }
+        }
+    }
+}
+
+type HeapItem = std::cmp::Reverse<((Iccid, i64, i64, u32), usize, Row)>;
+
+/// The merge of a partition's sorted inputs, collapsed: an iterator of rows.
+#[derive(Debug)]
+pub struct Collapsed {
+    sources: Vec<Source>,
+    heap: BinaryHeap<HeapItem>,
+    /// The newest row seen so far for the current key.
+    pending: Option<Row>,
+    runs: Vec<PathBuf>,
+    /// Records superseded by a newer one for the same key.
+    pub collapsed: u64,
+}
+
+impl Collapsed {
+    fn next_sorted(&mut self) -> Result<Option<Row>, WriteError> {
+        let Some(std::cmp::Reverse((_, i, row))) = self.heap.pop() else {
+            return Ok(None);
+        };
+        if let Some(next) = self.sources[i].next_row()? {
+            self.heap
+                .push(std::cmp::Reverse((next.sort_key(), i, next)));
+        }
+        Ok(Some(row))
+    }
+}
+
+impl Iterator for Collapsed {
+    type Item = Result<Row, WriteError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.next_sorted() {
+                Err(e) => return Some(Err(e)),
+                Ok(None) => return self.pending.take().map(Ok),
+                Ok(Some(row)) => match self.pending {
+                    // Same key, higher origin (the merge yields a key's rows oldest first).
+                    Some(p) if p.same_key(&row) => {
+                        self.collapsed += 1;
+                        self.pending = Some(row);
+                    }
+                    Some(p) => {
+                        self.pending = Some(row);
+                        return Some(Ok(p));
+                    }
+                    None => self.pending = Some(row),
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Collapsed {
+    fn drop(&mut self) {
+        for path in &self.runs {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for PartitionRows {
+    fn drop(&mut self) {
+        for path in &self.runs {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The output row for `row`.
+pub fn usage_row(row: &Row, origins: &[Origin]) -> Option<UsageRow> {
+    let origin = origins.get(row.origin as usize)?;
+    Some(UsageRow {
+        account_name: origin.account_name.clone(),
+        iccid: row.iccid,
+        usage_start: row.usage_start,
+        usage_end: row.usage_end,
+        data_usage_bytes: row.counts[0],
+        sms_usage: row.counts[1],
+        mo_sms: row.counts[2],
+        mt_sms: row.counts[3],
+        request_id: origin.request_id.clone(),
+        received_at: origin.received_at,
+    })
+}
+
+fn encode(row: &Row, buf: &mut [u8; SPILL_ROW_BYTES]) {
+    let digits = row.iccid.as_str().as_bytes();
+    buf[..20].fill(0);
+    buf[..digits.len()].copy_from_slice(digits);
+    buf[20] = digits.len() as u8;
+    let numbers = [
+        row.usage_start,
+        row.usage_end,
+        row.counts[0],
+        row.counts[1],
+        row.counts[2],
+        row.counts[3],
+    ];
+    for (i, n) in numbers.iter().enumerate() {
+        buf[21 + i * 8..29 + i * 8].copy_from_slice(&n.to_le_bytes());
+    }
+    buf[69..73].copy_from_slice(&row.origin.to_le_bytes());
+}
+
+fn decode(buf: &[u8; SPILL_ROW_BYTES]) -> Option<Row> {
+    let len = usize::from(buf[20]).min(20);
+    let iccid = Iccid::parse(std::str::from_utf8(&buf[..len]).ok()?).ok()?;
+    let n = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[21 + i * 8..29 + i * 8]);
+        i64::from_le_bytes(b)
+    };
+    let mut o = [0u8; 4];
+    o.copy_from_slice(&buf[69..73]);
+    Some(Row {
+        iccid,
+        usage_start: n(0),
+        usage_end: n(1),
+        counts: [n(2), n(3), n(4), n(5)],
+        origin: u32::from_le_bytes(o),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(iccid: &str, day: i64, minute: i64, data: i64) -> ParsedRecord {
+        let start = 1_628_985_600_000_000 + day * 86_400_000_000 + minute * 60_000_000;
+        ParsedRecord {
+            iccid: Iccid::parse(iccid).expect("iccid"),
+            usage_start: start,
+            usage_end: start + 60_000_000,
+            data_usage_bytes: data,
+            sms_usage: 1,
+            mo_sms: 0,
+            mt_sms: 1,
+            recovered: false,
+            luhn_warning: false,
+        }
+    }
+
+    /// Same rows, newest wins, whether everything fits in memory or most rows were spilled.
+    #[test]
+    fn spilling_changes_nothing_in_the_result() {
+        let iccids = [
+            "89148000000800139702",
+            "8914800000080013970",
+            "89148000000800139710",
+        ];
+        let collect = |memory_bytes: usize| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut set = RowSet::new(PartitionBy::Day, Arc::from("a"), memory_bytes, dir.path());
+            for round in 0..3i64 {
+                for day in 0..2i64 {
+                    let n = round * 10 + day;
+                    let o = set.add_origin(&format!("r{n}"), None, n);
+                    for i in 0..3000i64 {
+                        let iccid = iccids[(i % 3) as usize];
+                        // Keys repeat across rounds: the last round's value must win.
+                        let r = record(iccid, day, i / 3, i / 3 * 1000 + round);
+                        set.push(o, &r).expect("push");
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            for name in set.partition_names() {
+                let part = set.take(&name).expect("part");
+                let records_in = part.records_in;
+                let mut rows = part.collapsed().expect("merge");
+                let mut got = Vec::new();
+                for row in rows.by_ref() {
+                    got.push(usage_row(&row.expect("row"), set.origins()).expect("origin"));
+                }
+                out.push((name, records_in, rows.collapsed, got));
+            }
+            let leftovers = std::fs::read_dir(dir.path()).map_or(0, |d| d.count());
+            (out, leftovers)
+        };
+        let (in_memory, _) = collect(1 << 30);
+        let (spilled, leftovers) = collect(0); // the budget floor: 1,024 rows
+        assert_eq!(leftovers, 0, "run files are removed");
+        assert_eq!(in_memory.len(), 2);
+        for (name, records_in, collapsed, rows) in &in_memory {
+            assert_eq!(*records_in, 9000, "{name}");
+            // 3 ICCIDs x 1,000 minutes, each key received in 3 rounds.
+            assert_eq!(rows.len(), 3000);
+            assert_eq!(*collapsed, 6000);
+            assert!(
+                rows.iter().all(|r| r.data_usage_bytes % 1000 == 2),
+                "last round wins"
+            );
+            assert!(
+                rows.windows(2)
+                    .all(|w| (w[0].iccid, w[0].usage_start) < (w[1].iccid, w[1].usage_start))
+            );
+        }
+        assert_eq!(in_memory, spilled);
+    }
+}
