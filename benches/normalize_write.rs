@@ -8,7 +8,7 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tsusage::collect::Intake;
 use tsusage::config::PartitionBy;
-use tsusage::normalize::Collapser;
+use tsusage::normalize::collapse::{RowSet, usage_row};
 use tsusage::write::parquet::{PartitionWriter, WriterOptions};
 
 /// `callbacks` usage callbacks of `records` records each, all on 2021-08-15, string counts as the
@@ -56,43 +56,37 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let stripped: Vec<String> = {
+    let prepared: Vec<_> = {
         let mut intake = Intake::new(false, PartitionBy::Day);
         let mut rejects = Vec::new();
         bodies
             .iter()
             .filter_map(|b| intake.prepare(b, String::new(), &mut rejects).ok())
-            .map(|p| p.body)
             .collect()
     };
     let account: Arc<str> = Arc::from("0000123456-00001");
-    group.bench_function("collapse_100x100", |b| {
-        b.iter(|| {
-            let mut collapser = Collapser::new(
-                "usage_date=2021-08-15",
-                PartitionBy::Day,
-                false,
-                account.clone(),
-            );
-            for body in &stripped {
-                collapser.add(body, 1, None);
+    let spill = tempfile::tempdir().expect("tempdir");
+    let collapse = || {
+        let mut set = RowSet::new(PartitionBy::Day, account.clone(), 64 << 20, spill.path());
+        for p in &prepared {
+            let origin = set.add_origin(&p.request_id, None, 1);
+            for r in &p.records {
+                set.push(origin, r).expect("push");
             }
-            black_box(collapser.into_rows().len())
-        })
+        }
+        let part = set.take("usage_date=2021-08-15").expect("partition");
+        let rows: Vec<_> = part
+            .collapsed()
+            .expect("merge")
+            .map(|r| usage_row(&r.expect("row"), set.origins()).expect("origin"))
+            .collect();
+        rows
+    };
+    group.bench_function("collapse_100x100", |b| {
+        b.iter(|| black_box(collapse().len()))
     });
 
-    let rows = {
-        let mut collapser = Collapser::new(
-            "usage_date=2021-08-15",
-            PartitionBy::Day,
-            false,
-            account.clone(),
-        );
-        for body in &stripped {
-            collapser.add(body, 1, None);
-        }
-        collapser.into_rows()
-    };
+    let rows = collapse();
     let out = tempfile::tempdir().expect("tempdir");
     let writer = PartitionWriter::new(out.path(), WriterOptions::new("bench"));
     group.bench_function("parquet_write_10k_rows", |b| {

@@ -191,15 +191,7 @@ pub fn collect<S: Store + ?Sized>(
                 batch_bytes = 0;
             }
         }
-        flush(
-            dir,
-            options,
-            intake,
-            store,
-            &mut batch,
-            &mut moves,
-            rows,
-        )?;
+        flush(dir, options, intake, store, &mut batch, &mut moves, rows)?;
         drop(outputs);
         for handle in handles {
             if let Ok(worker) = handle.join() {
