@@ -139,7 +139,7 @@ pub fn collect<S: Store + ?Sized>(
                     ..
                 } = out;
                 open_good += prepared.len() as u64;
-                batch_bytes += prepared.iter().map(|p| p.body.len()).sum::<usize>();
+                batch_bytes += prepared.iter().map(|p| p.body_len).sum::<usize>();
                 batch.extend(prepared);
                 match read {
                     Read::Done => {}

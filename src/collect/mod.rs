@@ -19,7 +19,7 @@ use crate::normalize::collapse::RowSet;
 use crate::normalize::payload::{Body, CallbackKind};
 use crate::normalize::record::ParsedRecord;
 use crate::normalize::{self, RecordStats};
-use crate::state::{Journaled, NewCallback, Store};
+use crate::state::{Journaled, NewCallback, Store, encode_body};
 use crate::write::rejects::RecordReject;
 
 /// Callback counts for the run report.
@@ -49,9 +49,11 @@ pub struct Prepared {
     pub request_id: String,
     pub kind: &'static str,
     pub source: String,
-    /// The body without credentials.
-    pub body: String,
-    /// SHA-256 of `body`: the journal's identity of a callback.
+    /// The body without credentials, as the journal stores it (zstd).
+    pub body: Vec<u8>,
+    /// Bytes of the body's text.
+    pub body_len: usize,
+    /// SHA-256 of the body's text: the journal's identity of a callback.
     pub digest: [u8; 32],
     pub partitions: BTreeSet<String>,
     /// Its accepted usage records, typed.
@@ -189,7 +191,8 @@ impl Intake {
                     request_id,
                     kind,
                     source,
-                    body,
+                    body_len: body.len(),
+                    body: encode_body(&body),
                     digest,
                     partitions,
                     records,

@@ -11,7 +11,7 @@ mod writer;
 use std::collections::{BTreeSet, HashMap};
 
 pub use lock::RunLock;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, encode_body};
 pub use writer::StateWriter;
 
 use crate::plan::Job;
@@ -43,8 +43,9 @@ pub struct NewCallback<'a> {
     pub kind: &'static str,
     /// Where it came from: a file path (with line or index) or `listener`.
     pub source: &'a str,
-    pub body: &'a str,
-    /// SHA-256 of `body`.
+    /// The body as the journal stores it ([`encode_body`]: zstd).
+    pub body: &'a [u8],
+    /// SHA-256 of the body's text.
     pub digest: &'a [u8; 32],
     /// Output partitions its usage records fall in (empty for completion and fault callbacks).
     pub partitions: &'a BTreeSet<String>,

@@ -72,7 +72,58 @@ const MIGRATIONS: &[&str] = &[
         run_id          TEXT NOT NULL
     );
     "#,
+    // v2: bodies are stored zstd-compressed (`body_encoding = 'zstd'`); older rows stay JSON text.
+    r#"
+    ALTER TABLE callbacks ADD COLUMN body_encoding TEXT NOT NULL DEFAULT 'json';
+    "#,
 ];
+
+/// zstd level for journaled bodies: callbacks compress about 5-10x even at the fastest levels, and
+/// the journal is written once and read back rarely.
+pub const BODY_ZSTD_LEVEL: i32 = 1;
+
+/// A body as the journal stores it (zstd).
+pub fn encode_body(body: &str) -> Vec<u8> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(BODY_ZSTD_LEVEL).ok();
+        }
+        c.as_mut()
+            .and_then(|c| c.compress(body.as_bytes()).ok())
+            // Compressing in memory does not fail short of memory exhaustion; if it does, the
+            // frame below is still a valid zstd stream (raw blocks).
+            .unwrap_or_else(|| zstd::stream::encode_all(body.as_bytes(), 0).unwrap_or_default())
+    })
+}
+
+/// A journaled body back as text, from the `body` and `body_encoding` columns.
+fn decode_body(value: rusqlite::types::ValueRef<'_>, encoding: &str) -> rusqlite::Result<String> {
+    let bytes = match value {
+        rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b,
+        other => {
+            return Err(rusqlite::Error::InvalidColumnType(
+                0,
+                "body".into(),
+                other.data_type(),
+            ));
+        }
+    };
+    let text = if encoding == "zstd" {
+        zstd::stream::decode_all(bytes).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+        })?
+    } else {
+        bytes.to_vec()
+    };
+    String::from_utf8(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+    })
+}
 
 /// The embedded state store.
 #[derive(Debug)]
@@ -191,12 +242,14 @@ impl SqliteStore {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, request_id, kind, body FROM callbacks WHERE id > ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, request_id, kind, body, body_encoding FROM callbacks
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
             )
             .map_err(self.err())?;
         let rows = stmt
             .query_map(params![id, limit as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                let body = decode_body(r.get_ref(3)?, r.get_ref(4)?.as_str()?)?;
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, body))
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
@@ -455,8 +508,9 @@ impl Store for SqliteStore {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO callbacks (request_id, kind, received_at, source, body_sha256, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR IGNORE INTO callbacks
+                       (request_id, kind, received_at, source, body_sha256, body, body_encoding)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'zstd')",
                 )
                 .map_err(err)?;
             let mut index = tx
@@ -529,7 +583,7 @@ impl Store for SqliteStore {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT c.id, c.request_id, c.received_at, c.body, j.account_name
+                "SELECT c.id, c.request_id, c.received_at, c.body, j.account_name, c.body_encoding
                  FROM callback_partitions cp
                  JOIN callbacks c ON c.id = cp.callback_id
                  LEFT JOIN requests r ON r.request_id = c.request_id
@@ -547,7 +601,7 @@ impl Store for SqliteStore {
                     id: row.get(0)?,
                     request_id: row.get(1)?,
                     received_at: row.get(2)?,
-                    body: row.get(3)?,
+                    body: decode_body(row.get_ref(3)?, row.get_ref(5)?.as_str()?)?,
                     account_name: row.get(4)?,
                 })
             })()
@@ -624,12 +678,13 @@ mod tests {
         );
         let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
         let digest = [7u8; 32];
+        let body = encode_body(r#"{"requestId":"r1"}"#);
         let cb = NewCallback {
             request_id: "r1",
             digest: &digest,
             kind: "usage",
             source: "a.json",
-            body: r#"{"requestId":"r1"}"#,
+            body: &body,
             partitions: &parts,
         };
         let first = store

@@ -19,6 +19,8 @@ fn assert_clean(what: &str, text: &str) {
     }
 }
 
+/// Every file, and every journaled body decoded (the journal stores bodies compressed, where a
+/// leaked secret would not show as text).
 fn assert_files_clean(ws: &Workspace) {
     for path in files_under(ws.dir.path()) {
         let bytes = std::fs::read(&path).expect("read");
@@ -26,6 +28,14 @@ fn assert_files_clean(ws: &Workspace) {
             &path.display().to_string(),
             &String::from_utf8_lossy(&bytes),
         );
+    }
+    let store = tsusage::state::SqliteStore::open(&ws.dir.path().join("state/tsusage.db"))
+        .expect("state store");
+    let journal = store.callbacks_since(0, 1 << 30).expect("journal");
+    assert!(!journal.is_empty(), "callbacks were journaled");
+    for (id, _, _, body) in journal {
+        assert_clean(&format!("journaled callback {id}"), &body);
+        assert!(body.starts_with('{'), "decoded body {id}");
     }
 }
 
