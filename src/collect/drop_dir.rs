@@ -23,9 +23,9 @@ use crate::write::sync_dir;
 use crate::{Error, Result};
 
 /// Files whose callbacks are journaled before the batch is committed and the files moved.
-const BATCH_FILES: usize = 512;
-/// Body bytes journaled per commit at most (a bigger single file is still one commit).
-const BATCH_BYTES: usize = 16 * 1024 * 1024;
+const BATCH_FILES: usize = 4096;
+/// Body bytes (as text) journaled per commit at most; a large NDJSON file is committed in parts.
+const BATCH_BYTES: usize = 64 * 1024 * 1024;
 
 /// Where processed and rejected files go, inside the drop directory.
 pub const PROCESSED_DIR: &str = "processed";
@@ -122,7 +122,8 @@ pub fn collect<S: Store + ?Sized>(
         let mut batch: Vec<Prepared> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut moves: Vec<(PathBuf, &'static str)> = Vec::new();
-        let mut open_good = 0u64; // callbacks so far in a file read in slices
+        // Good callbacks and NDJSON bodies so far in the file being read (it may come in slices).
+        let (mut open_good, mut open_bodies) = (0u64, 0usize);
         'units: for turn in 0usize.. {
             let Ok(outs) = outputs[turn % workers].recv() else {
                 break 'units; // the dispatcher is done
@@ -136,9 +137,11 @@ pub fn collect<S: Store + ?Sized>(
                     prepared,
                     read,
                     last,
+                    bodies,
                     ..
                 } = out;
                 open_good += prepared.len() as u64;
+                open_bodies += bodies;
                 batch_bytes += prepared.iter().map(|p| p.body_len).sum::<usize>();
                 batch.extend(prepared);
                 match read {
@@ -153,6 +156,13 @@ pub fn collect<S: Store + ?Sized>(
                     continue;
                 }
                 progress.inc(1);
+                if open_bodies == 0 && matches!(read, Read::Done) && is_lines(&path) {
+                    rejects.push(&file_reject(
+                        &path,
+                        "file_empty",
+                        "no callbacks in the file".into(),
+                    ))?;
+                }
                 if matches!(read, Read::Done) {
                     if open_good > 0 {
                         stats.processed += 1;
@@ -162,7 +172,7 @@ pub fn collect<S: Store + ?Sized>(
                         moves.push((path, REJECTED_DIR));
                     }
                 }
-                open_good = 0;
+                (open_good, open_bodies) = (0, 0);
                 if moves.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
                     flush(
                         dir,
@@ -210,8 +220,6 @@ enum Unit {
         bytes: Vec<u8>,
         /// Line number of the first line in `bytes` (1-based).
         first_line: usize,
-        /// Bodies in the file before this slice.
-        bodies_before: usize,
         last: bool,
     },
     /// A file the dispatcher could not read whole (over the size limit, or unreadable).
@@ -237,6 +245,21 @@ struct FileOut {
     read: Read,
     /// The file's last slice (always, for whole files).
     last: bool,
+    /// NDJSON: lines with a body in this slice.
+    bodies: usize,
+}
+
+impl FileOut {
+    fn new(path: PathBuf, read: Read, last: bool) -> Self {
+        FileOut {
+            path,
+            prepared: Vec::new(),
+            rejects: Vec::new(),
+            read,
+            last,
+            bodies: 0,
+        }
+    }
 }
 
 /// `.json` files per unit, and the NDJSON slice size.
@@ -293,7 +316,7 @@ fn send_lines(path: PathBuf, limit: u64, send: &mut impl FnMut(Unit) -> bool) ->
             });
         }
     };
-    let (mut first_line, mut bodies_before, mut total) = (1usize, 0usize, 0u64);
+    let (mut first_line, mut total) = (1usize, 0u64);
     let mut carry: Vec<u8> = Vec::new();
     loop {
         let mut bytes = std::mem::take(&mut carry);
@@ -330,15 +353,10 @@ fn send_lines(path: PathBuf, limit: u64, send: &mut impl FnMut(Unit) -> bool) ->
             }
         }
         let lines = bytes.iter().filter(|&&b| b == b'\n').count();
-        let bodies = bytes
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .count();
         let unit = Unit::Lines {
             path: path.clone(),
             bytes,
             first_line,
-            bodies_before,
             last,
         };
         if !send(unit) {
@@ -348,7 +366,6 @@ fn send_lines(path: PathBuf, limit: u64, send: &mut impl FnMut(Unit) -> bool) ->
             return true;
         }
         first_line += lines;
-        bodies_before += bodies;
     }
 }
 
@@ -372,13 +389,7 @@ impl Unit {
             Unit::Files(paths) => paths
                 .into_iter()
                 .map(|path| {
-                    let mut out = FileOut {
-                        path,
-                        prepared: Vec::new(),
-                        rejects: Vec::new(),
-                        read: Read::Done,
-                        last: true,
-                    };
+                    let mut out = FileOut::new(path, Read::Done, true);
                     match read_regular(&out.path, limit) {
                         Ok(Some(bytes)) => {
                             prepare_json(&out.path.clone(), &bytes, intake, &mut out)
@@ -399,34 +410,14 @@ impl Unit {
                 path,
                 bytes,
                 first_line,
-                bodies_before,
                 last,
             } => {
-                let mut out = FileOut {
-                    path,
-                    prepared: Vec::new(),
-                    rejects: Vec::new(),
-                    read: Read::Done,
-                    last,
-                };
-                let bodies = prepare_lines(&out.path.clone(), &bytes, first_line, intake, &mut out);
-                if last && bodies_before + bodies == 0 {
-                    out.rejects.push(file_reject(
-                        &out.path,
-                        "file_empty",
-                        "no callbacks in the file".into(),
-                    ));
-                }
+                let mut out = FileOut::new(path, Read::Done, last);
+                out.bodies = prepare_lines(&out.path.clone(), &bytes, first_line, intake, &mut out);
                 vec![out]
             }
             Unit::Unread { path, read } => {
-                let mut out = FileOut {
-                    path,
-                    prepared: Vec::new(),
-                    rejects: Vec::new(),
-                    read,
-                    last: true,
-                };
+                let mut out = FileOut::new(path, read, true);
                 if matches!(read, Read::TooLarge) {
                     out.rejects.push(too_large(&out.path, limit));
                 }
@@ -477,6 +468,11 @@ fn flush<S: Store + ?Sized>(
         }
     }
     Ok(())
+}
+
+fn is_lines(path: &Path) -> bool {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    name.ends_with(".ndjson") || name.ends_with(".jsonl")
 }
 
 /// Decides whether an entry is a callback file to read.

@@ -230,8 +230,10 @@ impl Intake {
         self.last_received_at = received_at;
         let new: Vec<NewCallback<'_>> = batch.iter().map(Prepared::as_new).collect();
         let outcomes = store.journal(&new, received_at)?;
+        let ids: Vec<&str> = batch.iter().map(|p| p.request_id.as_str()).collect();
+        let accounts = store.request_accounts(&ids)?;
         for (prepared, outcome) in batch.iter().zip(outcomes) {
-            let account = store.request_account(&prepared.request_id)?;
+            let account = accounts.get(&prepared.request_id);
             if account.is_none() {
                 self.callbacks.unmatched += 1;
                 self.callbacks.unmatched_records += prepared.accepted_records();
@@ -246,7 +248,11 @@ impl Intake {
             if let Some(rows) = rows.as_deref_mut()
                 && !prepared.records.is_empty()
             {
-                let origin = rows.add_origin(&prepared.request_id, account.as_deref(), received_at);
+                let origin = rows.add_origin(
+                    &prepared.request_id,
+                    account.map(String::as_str),
+                    received_at,
+                );
                 for record in &prepared.records {
                     rows.push(origin, record)?;
                 }

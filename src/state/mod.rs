@@ -175,9 +175,10 @@ pub trait Store {
         run_id: &str,
     ) -> Result<(), StateError>;
 
-    /// The account of the job that sent the request with this id; `None` when no job of this store
-    /// sent it.
-    fn request_account(&self, request_id: &str) -> Result<Option<String>, StateError>;
+    /// The account of the job that sent each of these requests, by request id; requests no job of
+    /// this store sent are absent.
+    fn request_accounts(&self, request_ids: &[&str])
+    -> Result<HashMap<String, String>, StateError>;
 
     /// How many journaled callbacks with id ≤ `through_id` touch `partition`.
     fn partition_callbacks(&self, partition: &str, through_id: i64) -> Result<u64, StateError>;

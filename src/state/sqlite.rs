@@ -633,14 +633,23 @@ impl Store for SqliteStore {
             .map_err(self.err())
     }
 
-    fn request_account(&self, request_id: &str) -> Result<Option<String>, StateError> {
-        self.conn
+    fn request_accounts(
+        &self,
+        request_ids: &[&str],
+    ) -> Result<HashMap<String, String>, StateError> {
+        // One statement for the whole batch (the ids as a JSON array), not one per callback.
+        let ids = serde_json::to_string(request_ids).unwrap_or_else(|_| "[]".into());
+        let mut stmt = self
+            .conn
             .prepare_cached(
-                "SELECT j.account_name FROM requests r JOIN jobs j ON j.job_id = r.job_id
-                 WHERE r.request_id = ?1",
+                "SELECT r.request_id, j.account_name FROM requests r JOIN jobs j ON j.job_id = r.job_id
+                 WHERE r.request_id IN (SELECT value FROM json_each(?1))",
             )
-            .and_then(|mut stmt| stmt.query_row([request_id], |r| r.get(0)).optional())
-            .map_err(self.err())
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([ids], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
     fn partition_callbacks(&self, partition: &str, through_id: i64) -> Result<u64, StateError> {
