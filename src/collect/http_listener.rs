@@ -389,11 +389,19 @@ async fn receive<S: Store + Send + 'static>(
     }
     let prepared = {
         let mut rejects = Vec::new();
-        let prepared = state
+        // Parsed outside the shared intake's lock (callbacks are parsed on every core); only the
+        // counts are added under it.
+        let mut local = state
             .intake
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .prepare(text, "listener".to_owned(), &mut rejects);
+            .worker();
+        let prepared = local.prepare(text, "listener".to_owned(), &mut rejects);
+        state
+            .intake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .absorb(local);
         let prepared = match prepared {
             Ok(p) => p,
             Err(reject) => {
