@@ -6,6 +6,8 @@
 //! Defaults: 5,000 callbacks of 100 usage records, 32 concurrent loopback connections. The load
 //! generator runs in the same process and shares the machine's cores with the server.
 
+#![allow(clippy::print_stdout)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
