@@ -117,7 +117,20 @@ enum CallbacksAction {
     Delete,
 }
 
+/// glibc raises its mmap threshold each time a large block is freed, after which the multi-megabyte
+/// buffers of an ingest come from the heap and are not given back: peak memory then grows with the
+/// input (163 MB for 1 M rows, 260 MB for 10 M). A fixed threshold keeps large buffers in their own
+/// mappings, returned when freed (147 MB and 193 MB; no measurable change in speed).
+fn fixed_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator tunable; called first thing, before other threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    fixed_mmap_threshold();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_max_level(cli.log)

@@ -25,7 +25,7 @@ use crate::{Error, Result};
 /// Files whose callbacks are journaled before the batch is committed and the files moved.
 const BATCH_FILES: usize = 4096;
 /// Body bytes (as text) journaled per commit at most; a large NDJSON file is committed in parts.
-const BATCH_BYTES: usize = 64 * 1024 * 1024;
+const BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// Where processed and rejected files go, inside the drop directory.
 pub const PROCESSED_DIR: &str = "processed";
@@ -99,6 +99,8 @@ pub fn collect<S: Store + ?Sized>(
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let limit = options.max_file_bytes;
     std::thread::scope(|scope| -> Result<DropDirStats> {
+        // NDJSON slice buffers go back to the dispatcher once parsed: a few buffers, reused.
+        let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
         let mut inputs = Vec::with_capacity(workers);
         let mut outputs = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -106,9 +108,14 @@ pub fn collect<S: Store + ?Sized>(
             let (unit_tx, unit_rx) = mpsc::sync_channel::<Unit>(2);
             let (out_tx, out_rx) = mpsc::sync_channel::<Vec<FileOut>>(2);
             let mut worker = intake.worker();
+            let spare_tx = spare_tx.clone();
             handles.push(scope.spawn(move || {
                 for unit in unit_rx {
-                    if out_tx.send(unit.prepare(&mut worker, limit)).is_err() {
+                    let (out, spare) = unit.prepare(&mut worker, limit);
+                    if let Some(buffer) = spare {
+                        let _ = spare_tx.send(buffer);
+                    }
+                    if out_tx.send(out).is_err() {
                         break;
                     }
                 }
@@ -117,7 +124,8 @@ pub fn collect<S: Store + ?Sized>(
             inputs.push(unit_tx);
             outputs.push(out_rx);
         }
-        scope.spawn(move || dispatch(files, limit, &inputs));
+        drop(spare_tx);
+        scope.spawn(move || dispatch(files, limit, &inputs, &spare_rx));
 
         let mut batch: Vec<Prepared> = Vec::new();
         let mut batch_bytes = 0usize;
@@ -267,7 +275,12 @@ const FILES_PER_UNIT: usize = 32;
 const SLICE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Hands out the files in order, in turns: unit `k` goes to worker `k % workers`.
-fn dispatch(files: Vec<(PathBuf, Format)>, limit: u64, inputs: &[mpsc::SyncSender<Unit>]) {
+fn dispatch(
+    files: Vec<(PathBuf, Format)>,
+    limit: u64,
+    inputs: &[mpsc::SyncSender<Unit>],
+    spare: &mpsc::Receiver<Vec<u8>>,
+) {
     let mut turn = 0usize;
     let mut send = |unit: Unit| {
         let sent = inputs[turn % inputs.len()].send(unit).is_ok();
@@ -287,7 +300,7 @@ fn dispatch(files: Vec<(PathBuf, Format)>, limit: u64, inputs: &[mpsc::SyncSende
                 if !group.is_empty() && !send(Unit::Files(std::mem::take(&mut group))) {
                     return;
                 }
-                if !send_lines(path, limit, &mut send) {
+                if !send_lines(path, limit, &mut send, spare) {
                     return;
                 }
             }
@@ -299,7 +312,12 @@ fn dispatch(files: Vec<(PathBuf, Format)>, limit: u64, inputs: &[mpsc::SyncSende
 }
 
 /// Sends an NDJSON file as slices of whole lines; false when the workers are gone.
-fn send_lines(path: PathBuf, limit: u64, send: &mut impl FnMut(Unit) -> bool) -> bool {
+fn send_lines(
+    path: PathBuf,
+    limit: u64,
+    send: &mut impl FnMut(Unit) -> bool,
+    spare: &mpsc::Receiver<Vec<u8>>,
+) -> bool {
     let mut file = match open_regular(&path) {
         Ok((file, len)) if len <= limit => file,
         Ok(_) => {
@@ -319,7 +337,9 @@ fn send_lines(path: PathBuf, limit: u64, send: &mut impl FnMut(Unit) -> bool) ->
     let (mut first_line, mut total) = (1usize, 0u64);
     let mut carry: Vec<u8> = Vec::new();
     loop {
-        let mut bytes = std::mem::take(&mut carry);
+        let mut bytes = spare.try_recv().unwrap_or_default();
+        bytes.clear();
+        bytes.append(&mut carry);
         let start = bytes.len();
         bytes.resize(start + SLICE_BYTES, 0);
         let n = match read_full(&mut file, &mut bytes[start..]) {
@@ -345,7 +365,10 @@ fn send_lines(path: PathBuf, limit: u64, send: &mut impl FnMut(Unit) -> bool) ->
         let last = n < SLICE_BYTES; // read_full stops short only at the end of the file
         if !last {
             match bytes.iter().rposition(|&b| b == b'\n') {
-                Some(cut) => carry = bytes.split_off(cut + 1),
+                Some(cut) => {
+                    carry.extend_from_slice(&bytes[cut + 1..]);
+                    bytes.truncate(cut + 1);
+                }
                 None => {
                     carry = bytes; // one line longer than a slice: read on
                     continue;
@@ -384,9 +407,10 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 impl Unit {
-    fn prepare(self, intake: &mut Intake, limit: u64) -> Vec<FileOut> {
+    /// What the files hold; with the slice buffer to reuse, for NDJSON.
+    fn prepare(self, intake: &mut Intake, limit: u64) -> (Vec<FileOut>, Option<Vec<u8>>) {
         match self {
-            Unit::Files(paths) => paths
+            Unit::Files(paths) => (paths
                 .into_iter()
                 .map(|path| {
                     let mut out = FileOut::new(path, Read::Done, true);
@@ -405,7 +429,7 @@ impl Unit {
                     }
                     out
                 })
-                .collect(),
+                .collect(), None),
             Unit::Lines {
                 path,
                 bytes,
@@ -414,14 +438,14 @@ impl Unit {
             } => {
                 let mut out = FileOut::new(path, Read::Done, last);
                 out.bodies = prepare_lines(&out.path.clone(), &bytes, first_line, intake, &mut out);
-                vec![out]
+                (vec![out], Some(bytes))
             }
             Unit::Unread { path, read } => {
                 let mut out = FileOut::new(path, read, true);
                 if matches!(read, Read::TooLarge) {
                     out.rejects.push(too_large(&out.path, limit));
                 }
-                vec![out]
+                (vec![out], None)
             }
         }
     }

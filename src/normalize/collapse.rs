@@ -65,7 +65,8 @@ pub struct RowSet {
     accounts: Vec<Arc<str>>,
     origins: Vec<Origin>,
     parts: BTreeMap<i64, PartitionRows>,
-    /// Rows held in memory over all partitions, and the most allowed.
+    /// Row slots allocated in memory over all partitions (capacity, not length: what memory
+    /// holds), and the most allowed.
     in_memory: usize,
     max_in_memory: usize,
     spill_dir: PathBuf,
@@ -140,6 +141,7 @@ impl RowSet {
             .parts
             .entry(key)
             .or_insert_with(|| PartitionRows::empty(&partition_of(r.usage_start, by)));
+        let capacity = part.rows.capacity();
         part.rows.push(Row {
             iccid: r.iccid,
             usage_start: r.usage_start,
@@ -152,7 +154,7 @@ impl RowSet {
             part.last_origin = Some(origin);
             part.origins += 1;
         }
-        self.in_memory += 1;
+        self.in_memory += part.rows.capacity() - capacity;
         if self.in_memory > self.max_in_memory {
             self.spill_largest()?;
         }
@@ -160,7 +162,7 @@ impl RowSet {
     }
 
     fn spill_largest(&mut self) -> Result<(), WriteError> {
-        let Some(part) = self.parts.values_mut().max_by_key(|p| p.rows.len()) else {
+        let Some(part) = self.parts.values_mut().max_by_key(|p| p.rows.capacity()) else {
             return Ok(());
         };
         std::fs::create_dir_all(&self.spill_dir).map_err(|e| WriteError::io(&self.spill_dir, e))?;
@@ -169,7 +171,7 @@ impl RowSet {
             .spill_dir
             .join(format!("rows-{}-{}.run", std::process::id(), self.spills));
         tracing::debug!(partition = part.name, rows = part.rows.len(), run = %path.display(), "spilling rows");
-        self.in_memory -= part.rows.len();
+        self.in_memory -= part.rows.capacity();
         part.spill(&path)?;
         Ok(())
     }
@@ -187,7 +189,7 @@ impl RowSet {
             .find(|(_, p)| p.name == name)
             .map(|(k, _)| *k)?;
         let part = self.parts.remove(&key)?;
-        self.in_memory -= part.rows.len();
+        self.in_memory -= part.rows.capacity();
         Some(part)
     }
 }
