@@ -39,6 +39,7 @@ use arrow_array::builder::{Int64Builder, StringBuilder, TimestampMicrosecondBuil
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowColumnWriter, compute_leaves};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -54,6 +55,10 @@ pub const META_TOOL_VERSION: &str = "tsusage.tool_version";
 pub const META_RUN_ID: &str = "tsusage.run_id";
 /// Rows per Arrow batch handed to the Parquet writer (bounds the memory of one write step).
 const BATCH_ROWS: usize = 64 * 1024;
+/// Rows per row group (the size Parquet readers parallelize over; the writer's default).
+const ROW_GROUP_ROWS: u64 = 1024 * 1024;
+/// Threads encoding the columns of a row group.
+const ENCODE_LANES: usize = 2;
 
 /// Schema v1 (DESIGN §5). Timestamps are µs, UTC; counts are Int64; `data_usage_bytes` is bytes.
 pub fn schema() -> SchemaRef {
@@ -144,44 +149,37 @@ impl PartitionWriter {
         std::fs::create_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
         let per_file = self.options.max_rows_per_file.max(1);
         let schema = schema();
-        let mut file: Option<(PathBuf, ArrowWriter<File>, u64)> = None;
         let (mut files, mut total) = (0u64, 0u64);
-        let mut chunk: Vec<UsageRow> = Vec::with_capacity(BATCH_ROWS);
         let mut rows = rows.peekable();
         while rows.peek().is_some() {
-            chunk.clear();
-            let (path, writer, in_file) = match &mut file {
-                Some(open) => open,
-                None => {
-                    let path = stage.join(format!("part-{files:05}.parquet"));
-                    files += 1;
-                    let writer = self.open_file(&path)?;
-                    file.insert((path, writer, 0))
+            let path = stage.join(format!("part-{files:05}.parquet"));
+            files += 1;
+            let (mut writer, factory) = self
+                .open_file(&path)?
+                .into_serialized_writer()
+                .map_err(parquet_err(&path))?;
+            let mut in_file = 0u64;
+            let mut row_group = 0usize;
+            while in_file < per_file && rows.peek().is_some() {
+                let take = usize::try_from((per_file - in_file).min(ROW_GROUP_ROWS))
+                    .unwrap_or(ROW_GROUP_ROWS as usize);
+                let columns = factory
+                    .create_column_writers(row_group)
+                    .map_err(parquet_err(&path))?;
+                let (chunks, n) = encode_row_group(&schema, columns, rows.by_ref().take(take), &path)?;
+                let mut group = writer.next_row_group().map_err(parquet_err(&path))?;
+                for chunk in chunks {
+                    chunk
+                        .append_to_row_group(&mut group)
+                        .map_err(parquet_err(&path))?;
                 }
-            };
-            let room = usize::try_from(per_file - *in_file)
-                .unwrap_or(usize::MAX)
-                .min(BATCH_ROWS);
-            for row in rows.by_ref().take(room) {
-                chunk.push(row?);
+                group.close().map_err(parquet_err(&path))?;
+                in_file += n;
+                total += n;
+                row_group += 1;
             }
-            let batch = to_batch(&schema, &chunk).map_err(|e| WriteError::Parquet {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-            writer.write(&batch).map_err(parquet_err(path))?;
-            crate::failpoint::fail(crate::failpoint::PARQUET_WRITE)
-                .map_err(|e| WriteError::io(path, e))?;
-            *in_file += chunk.len() as u64;
-            total += chunk.len() as u64;
-            if *in_file >= per_file
-                && let Some((path, writer, _)) = file.take()
-            {
-                close_file(&path, writer)?;
-            }
-        }
-        if let Some((path, writer, _)) = file.take() {
-            close_file(&path, writer)?;
+            let file = writer.into_inner().map_err(parquet_err(&path))?;
+            file.sync_all().map_err(|e| WriteError::io(&path, e))?;
         }
         sync_dir(&stage)?;
         crate::failpoint::pause(crate::failpoint::PARQUET_PUBLISH);
@@ -223,10 +221,74 @@ fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> WriteEr
     }
 }
 
-/// Finishes a file (footer) and makes it durable.
-fn close_file(path: &Path, writer: ArrowWriter<File>) -> Result<(), WriteError> {
-    let file = writer.into_inner().map_err(parquet_err(path))?;
-    file.sync_all().map_err(|e| WriteError::io(path, e))
+/// Encodes one row group: the columns are split between two threads (every other column each) while
+/// this thread turns rows into Arrow batches. Returns the column chunks in schema order and the rows.
+fn encode_row_group(
+    schema: &SchemaRef,
+    writers: Vec<ArrowColumnWriter>,
+    mut rows: impl Iterator<Item = Result<UsageRow, WriteError>>,
+    path: &Path,
+) -> Result<(Vec<ArrowColumnChunk>, u64), WriteError> {
+    let mut lanes: Vec<Vec<(usize, ArrowColumnWriter)>> = (0..ENCODE_LANES).map(|_| Vec::new()).collect();
+    for (i, writer) in writers.into_iter().enumerate() {
+        lanes[i % ENCODE_LANES].push((i, writer));
+    }
+    std::thread::scope(|scope| {
+        let mut senders = Vec::with_capacity(ENCODE_LANES);
+        let mut handles = Vec::with_capacity(ENCODE_LANES);
+        for mut lane in lanes {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
+            senders.push(tx);
+            handles.push(scope.spawn(move || {
+                for batch in rx {
+                    for (i, writer) in lane.iter_mut() {
+                        for leaf in compute_leaves(batch.schema().field(*i), batch.column(*i))? {
+                            writer.write(&leaf)?;
+                        }
+                    }
+                }
+                lane.into_iter()
+                    .map(|(i, writer)| writer.close().map(|chunk| (i, chunk)))
+                    .collect::<parquet::errors::Result<Vec<_>>>()
+            }));
+        }
+        let mut chunk: Vec<UsageRow> = Vec::with_capacity(BATCH_ROWS);
+        let mut n = 0u64;
+        loop {
+            chunk.clear();
+            for row in rows.by_ref().take(BATCH_ROWS) {
+                chunk.push(row?);
+            }
+            if chunk.is_empty() {
+                break;
+            }
+            let batch = to_batch(schema, &chunk).map_err(|e| WriteError::Parquet {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            crate::failpoint::fail(crate::failpoint::PARQUET_WRITE)
+                .map_err(|e| WriteError::io(path, e))?;
+            n += chunk.len() as u64;
+            // A lane that failed has hung up: its error comes out of join below.
+            if senders.iter().any(|tx| tx.send(batch.clone()).is_err()) {
+                break;
+            }
+        }
+        drop(senders);
+        let mut chunks = Vec::new();
+        for handle in handles {
+            let lane = handle
+                .join()
+                .map_err(|_| WriteError::Parquet {
+                    path: path.to_owned(),
+                    message: "a column encoder panicked".into(),
+                })?
+                .map_err(parquet_err(path))?;
+            chunks.extend(lane);
+        }
+        chunks.sort_by_key(|(i, _)| *i);
+        Ok((chunks.into_iter().map(|(_, c)| c).collect(), n))
+    })
 }
 
 /// Builds one Arrow batch of schema v1 from rows.
