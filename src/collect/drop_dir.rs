@@ -127,6 +127,15 @@ pub fn collect<S: Store + ?Sized>(
         drop(spare_tx);
         scope.spawn(move || dispatch(files, limit, &inputs, &spare_rx));
 
+        // Files move out of the way on their own thread once their callbacks are committed (a crash
+        // before a move only means the file is read again, adding nothing to the journal).
+        let (mover, to_move) = mpsc::channel::<Vec<(PathBuf, &'static str)>>();
+        let moved = scope.spawn(move || -> Result<()> {
+            for files in to_move {
+                move_files(dir, files)?;
+            }
+            Ok(())
+        });
         let mut batch: Vec<Prepared> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut moves: Vec<(PathBuf, &'static str)> = Vec::new();
@@ -183,13 +192,13 @@ pub fn collect<S: Store + ?Sized>(
                 (open_good, open_bodies) = (0, 0);
                 if moves.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
                     flush(
-                        dir,
                         options,
                         intake,
                         store,
                         &mut batch,
                         &mut moves,
                         rows.as_deref_mut(),
+                        &mover,
                     )?;
                     batch_bytes = 0;
                 }
@@ -198,18 +207,22 @@ pub fn collect<S: Store + ?Sized>(
                 // A large file read in slices: commit what is read so far (its file stays put
                 // until its last slice is committed).
                 flush(
-                    dir,
                     options,
                     intake,
                     store,
                     &mut batch,
                     &mut moves,
                     rows.as_deref_mut(),
+                    &mover,
                 )?;
                 batch_bytes = 0;
             }
         }
-        flush(dir, options, intake, store, &mut batch, &mut moves, rows)?;
+        flush(options, intake, store, &mut batch, &mut moves, rows, &mover)?;
+        drop(mover);
+        moved
+            .join()
+            .map_err(|_| Error::io(dir, std::io::Error::other("moving files panicked")))??;
         drop(outputs);
         for handle in handles {
             if let Ok(worker) = handle.join() {
@@ -461,22 +474,29 @@ fn too_large(path: &Path, limit: u64) -> RecordReject {
 
 /// Journals the batch (durably), then moves its files out of the way.
 fn flush<S: Store + ?Sized>(
-    dir: &Path,
     options: DropDirOptions,
     intake: &mut Intake,
     store: &mut S,
     batch: &mut Vec<Prepared>,
     moves: &mut Vec<(PathBuf, &'static str)>,
     rows: Option<&mut RowSet>,
+    mover: &mpsc::Sender<Vec<(PathBuf, &'static str)>>,
 ) -> Result<()> {
     intake.commit(store, batch, now_micros(), rows)?;
     batch.clear();
-    if options.keep_files {
-        moves.clear();
+    let files = std::mem::take(moves);
+    if options.keep_files || files.is_empty() {
         return Ok(());
     }
+    // The mover only stops early on an error, which the caller gets when it joins it.
+    let _ = mover.send(files);
+    Ok(())
+}
+
+/// Moves committed files to `processed/` or `rejected/`, durably.
+fn move_files(dir: &Path, files: Vec<(PathBuf, &'static str)>) -> Result<()> {
     let mut touched = std::collections::BTreeSet::new();
-    for (path, sub) in moves.drain(..) {
+    for (path, sub) in files {
         let target_dir = dir.join(sub);
         if !touched.contains(&target_dir) {
             std::fs::create_dir_all(&target_dir).map_err(|e| Error::io(&target_dir, e))?;

@@ -166,7 +166,8 @@ impl PartitionWriter {
                 let columns = factory
                     .create_column_writers(row_group)
                     .map_err(parquet_err(&path))?;
-                let (chunks, n) = encode_row_group(&schema, columns, rows.by_ref().take(take), &path)?;
+                let (chunks, n) =
+                    encode_row_group(&schema, columns, rows.by_ref().take(take), &path)?;
                 let mut group = writer.next_row_group().map_err(parquet_err(&path))?;
                 for chunk in chunks {
                     chunk
@@ -229,7 +230,8 @@ fn encode_row_group(
     mut rows: impl Iterator<Item = Result<UsageRow, WriteError>>,
     path: &Path,
 ) -> Result<(Vec<ArrowColumnChunk>, u64), WriteError> {
-    let mut lanes: Vec<Vec<(usize, ArrowColumnWriter)>> = (0..ENCODE_LANES).map(|_| Vec::new()).collect();
+    let mut lanes: Vec<Vec<(usize, ArrowColumnWriter)>> =
+        (0..ENCODE_LANES).map(|_| Vec::new()).collect();
     for (i, writer) in writers.into_iter().enumerate() {
         lanes[i % ENCODE_LANES].push((i, writer));
     }
