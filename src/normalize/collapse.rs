@@ -167,9 +167,12 @@ impl RowSet {
         };
         std::fs::create_dir_all(&self.spill_dir).map_err(|e| WriteError::io(&self.spill_dir, e))?;
         self.spills += 1;
+        // Unique among the sets of this process (several may spill into the same directory).
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self
             .spill_dir
-            .join(format!("rows-{}-{}.run", std::process::id(), self.spills));
+            .join(format!("rows-{}-{run}.run", std::process::id()));
         tracing::debug!(partition = part.name, rows = part.rows.len(), run = %path.display(), "spilling rows");
         self.in_memory -= part.rows.capacity();
         part.spill(&path)?;

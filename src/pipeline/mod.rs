@@ -20,7 +20,7 @@ use crate::normalize::{partition_key, partition_of};
 use crate::plan::{self, DateRange};
 use crate::report::PlanReport;
 use crate::report::{OutputReport, PartitionReport, RunReport, new_run_id};
-use crate::state::{RunLock, SqliteStore, Store};
+use crate::state::{PendingPartition, RunLock, SqliteStore, Store};
 use crate::state::{StateWriter, job_status};
 use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::parquet::{PartitionWriter, WriterOptions};
@@ -388,7 +388,10 @@ pub fn write_pending<S: Store + ?Sized>(
         },
     );
     writer.clean_staging()?;
-    let mut output = OutputReport::default();
+    // Partitions whose every journaled callback this command holds the rows of are written from
+    // them; the others are rebuilt from the journal on a second thread (with its own connection),
+    // one partition ahead of the one being written.
+    let mut plan = Vec::new();
     for pending in store.pending_partitions()? {
         let mine = match fresh.as_mut().and_then(|f| f.take(&pending.partition)) {
             Some(part)
@@ -399,60 +402,95 @@ pub fn write_pending<S: Store + ?Sized>(
             }
             _ => None,
         };
-        let (part, rebuilt) = match mine {
-            Some(part) => (part, None),
-            None => {
-                let mut set = rebuild(config, &*store, &pending.partition, pending.through_id)?;
-                let part = set.take(&pending.partition).unwrap_or_else(|| {
-                    crate::normalize::collapse::PartitionRows::empty(&pending.partition)
-                });
-                (part, Some(set))
-            }
-        };
-        let origins = match (&rebuilt, &fresh) {
-            (Some(set), _) | (None, Some(set)) => set.origins(),
-            (None, None) => &[],
-        };
-        let records_in = part.records_in;
-        let mut merged = part.collapsed()?;
-        let written = writer.write_rows(
-            &pending.partition,
-            merged.by_ref().map(|row| {
-                row.and_then(|row| {
-                    usage_row(&row, origins).ok_or_else(|| crate::write::WriteError::Parquet {
-                        path: config.output.dir.clone(),
-                        message: "a row without its callback".into(),
-                    })
-                })
-            }),
-        )?;
-        let collapsed = merged.collapsed;
-        drop(merged);
-        store.mark_written(
-            &pending.partition,
-            pending.through_id,
-            written.rows,
-            written.files,
-            run_id,
-        )?;
-        tracing::info!(
-            partition = pending.partition,
-            rows = written.rows,
-            files = written.files,
-            rebuilt = rebuilt.is_some(),
-            "partition written"
-        );
-        output.rows_written += written.rows;
-        output.files_written += written.files;
-        output.collapsed += collapsed;
-        output.partitions.push(PartitionReport {
-            partition: pending.partition,
-            rows: written.rows,
-            files: written.files,
-            records_in,
-            collapsed,
-        });
+        plan.push((pending, mine));
     }
+    let to_rebuild: Vec<PendingPartition> = plan
+        .iter()
+        .filter(|(_, mine)| mine.is_none())
+        .map(|(pending, _)| pending.clone())
+        .collect();
+    let output = std::thread::scope(|scope| -> Result<OutputReport> {
+        let (built, rebuilt_sets) = std::sync::mpsc::sync_channel::<Result<RowSet>>(0);
+        if !to_rebuild.is_empty() {
+            scope.spawn(move || {
+                let reader = match SqliteStore::open(&config.state.path) {
+                    Ok(reader) => reader,
+                    Err(e) => {
+                        let _ = built.send(Err(e.into()));
+                        return;
+                    }
+                };
+                for pending in to_rebuild {
+                    let set = rebuild(config, &reader, &pending.partition, pending.through_id);
+                    if built.send(set).is_err() {
+                        return; // the writer stopped on an error
+                    }
+                }
+            });
+        }
+        let mut output = OutputReport::default();
+        for (pending, mine) in plan {
+            let (part, rebuilt) = match mine {
+                Some(part) => (part, None),
+                None => {
+                    let mut set = rebuilt_sets.recv().map_err(|_| {
+                        Error::io(
+                            &config.state.path,
+                            std::io::Error::other("rebuilding a partition failed"),
+                        )
+                    })??;
+                    let part = set.take(&pending.partition).unwrap_or_else(|| {
+                        crate::normalize::collapse::PartitionRows::empty(&pending.partition)
+                    });
+                    (part, Some(set))
+                }
+            };
+            let origins = match (&rebuilt, &fresh) {
+                (Some(set), _) | (None, Some(set)) => set.origins(),
+                (None, None) => &[],
+            };
+            let records_in = part.records_in;
+            let mut merged = part.collapsed()?;
+            let written = writer.write_rows(
+                &pending.partition,
+                merged.by_ref().map(|row| {
+                    row.and_then(|row| {
+                        usage_row(&row, origins).ok_or_else(|| crate::write::WriteError::Parquet {
+                            path: config.output.dir.clone(),
+                            message: "a row without its callback".into(),
+                        })
+                    })
+                }),
+            )?;
+            let collapsed = merged.collapsed;
+            drop(merged);
+            store.mark_written(
+                &pending.partition,
+                pending.through_id,
+                written.rows,
+                written.files,
+                run_id,
+            )?;
+            tracing::info!(
+                partition = pending.partition,
+                rows = written.rows,
+                files = written.files,
+                rebuilt = rebuilt.is_some(),
+                "partition written"
+            );
+            output.rows_written += written.rows;
+            output.files_written += written.files;
+            output.collapsed += collapsed;
+            output.partitions.push(PartitionReport {
+                partition: pending.partition,
+                rows: written.rows,
+                files: written.files,
+                records_in,
+                collapsed,
+            });
+        }
+        Ok(output)
+    })?;
     let _ = std::fs::remove_dir_all(spill_dir(config));
     Ok(output)
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{Outcome, conclude, progress_bar, read_iccids, rejects_dir, simulate, write_pending};
+use super::{
+    Outcome, conclude, fresh_rows, progress_bar, read_iccids, rejects_dir, simulate, write_pending,
+};
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::collect::http_listener::{self, ListenerHandle, ListenerState};
 use crate::collect::tracker::{CompletenessRow, JobState, Tracker};
@@ -144,7 +146,13 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
 
     // 3. collect: the listener is up before the first request goes out.
     let path = state_path.display().to_string();
-    let writer = Arc::new(StateWriter::spawn(store, path));
+    // The writer keeps the rows of what it journals: partitions only this run fed are written from
+    // them, without parsing the callbacks again.
+    let writer = Arc::new(StateWriter::spawn_with_rows(
+        store,
+        path,
+        Some(fresh_rows(config)?),
+    ));
     let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
     let listening = match config.callbacks.source {
         CallbackSource::Listener => {
@@ -173,6 +181,10 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
 
     // 4. submit, while collecting.
     let outcome = submit_and_collect(config, &run_id, &writer, &mut tracker, to_send).await;
+    tracing::info!(
+        complete = tracker.stats.complete,
+        "collection over; writing the partitions"
+    );
     let (listener_state, listener_counts) = match listening {
         Some((state, handle)) => {
             stop_listener(handle).await;
@@ -194,6 +206,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         }
     };
     tracker.finish();
+    let mut updates = Vec::new();
     for (job_id, state) in tracker.job_states() {
         let update = match state {
             JobState::Complete => JobUpdate::Completed {
@@ -210,8 +223,9 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
             },
             JobState::NotSubmitted(_) | JobState::Waiting => continue,
         };
-        writer.apply(update).await?;
+        updates.push(update);
     }
+    writer.apply_all(updates).await?;
     let (callback_stats, record_stats, listener_rejects) = match listener_state {
         Some(state) => {
             let intake = state.intake.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,10 +240,10 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         }
         None => (drop_stats.0, drop_stats.1, None),
     };
-    let mut store = StateWriter::finish_shared(writer)?;
+    let (mut store, rows) = StateWriter::finish_shared_with_rows(writer)?;
 
     // 5-6. normalize and write every partition the journal has news for.
-    report.output = Some(write_pending(config, &mut store, &run_id, None)?);
+    report.output = Some(write_pending(config, &mut store, &run_id, rows)?);
 
     // The report: rejects, completeness, counts.
     report.rejects_files.extend(listener_rejects);

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{JobUpdate, Journaled, NewCallback, StateError, Store};
 use crate::collect::Prepared;
+use crate::normalize::collapse::RowSet;
 
 /// Operations committed together at most.
 const MAX_GROUP: usize = 1024;
@@ -23,7 +24,7 @@ enum Op {
 #[derive(Debug)]
 pub struct StateWriter<S> {
     tx: mpsc::UnboundedSender<Op>,
-    thread: JoinHandle<S>,
+    thread: JoinHandle<(S, Option<RowSet>)>,
     path: String,
 }
 
@@ -38,9 +39,16 @@ impl std::fmt::Debug for Op {
 
 impl<S: Store + Send + 'static> StateWriter<S> {
     /// Moves `store` to a writer thread. `path` names the store in errors.
-    pub fn spawn(mut store: S, path: String) -> Self {
+    pub fn spawn(store: S, path: String) -> Self {
+        Self::spawn_with_rows(store, path, None)
+    }
+
+    /// Like [`StateWriter::spawn`]; with `rows`, the records of newly journaled callbacks are also
+    /// added to it, in journal order (see [`StateWriter::finish_with_rows`]).
+    pub fn spawn_with_rows(mut store: S, path: String, mut rows: Option<RowSet>) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Op>();
         let thread = std::thread::spawn(move || {
+            let mut last_received_at = 0i64;
             while let Some(first) = rx.blocking_recv() {
                 let mut group = vec![first];
                 while group.len() < MAX_GROUP {
@@ -49,9 +57,9 @@ impl<S: Store + Send + 'static> StateWriter<S> {
                         Err(_) => break,
                     }
                 }
-                commit_group(&mut store, group);
+                commit_group(&mut store, group, &mut rows, &mut last_received_at);
             }
-            store
+            (store, rows)
         });
         StateWriter { tx, thread, path }
     }
@@ -82,6 +90,26 @@ impl<S: Store + Send + 'static> StateWriter<S> {
             .map_err(|m| self.failed(m))
     }
 
+    /// Commits every update (in as few commits as the writer groups them); returns once all are
+    /// durable.
+    pub async fn apply_all(&self, updates: Vec<JobUpdate>) -> Result<(), StateError> {
+        let mut answers = Vec::with_capacity(updates.len());
+        for update in updates {
+            let (reply, answer) = oneshot::channel();
+            self.tx
+                .send(Op::Job(update, reply))
+                .map_err(|_| self.gone())?;
+            answers.push(answer);
+        }
+        for answer in answers {
+            answer
+                .await
+                .map_err(|_| self.gone())?
+                .map_err(|m| self.failed(m))?;
+        }
+        Ok(())
+    }
+
     /// Journals one callback received at `received_at` (µs); returns once it is durable.
     pub async fn journal(
         &self,
@@ -100,8 +128,15 @@ impl<S: Store + Send + 'static> StateWriter<S> {
 
     /// [`StateWriter::finish`] for a writer shared with tasks that have all ended.
     pub fn finish_shared(writer: std::sync::Arc<Self>) -> Result<S, StateError> {
+        Self::finish_shared_with_rows(writer).map(|(store, _)| store)
+    }
+
+    /// [`StateWriter::finish_with_rows`] for a writer shared with tasks that have all ended.
+    pub fn finish_shared_with_rows(
+        writer: std::sync::Arc<Self>,
+    ) -> Result<(S, Option<RowSet>), StateError> {
         match std::sync::Arc::try_unwrap(writer) {
-            Ok(writer) => writer.finish(),
+            Ok(writer) => writer.finish_with_rows(),
             Err(shared) => Err(StateError::Invalid {
                 path: shared.path.clone(),
                 message: "the state writer is still in use".into(),
@@ -111,6 +146,12 @@ impl<S: Store + Send + 'static> StateWriter<S> {
 
     /// Stops the writer once everything sent is committed, and gives the store back.
     pub fn finish(self) -> Result<S, StateError> {
+        self.finish_with_rows().map(|(store, _)| store)
+    }
+
+    /// [`StateWriter::finish`], with the rows of the callbacks it journaled (`None` when it was
+    /// spawned without, or could not keep them: then the partitions are rebuilt from the journal).
+    pub fn finish_with_rows(self) -> Result<(S, Option<RowSet>), StateError> {
         drop(self.tx);
         self.thread.join().map_err(|_| StateError::Invalid {
             path: self.path,
@@ -119,8 +160,42 @@ impl<S: Store + Send + 'static> StateWriter<S> {
     }
 }
 
+/// Adds the records of the newly journaled callbacks of a commit to `rows`.
+fn add_rows<S: Store>(
+    store: &S,
+    rows: &mut RowSet,
+    journal: &[(Prepared, i64)],
+    outcomes: &[Journaled],
+    received_at: i64,
+) -> crate::Result<()> {
+    let new: Vec<&Prepared> = journal
+        .iter()
+        .zip(outcomes)
+        .filter(|((p, _), o)| matches!(o, Journaled::New(_)) && !p.records.is_empty())
+        .map(|((p, _), _)| p)
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = new.iter().map(|p| p.request_id.as_str()).collect();
+    let accounts = store.request_accounts(&ids)?;
+    for prepared in new {
+        let account = accounts.get(&prepared.request_id).map(String::as_str);
+        let origin = rows.add_origin(&prepared.request_id, account, received_at);
+        for record in &prepared.records {
+            rows.push(origin, record)?;
+        }
+    }
+    Ok(())
+}
+
 /// One commit for the group's callbacks, one for its job updates; each sender gets its answer.
-fn commit_group<S: Store>(store: &mut S, group: Vec<Op>) {
+fn commit_group<S: Store>(
+    store: &mut S,
+    group: Vec<Op>,
+    rows: &mut Option<RowSet>,
+    last_received_at: &mut i64,
+) {
     let mut updates = Vec::new();
     let mut update_replies = Vec::new();
     let mut journal = Vec::new();
@@ -138,11 +213,24 @@ fn commit_group<S: Store>(store: &mut S, group: Vec<Op>) {
         }
     }
     if !journal.is_empty() {
-        // One received_at per commit: the latest of the group, so that order of arrival is kept.
-        let received_at = journal.iter().map(|(_, t)| *t).max().unwrap_or_default();
+        // One received_at per commit: the latest of the group, never before the previous commit's,
+        // so that order of arrival is kept and agrees with the journal's order.
+        let received_at = journal
+            .iter()
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap_or_default()
+            .max(*last_received_at);
+        *last_received_at = received_at;
         let batch: Vec<NewCallback<'_>> = journal.iter().map(|(p, _)| p.as_new()).collect();
         match store.journal(&batch, received_at) {
             Ok(outcomes) => {
+                if let Some(set) = rows.as_mut()
+                    && let Err(e) = add_rows(store, set, &journal, &outcomes, received_at)
+                {
+                    tracing::warn!(error = %e, "keeping rows failed; partitions will be rebuilt from the journal");
+                    *rows = None;
+                }
                 for (reply, outcome) in journal_replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
