@@ -5,6 +5,8 @@
 //! the window and the sorted ICCIDs, so the same request planned again (a rerun, a resume) is the
 //! same job.
 
+use std::sync::Arc;
+
 use std::fmt;
 
 use chrono::{Days, NaiveDate};
@@ -86,7 +88,8 @@ pub struct Job {
     pub id: JobId,
     pub account_name: String,
     pub window: Window,
-    pub iccids: Vec<Iccid>,
+    /// Sorted; shared by the jobs of every window (one copy per chunk, however many windows).
+    pub iccids: Arc<[Iccid]>,
 }
 
 /// A date range problem on the command line.
@@ -164,17 +167,26 @@ pub fn windows(from: NaiveDate, to: NaiveDate, window_days: u32) -> Result<Vec<W
     Ok(out)
 }
 
-/// One job per (window, chunk): windows in order, chunks in list order within each window.
+/// One job per (window, chunk): windows in order, chunks in list order within each window (each
+/// chunk's ICCIDs sorted).
 pub fn plan(account: &str, iccids: &[Iccid], windows: &[Window], chunk_size: u32) -> Vec<Job> {
     let size = usize::try_from(chunk_size).unwrap_or(usize::MAX).max(1);
-    let mut jobs = Vec::with_capacity(windows.len() * iccids.len().div_ceil(size));
+    let chunks: Vec<Arc<[Iccid]>> = iccids
+        .chunks(size)
+        .map(|chunk| {
+            let mut chunk = chunk.to_vec();
+            chunk.sort_unstable();
+            Arc::from(chunk)
+        })
+        .collect();
+    let mut jobs = Vec::with_capacity(windows.len() * chunks.len());
     for &window in windows {
-        for chunk in iccids.chunks(size) {
+        for chunk in &chunks {
             jobs.push(Job {
                 id: JobId::new(account, window, chunk),
                 account_name: account.to_owned(),
                 window,
-                iccids: chunk.to_vec(),
+                iccids: chunk.clone(),
             });
         }
     }
@@ -228,7 +240,7 @@ mod tests {
         );
         let again = plan("0000123456-00001", &iccids, &w, 200);
         assert_eq!(jobs, again, "planning is deterministic");
-        let mut reversed = jobs[0].iccids.clone();
+        let mut reversed = jobs[0].iccids.to_vec();
         reversed.reverse();
         assert_eq!(
             JobId::new("0000123456-00001", w[0], &reversed),

@@ -12,7 +12,7 @@
 //! A job without its completion message `callbacks.deadline_secs` after its last request is overdue:
 //! re-requested (a new requestId) up to `callbacks.max_resubmits` times, then missing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -65,7 +65,9 @@ pub enum JobState {
 struct Track {
     job: Job,
     state: JobState,
-    with_data: HashSet<Iccid>,
+    /// The job's ICCIDs (by position in its sorted list) with a usage record.
+    with_data: Positions,
+    /// Job ICCIDs whose record was rejected (and none accepted), with the reason.
     rejected: HashMap<Iccid, String>,
     request_ids: Vec<String>,
     /// When the latest request for it was recorded (the deadline counts from here).
@@ -73,6 +75,39 @@ struct Track {
     completion_seen: bool,
     last_callback_at: Option<Instant>,
     resubmits: u32,
+}
+
+/// A set of positions in a job's ICCID list: one bit each, so that a run over millions of
+/// ICCID-days keeps a few bytes per job instead of a hash set entry per pair.
+#[derive(Debug)]
+struct Positions {
+    bits: Vec<u64>,
+    count: usize,
+}
+
+impl Positions {
+    fn new(len: usize) -> Self {
+        Positions {
+            bits: vec![0; len.div_ceil(64)],
+            count: 0,
+        }
+    }
+
+    fn insert(&mut self, pos: usize) {
+        if let Some(word) = self.bits.get_mut(pos / 64) {
+            let bit = 1u64 << (pos % 64);
+            if *word & bit == 0 {
+                *word |= bit;
+                self.count += 1;
+            }
+        }
+    }
+
+    fn contains(&self, pos: usize) -> bool {
+        self.bits
+            .get(pos / 64)
+            .is_some_and(|word| word & (1u64 << (pos % 64)) != 0)
+    }
 }
 
 /// Counts for the run report.
@@ -133,9 +168,9 @@ impl Tracker {
             .map(|(i, job)| {
                 by_job.insert(job.id.to_string(), i);
                 Track {
+                    with_data: Positions::new(job.iccids.len()),
                     job,
                     state: JobState::Waiting,
-                    with_data: HashSet::new(),
                     rejected: HashMap::new(),
                     request_ids: Vec::new(),
                     requested_at: None,
@@ -215,12 +250,21 @@ impl Tracker {
                 for parsed in records.parsed(strict) {
                     match parsed {
                         Ok(r) => {
-                            track.rejected.remove(&r.iccid);
-                            track.with_data.insert(r.iccid);
+                            if let Ok(pos) = track.job.iccids.binary_search(&r.iccid) {
+                                track.rejected.remove(&r.iccid);
+                                track.with_data.insert(pos);
+                            }
                         }
                         Err(e) => {
                             let iccid = e.iccid.as_deref().and_then(|t| Iccid::parse(t).ok());
-                            if let Some(iccid) = iccid.filter(|i| !track.with_data.contains(i)) {
+                            let pending = |i: &Iccid| {
+                                track
+                                    .job
+                                    .iccids
+                                    .binary_search(i)
+                                    .is_ok_and(|pos| !track.with_data.contains(pos))
+                            };
+                            if let Some(iccid) = iccid.filter(pending) {
                                 track
                                     .rejected
                                     .insert(iccid, format!("{}: {}", e.field, e.reason));
@@ -255,11 +299,8 @@ impl Tracker {
             if track.state != JobState::Waiting || track.request_ids.is_empty() {
                 continue;
             }
-            let all_in = track
-                .job
-                .iccids
-                .iter()
-                .all(|i| track.with_data.contains(i) || track.rejected.contains_key(i));
+            // Rejected ICCIDs are job members without data (an accepted record removes them).
+            let all_in = track.with_data.count + track.rejected.len() >= track.job.iccids.len();
             let quiet = track
                 .last_callback_at
                 .is_some_and(|t| now.saturating_duration_since(t) >= self.settle);
@@ -336,10 +377,10 @@ impl Tracker {
         let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut rows = Vec::new();
         for track in &self.tracks {
-            for iccid in &track.job.iccids {
+            for (pos, iccid) in track.job.iccids.iter().enumerate() {
                 let (state, reason) = match &track.state {
                     JobState::Complete | JobState::Waiting => {
-                        if track.with_data.contains(iccid) {
+                        if track.with_data.contains(pos) {
                             (PairState::Usage, String::new())
                         } else if let Some(why) = track.rejected.get(iccid) {
                             (PairState::Rejected, why.clone())
@@ -360,7 +401,7 @@ impl Tracker {
                         (PairState::FailedRequest, format!("not submitted: {why}"))
                     }
                     JobState::Missing => {
-                        if track.with_data.contains(iccid) {
+                        if track.with_data.contains(pos) {
                             (PairState::Usage, String::new())
                         } else {
                             (
