@@ -393,3 +393,71 @@ fn acknowledged_callbacks_survive_kill_9_of_the_listener_full_strength() {
     assert!(acked >= 5000);
     assert_eq!(missing, 0);
 }
+
+/// `kill -9` of `ingest` while its first partition is staged (its callbacks committed, nothing
+/// published, rows spilled or in memory): the rerun rebuilds every partition from the journal, lands
+/// exactly the rows a clean ingest lands, and leaves no staging or spill files behind.
+#[test]
+fn ingest_killed_while_publishing_heals_on_the_rerun() {
+    let ws = Workspace::new();
+    let mut expected = BTreeMap::new();
+    for n in 0..60u32 {
+        // 3 days; each key appears in two files and the later file (journal order) wins.
+        let records: Vec<String> = (0..30u32)
+            .map(|i| {
+                let (id, day) = ((n % 30 + i) % 45, i64::from(i % 3));
+                expected.insert((iccid(id), day), i64::from(n * 100 + i));
+                record(&iccid(id), day, &format!("\"{}\"", n * 100 + i))
+            })
+            .collect();
+        ws.drop_file(
+            &format!("cb-{n:03}.json"),
+            &usage_callback(&format!("req-{n}"), 1, &records),
+        );
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsusage"))
+        .arg("ingest")
+        .arg(ws.inbox())
+        .arg("--config")
+        .arg(ws.config())
+        .env("TSUSAGE_TEST_PAUSE", "parquet_publish=30000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ingest");
+    let staging = ws.out().join(".staging");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !files_under(&staging)
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+    {
+        assert!(Instant::now() < deadline, "ingest never staged a partition");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    assert!(
+        ws.rows().is_empty(),
+        "nothing was published before the kill"
+    );
+
+    ws.ingest().expect_code(0);
+    let rows = ws.rows();
+    let got: BTreeMap<(String, i64), i64> = rows
+        .iter()
+        .map(|r| {
+            let day = (r.usage_start - DAY0) / DAY_US;
+            ((r.iccid.clone(), day), r.data_usage_bytes)
+        })
+        .collect();
+    assert_eq!(rows.len(), got.len(), "one row per key");
+    assert_eq!(got, expected);
+    assert!(
+        files_under(&ws.out().join(".staging")).is_empty(),
+        "no staging files left"
+    );
+    assert!(
+        files_under(&ws.out().join(".spill")).is_empty(),
+        "no spill files left"
+    );
+}
