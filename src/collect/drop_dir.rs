@@ -190,22 +190,10 @@ pub fn collect<S: Store + ?Sized>(
                     }
                 }
                 (open_good, open_bodies) = (0, 0);
-                if moves.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
-                    flush(
-                        options,
-                        intake,
-                        store,
-                        &mut batch,
-                        &mut moves,
-                        rows.as_deref_mut(),
-                        &mover,
-                    )?;
-                    batch_bytes = 0;
-                }
             }
-            if batch_bytes >= BATCH_BYTES {
-                // A large file read in slices: commit what is read so far (its file stays put
-                // until its last slice is committed).
+            // Checked once per unit (at most 32 files or one slice). A large NDJSON file is
+            // committed in parts; it stays put until its last slice is committed.
+            if moves.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
                 flush(
                     options,
                     intake,
@@ -225,9 +213,15 @@ pub fn collect<S: Store + ?Sized>(
             .map_err(|_| Error::io(dir, std::io::Error::other("moving files panicked")))??;
         drop(outputs);
         for handle in handles {
-            if let Ok(worker) = handle.join() {
-                intake.absorb(worker);
-            }
+            // A worker that panicked hung up early: the files after it were neither journaled nor
+            // moved (they are read next time), but this run must not look complete.
+            let worker = handle.join().map_err(|_| {
+                Error::io(
+                    dir,
+                    std::io::Error::other("a parsing thread failed; unread files stay in place"),
+                )
+            })?;
+            intake.absorb(worker);
         }
         Ok(stats)
     })
