@@ -14,7 +14,7 @@ use crate::collect::Intake;
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::config::Config;
 use crate::ingest::{self, Iccid, IngestOptions};
-use crate::normalize::collapse::{RowSet, usage_row};
+use crate::normalize::collapse::{Origin, PartitionRows, RowSet, usage_row};
 use crate::normalize::payload::{CallbackKind, parse_callback};
 use crate::normalize::{partition_key, partition_of};
 use crate::plan::{self, DateRange};
@@ -389,9 +389,8 @@ pub fn write_pending<S: Store + ?Sized>(
     );
     writer.clean_staging()?;
     // Partitions whose every journaled callback this command holds the rows of are written from
-    // them; the others are rebuilt from the journal on a second thread (with its own connection),
-    // one partition ahead of the one being written.
-    let mut plan = Vec::new();
+    // them; the others are rebuilt from the journal (each writer thread with its own connection).
+    let mut plan = std::collections::VecDeque::new();
     for pending in store.pending_partitions()? {
         let mine = match fresh.as_mut().and_then(|f| f.take(&pending.partition)) {
             Some(part)
@@ -402,97 +401,135 @@ pub fn write_pending<S: Store + ?Sized>(
             }
             _ => None,
         };
-        plan.push((pending, mine));
+        plan.push_back((pending, mine));
     }
-    let to_rebuild: Vec<PendingPartition> = plan
-        .iter()
-        .filter(|(_, mine)| mine.is_none())
-        .map(|(pending, _)| pending.clone())
-        .collect();
-    let output = std::thread::scope(|scope| -> Result<OutputReport> {
-        let (built, rebuilt_sets) = std::sync::mpsc::sync_channel::<Result<RowSet>>(0);
-        if !to_rebuild.is_empty() {
+    let fresh_origins = fresh.as_ref().map_or(&[][..], RowSet::origins);
+    let plan = std::sync::Mutex::new(plan);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut output = OutputReport::default();
+    std::thread::scope(|scope| -> Result<()> {
+        // Two partitions at a time: one's fsyncs and renames overlap the other's encoding.
+        let (done_tx, done) = std::sync::mpsc::channel::<Result<PartitionDone>>();
+        for _ in 0..PARTITION_WRITERS {
+            let done_tx = done_tx.clone();
+            let (plan, stop, writer) = (&plan, &stop, &writer);
             scope.spawn(move || {
-                let reader = match SqliteStore::open(&config.state.path) {
-                    Ok(reader) => reader,
-                    Err(e) => {
-                        let _ = built.send(Err(e.into()));
-                        return;
-                    }
-                };
-                for pending in to_rebuild {
-                    let set = rebuild(config, &reader, &pending.partition, pending.through_id);
-                    if built.send(set).is_err() {
-                        return; // the writer stopped on an error
+                let mut reader = None;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let next = plan.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                    let Some((pending, mine)) = next else { break };
+                    let result =
+                        write_partition(config, writer, &mut reader, pending, mine, fresh_origins);
+                    if done_tx.send(result).is_err() {
+                        break;
                     }
                 }
             });
         }
-        let mut output = OutputReport::default();
-        for (pending, mine) in plan {
-            let (part, rebuilt) = match mine {
-                Some(part) => (part, None),
-                None => {
-                    let mut set = rebuilt_sets.recv().map_err(|_| {
-                        Error::io(
-                            &config.state.path,
-                            std::io::Error::other("rebuilding a partition failed"),
-                        )
-                    })??;
-                    let part = set.take(&pending.partition).unwrap_or_else(|| {
-                        crate::normalize::collapse::PartitionRows::empty(&pending.partition)
+        drop(done_tx);
+        let mut first_error = None;
+        for result in done {
+            match result {
+                Ok(p) => {
+                    store.mark_written(
+                        &p.partition,
+                        p.through_id,
+                        p.written.rows,
+                        p.written.files,
+                        run_id,
+                    )?;
+                    tracing::info!(
+                        partition = p.partition,
+                        rows = p.written.rows,
+                        files = p.written.files,
+                        rebuilt = p.rebuilt,
+                        "partition written"
+                    );
+                    output.rows_written += p.written.rows;
+                    output.files_written += p.written.files;
+                    output.collapsed += p.collapsed;
+                    output.partitions.push(PartitionReport {
+                        partition: p.partition,
+                        rows: p.written.rows,
+                        files: p.written.files,
+                        records_in: p.records_in,
+                        collapsed: p.collapsed,
                     });
-                    (part, Some(set))
                 }
-            };
-            let origins = match (&rebuilt, &fresh) {
-                (Some(set), _) | (None, Some(set)) => set.origins(),
-                (None, None) => &[],
-            };
-            let records_in = part.records_in;
-            let mut merged = part.collapsed()?;
-            let written = writer.write_rows(
-                &pending.partition,
-                merged.by_ref().map(|row| {
-                    row.and_then(|row| {
-                        usage_row(&row, origins).ok_or_else(|| crate::write::WriteError::Parquet {
-                            path: config.output.dir.clone(),
-                            message: "a row without its callback".into(),
-                        })
-                    })
-                }),
-            )?;
-            let collapsed = merged.collapsed;
-            drop(merged);
-            store.mark_written(
-                &pending.partition,
-                pending.through_id,
-                written.rows,
-                written.files,
-                run_id,
-            )?;
-            tracing::info!(
-                partition = pending.partition,
-                rows = written.rows,
-                files = written.files,
-                rebuilt = rebuilt.is_some(),
-                "partition written"
-            );
-            output.rows_written += written.rows;
-            output.files_written += written.files;
-            output.collapsed += collapsed;
-            output.partitions.push(PartitionReport {
-                partition: pending.partition,
-                rows: written.rows,
-                files: written.files,
-                records_in,
-                collapsed,
-            });
+                Err(e) => {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(output)
+        first_error.map_or(Ok(()), Err)
     })?;
+    output
+        .partitions
+        .sort_by(|a, b| a.partition.cmp(&b.partition));
     let _ = std::fs::remove_dir_all(spill_dir(config));
     Ok(output)
+}
+
+/// Partitions written at the same time.
+const PARTITION_WRITERS: usize = 2;
+
+/// A partition written and published, to be recorded in the store.
+struct PartitionDone {
+    partition: String,
+    through_id: i64,
+    written: crate::write::parquet::Written,
+    records_in: u64,
+    collapsed: u64,
+    rebuilt: bool,
+}
+
+/// Writes one partition: from this command's rows (`mine`) or rebuilt from the journal through
+/// `reader` (opened on first use).
+fn write_partition(
+    config: &Config,
+    writer: &PartitionWriter,
+    reader: &mut Option<SqliteStore>,
+    pending: PendingPartition,
+    mine: Option<PartitionRows>,
+    fresh_origins: &[Origin],
+) -> Result<PartitionDone> {
+    let (part, rebuilt) = match mine {
+        Some(part) => (part, None),
+        None => {
+            let store = match reader {
+                Some(store) => store,
+                None => reader.insert(SqliteStore::open(&config.state.path)?),
+            };
+            let mut set = rebuild(config, &*store, &pending.partition, pending.through_id)?;
+            let part = set
+                .take(&pending.partition)
+                .unwrap_or_else(|| PartitionRows::empty(&pending.partition));
+            (part, Some(set))
+        }
+    };
+    let origins = rebuilt.as_ref().map_or(fresh_origins, RowSet::origins);
+    let records_in = part.records_in;
+    let mut merged = part.collapsed()?;
+    let written = writer.write_rows(
+        &pending.partition,
+        merged.by_ref().map(|row| {
+            row.and_then(|row| {
+                usage_row(&row, origins).ok_or_else(|| crate::write::WriteError::Parquet {
+                    path: config.output.dir.clone(),
+                    message: "a row without its callback".into(),
+                })
+            })
+        }),
+    )?;
+    Ok(PartitionDone {
+        partition: pending.partition,
+        through_id: pending.through_id,
+        written,
+        records_in,
+        collapsed: merged.collapsed,
+        rebuilt: rebuilt.is_some(),
+    })
 }
 
 /// The rows of `partition` from every journaled callback with id ≤ `through_id`, oldest received
@@ -505,10 +542,11 @@ fn rebuild<S: Store + ?Sized>(
 ) -> Result<RowSet> {
     let by = config.output.partition_by;
     let strict = config.input.strict_luhn;
+    // Each writer thread rebuilds one partition at a time: the budget is shared between them.
     let mut set = RowSet::new(
         by,
         Arc::from(config.account_name.as_str()),
-        ROW_MEMORY_BYTES,
+        ROW_MEMORY_BYTES / PARTITION_WRITERS,
         &spill_dir(config),
     );
     // Whether a partition key is this partition's, for the last key seen (records come in runs).
