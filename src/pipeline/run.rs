@@ -22,7 +22,7 @@ use crate::report::{CollectReport, PlanReport, RunReport, new_run_id};
 use crate::state::{JobUpdate, RunLock, SqliteStore, StateError, StateWriter, Store, job_status};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 use crate::write::rejects::RecordRejects;
-use crate::write::write_atomic;
+use crate::write::write_atomic_with;
 use crate::{Error, Result};
 
 /// How often the run looks at the journal and the clock.
@@ -496,32 +496,30 @@ fn iccid_rejects(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
 }
 
 fn write_completeness(path: &Path, rows: &[CompletenessRow]) -> Result<()> {
-    let mut out = csv::Writer::from_writer(Vec::new());
-    out.write_record([
-        "iccid",
-        "window_start",
-        "window_end",
-        "state",
-        "reason",
-        "job_id",
-        "request_ids",
-    ])
-    .map_err(|e| crate::write::WriteError::csv(path, e))?;
-    for r in rows {
+    // Streamed to the file: a run over millions of ICCID-days has hundreds of thousands of rows.
+    write_atomic_with(path, |file| {
+        let mut out = csv::Writer::from_writer(file);
         out.write_record([
-            r.iccid.as_str(),
-            &r.window_start,
-            &r.window_end,
-            r.state.name(),
-            &r.reason,
-            &r.job_id,
-            &r.request_ids,
-        ])
-        .map_err(|e| crate::write::WriteError::csv(path, e))?;
-    }
-    let bytes = out
-        .into_inner()
-        .map_err(|e| crate::write::WriteError::io(path, e.into_error()))?;
-    write_atomic(path, &bytes)?;
+            "iccid",
+            "window_start",
+            "window_end",
+            "state",
+            "reason",
+            "job_id",
+            "request_ids",
+        ])?;
+        for r in rows {
+            out.write_record([
+                r.iccid.as_str(),
+                &r.window_start,
+                &r.window_end,
+                r.state.name(),
+                &r.reason,
+                &r.job_id,
+                &r.request_ids,
+            ])?;
+        }
+        out.flush()
+    })?;
     Ok(())
 }

@@ -48,7 +48,17 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), WriteError> {
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    use std::io::Write;
+    write_atomic_with(path, |out| {
+        use std::io::Write;
+        out.write_all(bytes)
+    })
+}
+
+/// [`write_atomic`] for content produced by `fill` as it goes (never held whole in memory).
+pub(crate) fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), WriteError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| WriteError::io(dir, e))?;
     let name = path
@@ -56,9 +66,11 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> 
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp).map_err(|e| WriteError::io(&tmp, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
+    let file = std::fs::File::create(&tmp).map_err(|e| WriteError::io(&tmp, e))?;
+    let mut out = std::io::BufWriter::new(file);
+    fill(&mut out)
+        .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
+        .and_then(|file| file.sync_all())
         .map_err(|e| WriteError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| WriteError::io(path, e))?;
     sync_dir(dir)
