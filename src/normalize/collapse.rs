@@ -70,7 +70,6 @@ pub struct RowSet {
     in_memory: usize,
     max_in_memory: usize,
     spill_dir: PathBuf,
-    spills: u64,
 }
 
 /// The rows of one partition: sorted runs on disk plus the rows still in memory.
@@ -102,7 +101,6 @@ impl RowSet {
             in_memory: 0,
             max_in_memory: (memory_bytes / std::mem::size_of::<Row>()).max(1024),
             spill_dir: spill_dir.to_owned(),
-            spills: 0,
         }
     }
 
@@ -166,7 +164,6 @@ impl RowSet {
             return Ok(());
         };
         std::fs::create_dir_all(&self.spill_dir).map_err(|e| WriteError::io(&self.spill_dir, e))?;
-        self.spills += 1;
         // Unique among the sets of this process (several may spill into the same directory).
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
