@@ -49,8 +49,9 @@ pub struct Prepared {
     pub request_id: String,
     pub kind: &'static str,
     pub source: String,
-    /// The body without credentials, as the journal stores it (zstd).
+    /// The body without credentials, as the journal stores it (see [`encode_body`]).
     pub body: Vec<u8>,
+    pub body_encoding: &'static str,
     /// Bytes of the body's text.
     pub body_len: usize,
     /// SHA-256 of the body's text: the journal's identity of a callback.
@@ -68,6 +69,7 @@ impl Prepared {
             kind: self.kind,
             source: &self.source,
             body: &self.body,
+            body_encoding: self.body_encoding,
             digest: &self.digest,
             partitions: &self.partitions,
         }
@@ -187,12 +189,14 @@ impl Intake {
                 }
                 merge(&mut self.records, record_stats);
                 let digest = Sha256::digest(body.as_bytes()).into();
+                let (stored, body_encoding) = encode_body(&body);
                 Ok(Prepared {
                     request_id,
                     kind,
                     source,
                     body_len: body.len(),
-                    body: encode_body(&body),
+                    body: stored,
+                    body_encoding,
                     digest,
                     partitions,
                     records,

@@ -43,8 +43,10 @@ pub struct NewCallback<'a> {
     pub kind: &'static str,
     /// Where it came from: a file path (with line or index) or `listener`.
     pub source: &'a str,
-    /// The body as the journal stores it ([`encode_body`]: zstd).
+    /// The body as the journal stores it ([`encode_body`]).
     pub body: &'a [u8],
+    /// `zstd` or `json` (the text itself).
+    pub body_encoding: &'static str,
     /// SHA-256 of the body's text.
     pub digest: &'a [u8; 32],
     /// Output partitions its usage records fall in (empty for completion and fault callbacks).

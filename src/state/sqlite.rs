@@ -82,8 +82,9 @@ const MIGRATIONS: &[&str] = &[
 /// the journal is written once and read back rarely.
 pub const BODY_ZSTD_LEVEL: i32 = 1;
 
-/// A body as the journal stores it (zstd).
-pub fn encode_body(body: &str) -> Vec<u8> {
+/// A body as the journal stores it, with its `body_encoding`: zstd, or the text itself should
+/// compressing fail (it does not short of memory exhaustion), so that nothing is ever lost.
+pub fn encode_body(body: &str) -> (Vec<u8>, &'static str) {
     thread_local! {
         static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { std::cell::RefCell::new(None) };
@@ -93,11 +94,10 @@ pub fn encode_body(body: &str) -> Vec<u8> {
         if c.is_none() {
             *c = zstd::bulk::Compressor::new(BODY_ZSTD_LEVEL).ok();
         }
-        c.as_mut()
-            .and_then(|c| c.compress(body.as_bytes()).ok())
-            // Compressing in memory does not fail short of memory exhaustion; if it does, the
-            // frame below is still a valid zstd stream (raw blocks).
-            .unwrap_or_else(|| zstd::stream::encode_all(body.as_bytes(), 0).unwrap_or_default())
+        match c.as_mut().map(|c| c.compress(body.as_bytes())) {
+            Some(Ok(compressed)) => (compressed, "zstd"),
+            _ => (body.as_bytes().to_vec(), "json"),
+        }
     })
 }
 
@@ -510,7 +510,7 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "INSERT OR IGNORE INTO callbacks
                        (request_id, kind, received_at, source, body_sha256, body, body_encoding)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'zstd')",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(err)?;
             let mut index = tx
@@ -526,7 +526,8 @@ impl Store for SqliteStore {
                         received_at,
                         cb.source,
                         cb.digest.as_slice(),
-                        cb.body
+                        cb.body,
+                        cb.body_encoding
                     ])
                     .map_err(err)?;
                 if inserted == 0 {
@@ -687,13 +688,14 @@ mod tests {
         );
         let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
         let digest = [7u8; 32];
-        let body = encode_body(r#"{"requestId":"r1"}"#);
+        let (body, body_encoding) = encode_body(r#"{"requestId":"r1"}"#);
         let cb = NewCallback {
             request_id: "r1",
             digest: &digest,
             kind: "usage",
             source: "a.json",
             body: &body,
+            body_encoding,
             partitions: &parts,
         };
         let first = store
