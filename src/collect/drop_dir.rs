@@ -154,6 +154,7 @@ pub fn collect<S: Store + ?Sized>(
                     prepared,
                     read,
                     last,
+                    lines,
                     bodies,
                     ..
                 } = out;
@@ -173,7 +174,7 @@ pub fn collect<S: Store + ?Sized>(
                     continue;
                 }
                 progress.inc(1);
-                if open_bodies == 0 && matches!(read, Read::Done) && is_lines(&path) {
+                if lines && open_bodies == 0 && matches!(read, Read::Done) {
                     rejects.push(&file_reject(
                         &path,
                         "file_empty",
@@ -260,18 +261,20 @@ struct FileOut {
     read: Read,
     /// The file's last slice (always, for whole files).
     last: bool,
-    /// NDJSON: lines with a body in this slice.
+    /// An NDJSON file (read in slices), and the lines with a body in this slice.
+    lines: bool,
     bodies: usize,
 }
 
 impl FileOut {
-    fn new(path: PathBuf, read: Read, last: bool) -> Self {
+    fn new(path: PathBuf, read: Read, last: bool, lines: bool) -> Self {
         FileOut {
             path,
             prepared: Vec::new(),
             rejects: Vec::new(),
             read,
             last,
+            lines,
             bodies: 0,
         }
     }
@@ -420,7 +423,7 @@ impl Unit {
             Unit::Files(paths) => (paths
                 .into_iter()
                 .map(|path| {
-                    let mut out = FileOut::new(path, Read::Done, true);
+                    let mut out = FileOut::new(path, Read::Done, true, false);
                     match read_regular(&out.path, limit) {
                         Ok(Some(bytes)) => {
                             prepare_json(&out.path.clone(), &bytes, intake, &mut out)
@@ -443,12 +446,12 @@ impl Unit {
                 first_line,
                 last,
             } => {
-                let mut out = FileOut::new(path, Read::Done, last);
+                let mut out = FileOut::new(path, Read::Done, last, true);
                 out.bodies = prepare_lines(&out.path.clone(), &bytes, first_line, intake, &mut out);
                 (vec![out], Some(bytes))
             }
             Unit::Unread { path, read } => {
-                let mut out = FileOut::new(path, read, true);
+                let mut out = FileOut::new(path, read, true, true);
                 if matches!(read, Read::TooLarge) {
                     out.rejects.push(too_large(&out.path, limit));
                 }
@@ -506,11 +509,6 @@ fn move_files(dir: &Path, files: Vec<(PathBuf, &'static str)>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn is_lines(path: &Path) -> bool {
-    let name = path.to_string_lossy().to_ascii_lowercase();
-    name.ends_with(".ndjson") || name.ends_with(".jsonl")
 }
 
 /// Decides whether an entry is a callback file to read.

@@ -369,7 +369,8 @@ async fn receive<S: Store + Send + 'static>(
         count(|c| c.malformed += 1);
         return answer(StatusCode::BAD_REQUEST, "body is not UTF-8");
     };
-    let authorized = match Body::parse(text) {
+    let parsed = Body::parse(text);
+    let authorized = match &parsed {
         Ok(parsed) => {
             let user = parsed.string("username");
             let pass = parsed.string("password");
@@ -396,7 +397,7 @@ async fn receive<S: Store + Send + 'static>(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .worker();
-        let prepared = local.prepare(text, "listener".to_owned(), &mut rejects);
+        let prepared = local.prepare_parsed(parsed, "listener".to_owned(), &mut rejects);
         state
             .intake
             .lock()

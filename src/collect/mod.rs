@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::PartitionBy;
 use crate::normalize::collapse::RowSet;
-use crate::normalize::payload::{Body, CallbackKind};
+use crate::normalize::payload::{Body, BodyError, CallbackKind};
 use crate::normalize::record::ParsedRecord;
 use crate::normalize::{self, RecordStats};
 use crate::state::{Journaled, NewCallback, Store, encode_body};
@@ -132,8 +132,19 @@ impl Intake {
         source: String,
         rejects: &mut Vec<RecordReject>,
     ) -> Result<Prepared, Box<RecordReject>> {
+        self.prepare_parsed(Body::parse(body), source, rejects)
+    }
+
+    /// [`Intake::prepare`] for a body whose top level is already read (the listener reads it to
+    /// check the credentials first).
+    pub fn prepare_parsed(
+        &mut self,
+        parsed: Result<Body<'_>, BodyError>,
+        source: String,
+        rejects: &mut Vec<RecordReject>,
+    ) -> Result<Prepared, Box<RecordReject>> {
         self.callbacks.received += 1;
-        let checked = Body::parse(body).and_then(|parsed| {
+        let checked = parsed.and_then(|parsed| {
             let cb = parsed.callback()?;
             let stripped = parsed.stripped();
             let mut record_stats = RecordStats::default();
@@ -249,21 +260,31 @@ impl Intake {
                     continue;
                 }
             }
-            if let Some(rows) = rows.as_deref_mut()
-                && !prepared.records.is_empty()
-            {
-                let origin = rows.add_origin(
-                    &prepared.request_id,
-                    account.map(String::as_str),
-                    received_at,
-                );
-                for record in &prepared.records {
-                    rows.push(origin, record)?;
-                }
+            if let Some(rows) = rows.as_deref_mut() {
+                keep_rows(rows, prepared, &accounts, received_at)?;
             }
         }
         Ok(())
     }
+}
+
+/// Adds the records of a newly journaled callback to `rows`, with its job's account (from
+/// [`Store::request_accounts`]). Call in journal order.
+pub(crate) fn keep_rows(
+    rows: &mut RowSet,
+    prepared: &Prepared,
+    accounts: &std::collections::HashMap<String, String>,
+    received_at: i64,
+) -> Result<(), crate::write::WriteError> {
+    if prepared.records.is_empty() {
+        return Ok(());
+    }
+    let account = accounts.get(&prepared.request_id).map(String::as_str);
+    let origin = rows.add_origin(&prepared.request_id, account, received_at);
+    for record in &prepared.records {
+        rows.push(origin, record)?;
+    }
+    Ok(())
 }
 
 fn merge(into: &mut RecordStats, from: RecordStats) {

@@ -180,11 +180,7 @@ fn add_rows<S: Store>(
     let ids: Vec<&str> = new.iter().map(|p| p.request_id.as_str()).collect();
     let accounts = store.request_accounts(&ids)?;
     for prepared in new {
-        let account = accounts.get(&prepared.request_id).map(String::as_str);
-        let origin = rows.add_origin(&prepared.request_id, account, received_at);
-        for record in &prepared.records {
-            rows.push(origin, record)?;
-        }
+        crate::collect::keep_rows(rows, prepared, &accounts, received_at)?;
     }
     Ok(())
 }
