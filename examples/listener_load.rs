@@ -74,6 +74,20 @@ impl Store for NullStore {
     fn journal_len(&self) -> Result<u64, StateError> {
         Ok(0)
     }
+    fn journal_high_water(&self) -> Result<i64, StateError> {
+        Ok(self.0)
+    }
+    fn requests_of_jobs(&self, _: &[&str]) -> Result<Vec<(String, String)>, StateError> {
+        Ok(Vec::new())
+    }
+    fn callbacks_of_requests(
+        &self,
+        _: &[&str],
+        _: i64,
+        _: &mut dyn FnMut(i64, String, String),
+    ) -> Result<(), StateError> {
+        Ok(())
+    }
 }
 
 fn bodies(callbacks: usize, records: usize) -> Vec<String> {

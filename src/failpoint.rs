@@ -19,6 +19,11 @@ pub const AFTER_POST: &str = "after_post";
 pub const JOURNAL_COMMIT: &str = "journal_commit";
 /// After a partition's files are staged, before they are published.
 pub const PARQUET_PUBLISH: &str = "parquet_publish";
+/// In `run`'s collect loop, after it has read the journal and before it decides whether to go on:
+/// submissions that end meanwhile must still have every requestId they recorded tracked.
+pub const COLLECT_LOOK: &str = "collect_look";
+/// Inside `tsusage prune`, after the archive files are durable and before the journal rows leave.
+pub const PRUNE_COMMIT: &str = "prune_commit";
 /// While a Parquet file is being written (fails after the first batch).
 pub const PARQUET_WRITE: &str = "parquet_write";
 

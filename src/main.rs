@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use tsusage::config::Config;
 use tsusage::pipeline::{self, Outcome};
 use tsusage::plan::DateRange;
-use tsusage::report::EXIT_FAILED;
 
 /// Verizon ThingSpace usage → typed Parquet, resumable and correct to the byte.
 ///
@@ -148,12 +147,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!("{e}");
+            // Once, on stderr (where the logs go too); the exit code says which kind of failure.
             eprintln!("tsusage: {e}");
-            ExitCode::from(match &e {
-                tsusage::Error::Config(_) | tsusage::Error::Usage(_) => e.exit_code(),
-                _ => EXIT_FAILED,
-            })
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -193,6 +193,65 @@ pub fn plan(account: &str, iccids: &[Iccid], windows: &[Window], chunk_size: u32
     jobs
 }
 
+/// Which planned jobs a command sends and which it only tracks: the one copy of these rules, shared
+/// by `run` and `submit`.
+#[derive(Debug, Default)]
+pub struct Selection {
+    /// Jobs to ask ThingSpace for now.
+    pub to_send: Vec<Job>,
+    /// Jobs whose callbacks this command waits for: `to_send` and those an earlier command sent
+    /// that are still waiting (`submitted`).
+    pub tracked: Vec<Job>,
+    /// Jobs skipped because done: their counts and the reasons, for the run report.
+    pub report: crate::report::PlanReport,
+}
+
+/// Splits `jobs` by the status an earlier command left them in (`earlier`, by job id; absent means
+/// never planned before):
+/// - `complete`, `failed`: done, skipped; `submitted`: tracked, not sent again (invariant 2);
+/// - `planned` (intent without requestId: never sent, or killed between the POST and the record),
+///   `missing`, or new: sent;
+/// - with `again` true for a job (`--force`, or a `plan.lookback_days` day), every status is sent.
+pub fn select(
+    jobs: Vec<Job>,
+    earlier: &std::collections::HashMap<String, String>,
+    again: impl Fn(&Job) -> bool,
+) -> Selection {
+    use crate::state::job_status;
+    let mut out = Selection::default();
+    let report = &mut out.report;
+    report.jobs = jobs.len() as u64;
+    for job in jobs {
+        let status = earlier.get(job.id.as_str()).map(String::as_str);
+        let again = again(&job);
+        match status {
+            Some(job_status::COMPLETE) if !again => report.already_complete += 1,
+            Some(job_status::FAILED) if !again => report.already_failed += 1,
+            Some(job_status::SUBMITTED) if !again => {
+                report.already_submitted += 1;
+                out.tracked.push(job);
+            }
+            status => {
+                if status == Some(job_status::PLANNED) {
+                    // Sending again is harmless: the data collapses on the business key.
+                    report.unknown_outcome += 1;
+                    if report.unknown_outcome_jobs.len() < MAX_LISTED_JOBS {
+                        report.unknown_outcome_jobs.push(job.id.to_string());
+                    }
+                } else if status.is_some() {
+                    report.requested_again += 1;
+                }
+                out.to_send.push(job.clone());
+                out.tracked.push(job);
+            }
+        }
+    }
+    out
+}
+
+/// Job ids listed in a report at most (the counts are always complete).
+const MAX_LISTED_JOBS: usize = 1000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +312,52 @@ mod tests {
         );
         assert_ne!(jobs[0].id, jobs[3].id, "windows differ");
         assert_eq!(jobs[0].id.as_str().len(), 32);
+    }
+
+    #[test]
+    fn select_sends_new_and_unsent_jobs_tracks_submitted_and_skips_done_ones() {
+        use crate::state::job_status;
+        let w = windows(d("2021-08-14"), d("2021-08-15"), 1).expect("range");
+        let jobs = plan("0000123456-00001", &ids(30), &w, 10);
+        let (first_day, second_day) = jobs.split_at(3);
+        let status = |j: &Job, s: &str| (j.id.to_string(), s.to_owned());
+        let earlier: std::collections::HashMap<String, String> = [
+            status(&second_day[0], job_status::COMPLETE),
+            status(&second_day[1], job_status::SUBMITTED),
+            status(&second_day[2], job_status::PLANNED),
+            status(&first_day[0], job_status::COMPLETE),
+            status(&first_day[1], job_status::FAILED),
+        ]
+        .into();
+        // The first day is a lookback day: asked again whatever its status.
+        let lookback = |j: &Job| j.window.start < d("2021-08-15");
+        let s = select(jobs.clone(), &earlier, lookback);
+        let sent: Vec<&Job> = s.to_send.iter().collect();
+        assert_eq!(
+            sent,
+            [&first_day[0], &first_day[1], &first_day[2], &second_day[2]]
+        );
+        assert_eq!(s.tracked.len(), 5, "the sent ones and the submitted one");
+        assert!(s.tracked.contains(&second_day[1]));
+        let r = &s.report;
+        assert_eq!(
+            (
+                r.jobs,
+                r.already_complete,
+                r.already_submitted,
+                r.unknown_outcome
+            ),
+            (6, 1, 1, 1)
+        );
+        assert_eq!(
+            r.requested_again, 2,
+            "the lookback day's complete and failed jobs"
+        );
+        assert_eq!(r.unknown_outcome_jobs, [second_day[2].id.to_string()]);
+
+        // Without lookback: nothing done is sent again.
+        let s = select(jobs, &earlier, |_| false);
+        assert_eq!(s.to_send.len(), 2, "the planned one and the never-seen one");
+        assert_eq!((s.report.already_complete, s.report.already_failed), (2, 1));
     }
 }

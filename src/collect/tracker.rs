@@ -1,10 +1,13 @@
 //! Completion tracking: which jobs have all their callbacks, which are overdue, which are missing.
 //!
-//! The tracker reads the journal (whatever wrote it: the in-process listener, a separate
-//! `tsusage listen`, the drop directory) and the recorded requests, in order, and keeps per job:
-//! the ICCIDs asked for, those with usage, those whose record was rejected, and whether the
-//! "Request Completed Processing" message has come. Callbacks arrive in any order and twice;
-//! a callback may even arrive before its requestId is recorded (it is parked until then).
+//! The tracker is handed what concerns this run only (invariant 7): the requests of its jobs (those
+//! earlier runs recorded, read by job id, and those this run's submission reports as it records
+//! them) and their callbacks (those journaled before the run, read by requestId, then everything
+//! journaled during the run, whatever wrote it: the in-process listener, a separate `tsusage
+//! listen`, the drop directory). It keeps per job: the ICCIDs asked for, those with usage, those
+//! whose record was rejected, and whether the "Request Completed Processing" message has come.
+//! Callbacks arrive in any order and twice; a callback may even arrive before its requestId is
+//! recorded (it is parked under its requestId until then).
 //!
 //! A job is complete when its completion message has come and either every ICCID has its record, or
 //! `callbacks.settle_secs` have passed since the job's last callback (ICCIDs without a record then
@@ -122,7 +125,10 @@ pub struct TrackerStats {
     pub resubmitted: u64,
     /// Callbacks read from the journal for this run's requests.
     pub callbacks: u64,
-    /// Callbacks whose requestId belongs to no job of this run.
+    /// Every callback the tracker was handed: this run's requests' earlier callbacks and whatever
+    /// was journaled during the run. It grows with the night's work, never with the history.
+    pub callbacks_read: u64,
+    /// Callbacks journaled during this run whose requestId matches no request known to the store.
     pub unmatched_callbacks: u64,
 }
 
@@ -144,8 +150,8 @@ pub struct Tracker {
     tracks: Vec<Track>,
     by_job: HashMap<String, usize>,
     by_request: HashMap<String, usize>,
-    /// Callbacks whose requestId is not (yet) known: `(request_id, body)`.
-    parked: Vec<(String, String)>,
+    /// Callbacks whose requestId is not (yet) known, by requestId.
+    parked: HashMap<String, Vec<String>>,
     strict_luhn: bool,
     settle: Duration,
     deadline: Duration,
@@ -188,7 +194,7 @@ impl Tracker {
             tracks,
             by_job,
             by_request: HashMap::new(),
-            parked: Vec::new(),
+            parked: HashMap::new(),
             strict_luhn,
             settle,
             deadline,
@@ -209,22 +215,26 @@ impl Tracker {
             track.requested_at = Some(now);
         }
         // Callbacks that came before their requestId was recorded.
-        let parked = std::mem::take(&mut self.parked);
-        for (rid, body) in parked {
-            if rid == request_id {
-                self.apply(i, &body, now);
-            } else {
-                self.parked.push((rid, body));
-            }
+        for body in self.parked.remove(&request_id).unwrap_or_default() {
+            self.apply(i, &body, now);
         }
     }
 
     /// A journaled callback.
     pub fn callback(&mut self, request_id: String, body: String, now: Instant) {
+        self.stats.callbacks_read += 1;
         match self.by_request.get(&request_id) {
             Some(&i) => self.apply(i, &body, now),
-            None => self.parked.push((request_id, body)),
+            None => self.parked.entry(request_id).or_default().push(body),
         }
+    }
+
+    /// The requestIds of callbacks that matched no request of this run, with how many callbacks
+    /// each has.
+    pub fn parked(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.parked
+            .iter()
+            .map(|(id, bodies)| (id.as_str(), bodies.len()))
     }
 
     fn apply(&mut self, i: usize, body: &str, now: Instant) {
@@ -334,7 +344,6 @@ impl Tracker {
         self.stats.failed = count(|s| matches!(s, JobState::Failed(_)));
         self.stats.not_submitted = count(|s| matches!(s, JobState::NotSubmitted(_)));
         self.stats.missing = count(|s| *s == JobState::Missing);
-        self.stats.unmatched_callbacks = self.parked.len() as u64;
     }
 
     /// Jobs still waiting for something.
@@ -365,6 +374,11 @@ impl Tracker {
             }
         }
         self.refresh_stats();
+    }
+
+    /// The ids of the tracked jobs.
+    pub fn job_ids(&self) -> impl Iterator<Item = &str> {
+        self.tracks.iter().map(|t| t.job.id.as_str())
     }
 
     /// Each job's final state (for the store).

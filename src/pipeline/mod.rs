@@ -18,7 +18,6 @@ use crate::normalize::collapse::{Origin, PartitionRows, RowSet, usage_row};
 use crate::normalize::payload::{CallbackKind, parse_callback};
 use crate::normalize::{partition_key, partition_of};
 use crate::plan::{self, DateRange};
-use crate::report::PlanReport;
 use crate::report::{OutputReport, PartitionReport, RunReport, new_run_id};
 use crate::state::{PendingPartition, RunLock, SqliteStore, Store};
 use crate::state::{StateWriter, job_status};
@@ -104,33 +103,28 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
     store.begin_run(&run_id, "submit")?;
     let iccids = read_iccids(config, &config.input.paths, &run_id, &mut report)?;
 
-    let windows = plan::windows(range.from, range.to, config.plan.window_days)?;
+    // The same days and the same job selection as `run` (plan::select): what is complete is not
+    // asked again, `plan.lookback_days` are re-pulled before the range.
+    let from = range.from - chrono::Days::new(u64::from(config.plan.lookback_days));
+    let windows = plan::windows(from, range.to, config.plan.window_days)?;
     let jobs = plan::plan(
         &config.account_name,
         &iccids,
         &windows,
         config.plan.chunk_size,
     );
-    let new_jobs = store.record_jobs(&jobs)?;
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-    let statuses = store.job_statuses(&ids)?;
-    let status_of = |id: &str| statuses.get(id).map(String::as_str);
-    let mut plan_report = PlanReport {
-        from: range.from.to_string(),
-        to: range.to.to_string(),
-        windows: windows.len() as u64,
-        jobs: jobs.len() as u64,
-        new_jobs,
-        ..PlanReport::default()
-    };
-    let mut todo = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        match status_of(job.id.as_str()) {
-            Some(job_status::SUBMITTED) => plan_report.already_submitted += 1,
-            Some(job_status::FAILED) => plan_report.already_failed += 1,
-            _ => todo.push(job),
-        }
-    }
+    let earlier = store.job_statuses(&ids)?;
+    let new_jobs = store.record_jobs(&jobs)?;
+    let plan::Selection {
+        to_send: todo,
+        report: mut plan_report,
+        ..
+    } = plan::select(jobs, &earlier, |job| job.window.start < range.from);
+    plan_report.from = from.to_string();
+    plan_report.to = range.to.to_string();
+    plan_report.windows = windows.len() as u64;
+    plan_report.new_jobs = new_jobs;
     report.plan = Some(plan_report);
     tracing::info!(jobs = todo.len(), "submitting");
 

@@ -18,8 +18,8 @@ use crate::collect::{CallbackStats, Intake};
 use crate::config::{CallbackSource, Config};
 use crate::normalize::RecordStats;
 use crate::plan::{self, DateRange, Job};
-use crate::report::{CollectReport, PlanReport, RunReport, new_run_id};
-use crate::state::{JobUpdate, RunLock, SqliteStore, StateError, StateWriter, Store, job_status};
+use crate::report::{CollectReport, RunReport, new_run_id};
+use crate::state::{JobUpdate, RunLock, SqliteStore, StateError, StateWriter, Store};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 use crate::write::rejects::RecordRejects;
 use crate::write::write_atomic_with;
@@ -100,40 +100,17 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     let earlier = store.job_statuses(&ids)?;
     let new_jobs = store.record_jobs(&jobs)?;
-    let mut plan_report = PlanReport {
-        from: from.to_string(),
-        to: range.to.to_string(),
-        windows: windows.len() as u64,
-        jobs: jobs.len() as u64,
-        new_jobs,
-        ..PlanReport::default()
-    };
-    let (mut to_send, mut tracked) = (Vec::new(), Vec::new());
-    for job in jobs {
-        let again = options.force || job.window.start < range.from;
-        match earlier.get(job.id.as_str()).map(String::as_str) {
-            Some(job_status::COMPLETE) if !again => plan_report.already_complete += 1,
-            Some(job_status::FAILED) if !again => plan_report.already_failed += 1,
-            Some(job_status::SUBMITTED) if !again => {
-                plan_report.already_submitted += 1;
-                tracked.push(job);
-            }
-            status => {
-                if status == Some(job_status::PLANNED) {
-                    // An earlier run recorded the intent but no requestId: it was never sent, or
-                    // it crashed between the POST and the record. Sending again is harmless.
-                    plan_report.unknown_outcome += 1;
-                    if plan_report.unknown_outcome_jobs.len() < 1000 {
-                        plan_report.unknown_outcome_jobs.push(job.id.to_string());
-                    }
-                } else if status.is_some() {
-                    plan_report.requested_again += 1;
-                }
-                to_send.push(job.clone());
-                tracked.push(job);
-            }
-        }
-    }
+    let plan::Selection {
+        to_send,
+        tracked,
+        report: mut plan_report,
+    } = plan::select(jobs, &earlier, |job| {
+        options.force || job.window.start < range.from
+    });
+    plan_report.from = from.to_string();
+    plan_report.to = range.to.to_string();
+    plan_report.windows = windows.len() as u64;
+    plan_report.new_jobs = new_jobs;
     report.plan = Some(plan_report);
     let c = &config.callbacks;
     let mut tracker = Tracker::new(
@@ -304,18 +281,39 @@ async fn submit_and_collect<S: Store + Send + 'static>(
             ensure_callback_registered(&client, config).await?;
         }
     }
+    // What concerns this run, and nothing older (invariant 7): the requests earlier runs recorded
+    // for its jobs and their callbacks up to `callback_cursor`, then everything journaled after it.
+    // The cursor is taken before anything is sent, so no callback of this run's requests is below it.
+    let reader = SqliteStore::open(&config.state.path)?;
+    let mut callback_cursor = reader.journal_high_water()?;
+    let now = Instant::now();
+    let job_ids: Vec<&str> = tracker.job_ids().collect();
+    let earlier = reader.requests_of_jobs(&job_ids)?;
+    drop(job_ids);
+    for (request_id, job_id) in &earlier {
+        tracker.request_recorded(request_id.clone(), job_id, now);
+    }
+    let request_ids: Vec<&str> = earlier.iter().map(|(r, _)| r.as_str()).collect();
+    reader.callbacks_of_requests(&request_ids, callback_cursor, &mut |_, request_id, body| {
+        tracker.callback(request_id, body, now)
+    })?;
+    drop(request_ids);
+
+    // The submission tells the collector each requestId once it is durable, and every one before
+    // it returns: when a submission has ended, what it recorded is in `recorded`.
+    let (recorded_tx, mut recorded) = tokio::sync::mpsc::unbounded_channel();
     let mut submissions: JoinSet<std::result::Result<SubmitReport, SubmitError>> = JoinSet::new();
     let spawn = |submissions: &mut JoinSet<_>, jobs: Vec<Job>| {
         if jobs.is_empty() {
             return;
         }
-        let options = SubmitOptions::new(&config.api, jobs.len());
+        let mut options = SubmitOptions::new(&config.api, jobs.len());
+        options.recorded = Some(recorded_tx.clone());
         let (client, writer) = (client.clone(), writer.clone());
         submissions.spawn(async move { submit::submit(client, writer, jobs, &options).await });
     };
     spawn(&mut submissions, to_send);
 
-    let reader = SqliteStore::open(&config.state.path)?;
     let mut drop_store = match config.callbacks.source {
         CallbackSource::DropDir => Some(SqliteStore::open(&config.state.path)?),
         _ => None,
@@ -324,7 +322,6 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     let mut drop_rejects =
         RecordRejects::new(rejects_dir(&config.output.dir).join(format!("{run_id}-dropdir.jsonl")));
     let mut merged = SubmitReport::default();
-    let (mut request_cursor, mut callback_cursor) = (0i64, 0i64);
     let progress = progress_bar("jobs done");
     progress.set_length(tracker.stats.jobs);
     let mut last_log = Instant::now();
@@ -346,8 +343,18 @@ async fn submit_and_collect<S: Store + Send + 'static>(
                 None,
             )?;
         }
-        for (rowid, request_id, job_id) in reader.requests_since(request_cursor)? {
-            request_cursor = rowid;
+        // Ended submissions first, then the requestIds: every id an ended submission recorded is
+        // then known to the tracker (invariant 8), whatever the timing of the tasks.
+        let mut ended = Vec::new();
+        while let Some(joined) = submissions.try_join_next() {
+            ended.push(joined.map_err(|e| {
+                Error::State(StateError::Invalid {
+                    path: config.state.path.display().to_string(),
+                    message: format!("the submission task failed: {e}"),
+                })
+            })??);
+        }
+        while let Ok((job_id, request_id)) = recorded.try_recv() {
             tracker.request_recorded(request_id, &job_id, now);
         }
         loop {
@@ -361,13 +368,8 @@ async fn submit_and_collect<S: Store + Send + 'static>(
                 break;
             }
         }
-        while let Some(joined) = submissions.try_join_next() {
-            let done = joined.map_err(|e| {
-                Error::State(StateError::Invalid {
-                    path: config.state.path.display().to_string(),
-                    message: format!("the submission task failed: {e}"),
-                })
-            })??;
+        crate::failpoint::pause_async(crate::failpoint::COLLECT_LOOK).await;
+        for done in ended {
             for failure in &done.failures {
                 tracker.refused(
                     &failure.job_id,
@@ -398,15 +400,24 @@ async fn submit_and_collect<S: Store + Send + 'static>(
                 "collecting"
             );
         }
-        if submissions.is_empty() && tracker.waiting() == 0 {
-            break;
-        }
-        // Jobs that could not be sent and are not being sent: nothing will come for them.
+        // Nothing is being sent, every requestId sent is tracked, and no job waits for a callback
+        // (a job still waiting without a requestId was not sent: nothing will come for it).
         if submissions.is_empty() && tracker.waiting() == tracker.unsent() {
             break;
         }
         tokio::time::sleep(TICK).await;
     }
+    // Unmatched: journaled during this run, for no request the store knows (an earlier night's
+    // late redelivery is not unmatched).
+    let parked: Vec<(&str, usize)> = tracker.parked().collect();
+    let ids: Vec<&str> = parked.iter().map(|(id, _)| *id).collect();
+    let known = reader.request_accounts(&ids)?;
+    let unmatched = parked
+        .iter()
+        .filter(|(id, _)| !known.contains_key(*id))
+        .map(|(_, n)| *n as u64)
+        .sum();
+    tracker.stats.unmatched_callbacks = unmatched;
     progress.finish_and_clear();
     if needs_api {
         client.logout().await;

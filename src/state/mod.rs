@@ -187,4 +187,20 @@ pub trait Store {
 
     /// How many callbacks the journal holds.
     fn journal_len(&self) -> Result<u64, StateError>;
+
+    /// The highest journal id so far (0 for an empty journal): callbacks journaled from now on have
+    /// higher ids.
+    fn journal_high_water(&self) -> Result<i64, StateError>;
+
+    /// The requests recorded for each of `job_ids`: `(request_id, job_id)`, oldest first.
+    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<(String, String)>, StateError>;
+
+    /// Journaled callbacks of `request_ids` with id ≤ `through_id`, in journal order:
+    /// `(id, request_id, body)`.
+    fn callbacks_of_requests(
+        &self,
+        request_ids: &[&str],
+        through_id: i64,
+        each: &mut dyn FnMut(i64, String, String),
+    ) -> Result<(), StateError>;
 }

@@ -670,6 +670,59 @@ impl Store for SqliteStore {
             .map(|n| n as u64)
             .map_err(self.err())
     }
+
+    fn journal_high_water(&self) -> Result<i64, StateError> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM callbacks", [], |r| {
+                r.get(0)
+            })
+            .map_err(self.err())
+    }
+
+    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<(String, String)>, StateError> {
+        let ids = serde_json::to_string(job_ids).unwrap_or_else(|_| "[]".into());
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT request_id, job_id FROM requests
+                 WHERE job_id IN (SELECT value FROM json_each(?1)) ORDER BY rowid",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([ids], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    fn callbacks_of_requests(
+        &self,
+        request_ids: &[&str],
+        through_id: i64,
+        each: &mut dyn FnMut(i64, String, String),
+    ) -> Result<(), StateError> {
+        let ids = serde_json::to_string(request_ids).unwrap_or_else(|_| "[]".into());
+        // Through the index on request_id: the cost is these requests' callbacks, not the journal's.
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, request_id, body, body_encoding FROM callbacks
+                 WHERE request_id IN (SELECT value FROM json_each(?1)) AND id <= ?2 ORDER BY id",
+            )
+            .map_err(self.err())?;
+        let mut rows = stmt.query(params![ids, through_id]).map_err(self.err())?;
+        while let Some(row) = rows.next().map_err(self.err())? {
+            let (id, request_id, body) = (|| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    decode_body(row.get_ref(2)?, row.get_ref(3)?.as_str()?)?,
+                ))
+            })()
+            .map_err(self.err())?;
+            each(id, request_id, body);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

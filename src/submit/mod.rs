@@ -42,6 +42,10 @@ pub struct SubmitOptions {
     pub retry_budget: u32,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Told `(job_id, request_id)` once each requestId is durable: how a collector learns of the
+    /// requests it must track without polling the store (every message is sent before the
+    /// submission returns).
+    pub recorded: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
 }
 
 impl SubmitOptions {
@@ -57,6 +61,7 @@ impl SubmitOptions {
             retry_budget: budget as u32,
             backoff_min: Duration::from_millis(api.backoff_min_ms),
             backoff_max: Duration::from_secs(api.backoff_max_secs),
+            recorded: None,
         }
     }
 }
@@ -404,11 +409,15 @@ async fn submit_job<S: Store + Send + 'static>(
                 writer
                     .apply(JobUpdate::Submitted {
                         job_id: job.id.to_string(),
-                        request_id,
+                        request_id: request_id.clone(),
                         attempts,
                     })
                     .await?;
                 c.submitted.fetch_add(1, Ordering::Relaxed);
+                if let Some(recorded) = &options.recorded {
+                    // A collector that stopped listening no longer needs to know.
+                    let _ = recorded.send((job.id.to_string(), request_id));
+                }
                 return Ok(None);
             }
             Err(ApiError::Reauthenticated) => {

@@ -122,3 +122,37 @@ fn the_readme_run_command_completes_the_sample_against_the_simulator() {
     assert!(run.stdout().contains("parquet: "), "{}", run.stdout());
     assert!(run.stdout().contains("completeness: "), "{}", run.stdout());
 }
+
+#[test]
+fn a_bad_date_is_a_usage_error_printed_once() {
+    let ws = Workspace::new();
+    for args in [
+        &["run", "--simulate", "--date", "2021-13-45"][..],
+        &["submit", "--date", "2021-02-30"],
+        &[
+            "run",
+            "--simulate",
+            "--from",
+            "2021-08-17",
+            "--to",
+            "2021-08-15",
+        ],
+        &["status", "--date", "yesterday"],
+    ] {
+        let run = ws.run(args);
+        run.expect_code(2);
+        let stderr = run.stderr();
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one error line: {stderr}");
+        assert!(
+            lines[0].starts_with("tsusage: ")
+                && (lines[0].contains("not a date (expected YYYY-MM-DD)")
+                    || lines[0].contains("is after --to")),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(
+        !ws.path("state/tsusage.db").exists(),
+        "nothing was opened for a command refused at the door"
+    );
+}

@@ -8,6 +8,7 @@ mod faults;
 mod fuzz_corpus;
 mod ingest_dir;
 mod listener;
+mod nightly;
 mod properties;
 mod run;
 mod secrets;

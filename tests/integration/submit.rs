@@ -477,3 +477,31 @@ async fn callbacks_register_list_and_delete_talk_to_the_vendor() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_skips_what_run_completed_by_the_same_rules() {
+    let sim = start(sim_config()).await;
+    let ws = workspace(20);
+    let ran = pipeline::run(
+        &config(&ws, &sim, &[]),
+        pipeline::RunOptions::simulated(day()),
+    )
+    .await
+    .expect("run");
+    assert_eq!(ran.report.exit_code, 0, "{}", ran.report.summary());
+    assert_eq!(statuses(&ws).get("complete"), Some(&10));
+
+    let outcome = pipeline::submit(&config(&ws, &sim, &[]), day())
+        .await
+        .expect("submit");
+    let plan = outcome.report.plan.as_ref().expect("plan");
+    assert_eq!((plan.jobs, plan.already_complete), (10, 10));
+    let s = outcome.report.submit.as_ref().expect("submit");
+    assert_eq!(
+        (s.jobs, s.attempts),
+        (0, 0),
+        "nothing complete is sent again"
+    );
+    assert_eq!(sim.stats().promo_requests, 0);
+    sim.shutdown().await;
+}
