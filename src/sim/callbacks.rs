@@ -1,5 +1,5 @@
 //! Callbacks: the registry of URLs per account and service, and the messages an accepted request turns
-//! into, in the shapes of `samples/usage.json` and `samples/completion.json`.
+//! into, in the shapes of `data/vendor/callback_usage.json` and `callback_completion.json`.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -146,7 +146,7 @@ mod tests {
         };
         let ours = serde_json::to_value(&body).expect("serialize");
         let sample: serde_json::Value =
-            serde_json::from_str(include_str!("../../data/samples/request.json")).expect("sample");
+            serde_json::from_str(include_str!("../../data/vendor/usage_request.json")).expect("sample");
         assert_eq!(ours, sample);
     }
 }
