@@ -15,3 +15,4 @@ mod sim;
 mod submit;
 mod util;
 mod validate;
+mod vendor;
