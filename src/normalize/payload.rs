@@ -330,8 +330,8 @@ fn valid_request_id(id: &str) -> bool {
 mod tests {
     use super::*;
 
-    const USAGE: &str = include_str!("../../data/samples/usage.json");
-    const COMPLETION: &str = include_str!("../../data/samples/completion.json");
+    const USAGE: &str = include_str!("../../data/vendor/callback_usage.json");
+    const COMPLETION: &str = include_str!("../../data/vendor/callback_completion.json");
 
     #[test]
     fn strips_only_the_credentials() {

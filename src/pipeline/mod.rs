@@ -169,14 +169,14 @@ pub(crate) async fn register_ours(client: &ApiClient, config: &Config) -> Result
     Ok(())
 }
 
-/// `tsusage callbacks list`: one line per registered callback (`name url`).
+/// `tsusage callbacks list`: one line per registered callback, `service<TAB>url` (none: no line).
 pub async fn list_callbacks(config: &Config) -> Result<String> {
     let client = ApiClient::new(&config.api)?;
     let list = client.list_callbacks(&config.account_name).await?;
     client.logout().await;
     Ok(list
         .iter()
-        .map(|c| format!("{}\t{}", c.name, c.url))
+        .map(|c| format!("{}\t{}", c.service_name, c.url))
         .collect::<Vec<_>>()
         .join("\n"))
 }

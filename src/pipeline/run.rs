@@ -434,7 +434,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
 async fn ensure_callback_registered(client: &ApiClient, config: &Config) -> Result<()> {
     let c = &config.callbacks;
     let registered = client.list_callbacks(&config.account_name).await?;
-    match registered.iter().find(|r| r.name == c.service_name) {
+    match registered.iter().find(|r| r.service_name == c.service_name) {
         Some(r) if r.url == c.public_url => Ok(()),
         Some(r) => {
             tracing::warn!(

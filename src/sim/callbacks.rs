@@ -1,5 +1,5 @@
 //! Callbacks: the registry of URLs per account and service, and the messages an accepted request turns
-//! into, in the shapes of `samples/usage.json` and `samples/completion.json`.
+//! into, in the shapes of `data/vendor/callback_usage.json` and `callback_completion.json`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -61,14 +61,14 @@ impl Registry {
             .is_some()
     }
 
-    /// `(service, url)` for `account`, sorted by service; never the credentials.
-    pub fn list(&self, account: &str) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = lock(&self.entries)
+    /// `(service, registration)` for `account`, sorted by service.
+    pub fn list(&self, account: &str) -> Vec<(String, Registration)> {
+        let mut out: Vec<(String, Registration)> = lock(&self.entries)
             .iter()
             .filter(|((a, _), _)| a == account)
-            .map(|((_, service), r)| (service.clone(), r.url.clone()))
+            .map(|((_, service), r)| (service.clone(), r.clone()))
             .collect();
-        out.sort();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! It plays the vendor's part for the README's first command, the tests and the benchmarks (DESIGN §7).
 //! It shares no protocol code with the client or the callback parser: it reads requests and builds
-//! callbacks from the vendor's documented shapes (`shared/samples/`) on its own, so a misreading of the
+//! callbacks from the vendor's documented shapes (`data/vendor/`) on its own, so a misreading of the
 //! vendor on one side cannot hide behind the same misreading on the other.
 //!
 //! # Layout
@@ -23,8 +23,8 @@
 //! | `POST /ts/v1/oauth2/token` | `{"access_token","token_type","expires_in","scope"}`; 401 `invalid_client`; 400 `unsupported_grant_type` |
 //! | `POST /m2m/v1/session/login` | `{"sessionToken"}`; 400 `REQUEST_FAILED.UnexpectedError`, `REQUEST_FAILED.AccountLocked` |
 //! | `POST /m2m/v1/session/logout` | `{"sessionToken"}` |
-//! | `POST/GET /m2m/v1/callbacks/{account}` | register `{"accountName","name"}` / list `[{"accountName","name","url"}]` |
-//! | `DELETE /m2m/v1/callbacks/{account}/name/{service}` | `{"accountName","name"}`; 400 `INPUT_INVALID.Callback.NotRegistered` |
+//! | `POST/GET /m2m/v1/callbacks/{account}` | register (body `{"name","url","username"?,"password"?}`) `{"accountName","serviceName"}` / list `[{"accountName","serviceName","url","username","password"}]` (`""` for credentials not set), an empty body when none is registered |
+//! | `DELETE /m2m/v1/callbacks/{account}/name/{service}` | `{"accountName","serviceName"}`; 400 `INPUT_INVALID.Callback.NotRegistered` |
 //! | `POST /m2m/v1/devices/usage/actions/promoaggregateusage` | `{"requestId"}`, then callbacks |
 //!
 //! Every `/m2m` call needs a valid bearer token (else 401, gateway fault 900901) and all but login a

@@ -110,7 +110,7 @@ async fn answer(sim: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<String
     Ok(request_id)
 }
 
-/// Validates a request body as the vendor's example gives it (`samples/request.json`).
+/// Validates a request body as the vendor's example gives it (`data/vendor/usage_request.json`).
 pub fn validate(config: &SimConfig, body: &[u8]) -> Result<PromoRequest, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::vendor(BAD_REQUEST, json_problem(&e)))?;

@@ -13,6 +13,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -296,14 +297,18 @@ async fn register_callback(
         password: body.password,
     };
     sim.registry.set(&account, &body.name, registration);
-    Ok(Json(json!({ "accountName": account, "name": body.name })))
+    Ok(Json(
+        json!({ "accountName": account, "serviceName": body.name }),
+    ))
 }
 
+/// As the vendor's page has it: the registrations with their credentials (`""` when none was set),
+/// and an empty body, not `[]`, when there is none.
 async fn list_callbacks(
     State(sim): State<Arc<Shared>>,
     Path(account): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     sim.check_bearer(&headers)?;
     sim.check_session(&headers)?;
     sim.check_account(&account)?;
@@ -311,9 +316,20 @@ async fn list_callbacks(
         .registry
         .list(&account)
         .into_iter()
-        .map(|(name, url)| json!({ "accountName": account, "name": name, "url": url }))
+        .map(|(service, r)| {
+            json!({
+                "accountName": account,
+                "serviceName": service,
+                "url": r.url,
+                "username": r.username.unwrap_or_default(),
+                "password": r.password.unwrap_or_default(),
+            })
+        })
         .collect();
-    Ok(Json(serde_json::Value::Array(list)))
+    if list.is_empty() {
+        return Ok(StatusCode::OK.into_response());
+    }
+    Ok(Json(serde_json::Value::Array(list)).into_response())
 }
 
 async fn delete_callback(
@@ -330,5 +346,7 @@ async fn delete_callback(
             format!("No callback registered for service {service}"),
         ));
     }
-    Ok(Json(json!({ "accountName": account, "name": service })))
+    Ok(Json(
+        json!({ "accountName": account, "serviceName": service }),
+    ))
 }

@@ -119,11 +119,24 @@ struct Auth {
     generation: u64,
 }
 
-/// Which token a failed call found stale.
+/// Which token a failed call found stale: what to renew before sending again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stale {
+pub enum Stale {
+    /// The gateway refused the OAuth bearer (HTTP 401, fault 900901): fetch a new one.
     Bearer,
+    /// The M2M session ended (`...SessionToken.Expired`): log in again.
     Session,
+}
+
+/// The token `error` says is stale, if any.
+pub fn stale_token(error: &ApiError) -> Option<Stale> {
+    match error {
+        ApiError::Reauthenticated => Some(Stale::Bearer),
+        ApiError::Rejected { code, .. } if code.ends_with(wire::SESSION_EXPIRED_SUFFIX) => {
+            Some(Stale::Session)
+        }
+        _ => None,
+    }
 }
 
 /// The vendor API client.
@@ -245,7 +258,7 @@ impl ApiClient {
         if !status.is_success() {
             return Err(classify(status, None, &bytes));
         }
-        let token: wire::OAuthToken = serde_json::from_slice(&bytes)
+        let token: wire::OAuthToken = wire::parse_answer(&bytes)
             .map_err(|e| ApiError::Protocol(format!("OAuth token response: {e}")))?;
         let until = token
             .expires_in
@@ -295,7 +308,7 @@ impl ApiClient {
                     let retry_after = retry_after(response.headers());
                     let bytes = response.bytes().await.map_err(transport)?;
                     if status.is_success() {
-                        let session: wire::Session = serde_json::from_slice(&bytes)
+                        let session: wire::Session = wire::parse_answer(&bytes)
                             .map_err(|e| ApiError::Protocol(format!("login response: {e}")))?;
                         auth.session = Some(Arc::from(session.session_token));
                         auth.generation += 1;
@@ -357,16 +370,13 @@ impl ApiClient {
         if status.is_success() {
             return Ok(bytes);
         }
-        match classify(status, retry_after, &bytes) {
-            ApiError::Reauthenticated => {
-                self.reauthenticate(&tokens, Stale::Bearer).await?;
+        let error = classify(status, retry_after, &bytes);
+        match stale_token(&error) {
+            Some(stale) => {
+                self.reauthenticate(&tokens, stale).await?;
                 Err(ApiError::Reauthenticated)
             }
-            ApiError::Rejected { code, .. } if code.ends_with(wire::SESSION_EXPIRED_SUFFIX) => {
-                self.reauthenticate(&tokens, Stale::Session).await?;
-                Err(ApiError::Reauthenticated)
-            }
-            e => Err(e),
+            None => Err(error),
         }
     }
 
@@ -388,7 +398,7 @@ impl ApiClient {
         let bytes = self
             .call(Method::POST, wire::USAGE_PATH, Some(&body))
             .await?;
-        let accepted: wire::RequestAccepted = serde_json::from_slice(&bytes)
+        let accepted = wire::parse_request_accepted(&bytes)
             .map_err(|e| ApiError::Protocol(format!("usage request response: {e}")))?;
         if accepted.request_id.trim().is_empty() {
             return Err(ApiError::Protocol("empty requestId".into()));
@@ -412,12 +422,14 @@ impl ApiClient {
             password: password.map(Secret::expose),
         };
         let path = format!("{}/{}", wire::CALLBACKS_PATH, path_segment(account));
-        self.call_retrying_auth(Method::POST, &path, Some(&body))
-            .await
-            .map(drop)
+        let answer = self
+            .call_retrying_auth(Method::POST, &path, Some(&body))
+            .await?;
+        check_ack(&answer, service, "registered");
+        Ok(())
     }
 
-    /// The callbacks registered for `account`.
+    /// The callbacks registered for `account` (none: the vendor answers an empty body).
     pub async fn list_callbacks(
         &self,
         account: &str,
@@ -426,7 +438,7 @@ impl ApiClient {
         let bytes = self
             .call_retrying_auth::<()>(Method::GET, &path, None)
             .await?;
-        serde_json::from_slice(&bytes)
+        wire::parse_callback_list(&bytes)
             .map_err(|e| ApiError::Protocol(format!("callback list: {e}")))
     }
 
@@ -438,9 +450,11 @@ impl ApiClient {
             path_segment(account),
             path_segment(service)
         );
-        self.call_retrying_auth::<()>(Method::DELETE, &path, None)
-            .await
-            .map(drop)
+        let answer = self
+            .call_retrying_auth::<()>(Method::DELETE, &path, None)
+            .await?;
+        check_ack(&answer, service, "deleted");
+        Ok(())
     }
 
     /// A one-off call (not rate limited): re-sent after a renewal, at most twice.
@@ -477,6 +491,23 @@ impl ApiClient {
     }
 }
 
+/// Reads a register or delete answer. The call succeeded whatever it says (2xx); an answer naming
+/// another service than the one asked for is worth a warning, one that cannot be read a debug line.
+fn check_ack(answer: &[u8], service: &str, action: &str) {
+    match wire::parse_callback_ack(answer) {
+        Ok(ack) if ack.service_name == service => {
+            tracing::debug!(service, action, "callback change acknowledged");
+        }
+        Ok(ack) => tracing::warn!(
+            asked = service,
+            acknowledged = ack.service_name,
+            action,
+            "the vendor acknowledged another callback service than the one asked for"
+        ),
+        Err(e) => tracing::debug!(action, error = %e, "callback answer not understood"),
+    }
+}
+
 fn transport(e: reqwest::Error) -> ApiError {
     let kind = if e.is_timeout() {
         "timed out"
@@ -489,15 +520,15 @@ fn transport(e: reqwest::Error) -> ApiError {
     ApiError::Transport(format!("{kind}: {}", e.without_url()))
 }
 
-/// Classifies an error answer. A 401 with the gateway's fault body means the bearer is stale.
-fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> ApiError {
-    let m2m: Option<wire::M2mError> = serde_json::from_slice(body).ok();
+/// Classifies an error answer for the retry policy. A 401 with the gateway's fault body means the
+/// bearer is stale ([`ApiError::Reauthenticated`]); see [`stale_token`] for what to renew.
+pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> ApiError {
+    let m2m: Option<wire::M2mError> = wire::parse_answer(body).ok();
     let code = m2m.as_ref().map(|e| match &e.error_code {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     });
-    if status == StatusCode::UNAUTHORIZED
-        && serde_json::from_slice::<wire::GatewayFault>(body).is_ok()
+    if status == StatusCode::UNAUTHORIZED && wire::parse_answer::<wire::GatewayFault>(body).is_ok()
     {
         return ApiError::Reauthenticated;
     }
@@ -578,6 +609,26 @@ mod tests {
         assert_eq!(throttled.retry_after(), Some(Duration::from_secs(3)));
         assert!(classify(StatusCode::SERVICE_UNAVAILABLE, None, b"<html>").is_transient());
         assert!(!classify(StatusCode::NOT_FOUND, None, b"").is_transient());
+    }
+
+    #[test]
+    fn stale_token_names_what_to_renew() {
+        // The vendor's error table writes the gateway code as a string, the gateway as a number.
+        let gateway = br#"{"fault":{"code":"900901","message":"Invalid Credentials"}}"#;
+        let bearer = classify(StatusCode::UNAUTHORIZED, None, gateway);
+        assert_eq!(stale_token(&bearer), Some(Stale::Bearer));
+        let expired = br#"{"errorCode":"REQUEST_FAILED.SessionToken.Expired","errorMessage":"x"}"#;
+        let session = classify(StatusCode::BAD_REQUEST, None, expired);
+        assert_eq!(stale_token(&session), Some(Stale::Session));
+        let refused = br#"{"errorCode":"REQUEST_FAILED.AccountNotFound","errorMessage":"x"}"#;
+        assert_eq!(
+            stale_token(&classify(StatusCode::BAD_REQUEST, None, refused)),
+            None
+        );
+        assert_eq!(
+            stale_token(&classify(StatusCode::UNAUTHORIZED, None, b"")),
+            None
+        );
     }
 
     #[test]

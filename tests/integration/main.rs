@@ -16,3 +16,4 @@ mod sim;
 mod submit;
 mod util;
 mod validate;
+mod vendor;

@@ -661,7 +661,7 @@ async fn stats_count_logins_requests_and_the_most_in_flight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callback_list_never_echoes_credentials_and_delete_needs_a_registration() {
+async fn callback_list_answers_as_the_vendor_page_says_and_delete_needs_a_registration() {
     let sim = start(config()).await;
     let api = Api::new(&sim);
     let (bearer, session) = api.session().await;
@@ -679,13 +679,22 @@ async fn callback_list_never_echoes_credentials_and_delete_needs_a_registration(
         Some(("u", "secret-pw")),
     )
     .await;
+    // The vendor's list echoes the registered credentials (tsusage never reads them).
     let (status, list) = api.list(&bearer, &session, ACCOUNT).await;
     assert_eq!(status, 200);
     assert_eq!(
         list,
-        json!([{"accountName": ACCOUNT, "name": "DeviceUsage", "url": "http://127.0.0.1:9/new"}])
+        json!([{"accountName": ACCOUNT, "serviceName": "DeviceUsage",
+                "url": "http://127.0.0.1:9/new", "username": "u", "password": "secret-pw"}])
     );
-    assert!(!list.to_string().contains("secret-pw"));
+    api.register(&bearer, &session, "http://127.0.0.1:9/bare", None)
+        .await;
+    let (_, list) = api.list(&bearer, &session, ACCOUNT).await;
+    assert_eq!(
+        (&list[0]["username"], &list[0]["password"]),
+        (&json!(""), &json!("")),
+        "empty strings where no credentials were set"
+    );
 
     let url = format!(
         "{}/m2m/v1/callbacks/{ACCOUNT}/name/DeviceUsage",
@@ -700,14 +709,26 @@ async fn callback_list_never_echoes_credentials_and_delete_needs_a_registration(
     let (status, body) = send(delete()).await;
     assert_eq!(
         (status, body),
-        (200, json!({"accountName": ACCOUNT, "name": "DeviceUsage"}))
+        (
+            200,
+            json!({"accountName": ACCOUNT, "serviceName": "DeviceUsage"})
+        )
     );
     let (status, body) = send(delete()).await;
     assert_eq!(
         (status, body["errorCode"].as_str()),
         (400, Some("INPUT_INVALID.Callback.NotRegistered"))
     );
-    assert_eq!(api.list(&bearer, &session, ACCOUNT).await.1, json!([]));
+    let none = api
+        .http
+        .get(format!("{}/m2m/v1/callbacks/{ACCOUNT}", sim.base_url()))
+        .bearer_auth(&bearer)
+        .header("VZ-M2M-Token", &session)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(none.status(), 200);
+    assert_eq!(none.bytes().await.expect("body").len(), 0, "an empty body");
     sim.shutdown().await;
 }
 
@@ -939,7 +960,7 @@ impl Api {
         assert_eq!(status, 200, "{answer}");
         assert_eq!(
             answer,
-            json!({"accountName": ACCOUNT, "name": "DeviceUsage"})
+            json!({"accountName": ACCOUNT, "serviceName": "DeviceUsage"})
         );
     }
 
