@@ -18,8 +18,8 @@ use tsusage::collect::http_listener::{self, ListenerState};
 use tsusage::config::{CallbacksConfig, PartitionBy, Secret};
 use tsusage::plan::Job;
 use tsusage::state::{
-    JobUpdate, Journaled, NewCallback, PendingPartition, SqliteStore, StateError, StateWriter,
-    Store, StoredCallback,
+    ArchiveFile, ArchivedCallback, JobUpdate, Journaled, NewCallback, PendingPartition,
+    PruneCounts, SqliteStore, StateError, StateWriter, Store, StoredCallback,
 };
 use tsusage::write::rejects::RecordRejects;
 
@@ -79,6 +79,31 @@ impl Store for NullStore {
     }
     fn requests_of_jobs(&self, _: &[&str]) -> Result<Vec<(String, String)>, StateError> {
         Ok(Vec::new())
+    }
+    fn archivable(
+        &self,
+        _: i64,
+        _: &mut dyn FnMut(ArchivedCallback) -> Result<(), tsusage::Error>,
+    ) -> Result<(), tsusage::Error> {
+        Ok(())
+    }
+    fn archive_files(&self) -> Result<std::collections::BTreeSet<String>, StateError> {
+        Ok(Default::default())
+    }
+    fn partition_archives(&self, _: &str) -> Result<Vec<String>, StateError> {
+        Ok(Vec::new())
+    }
+    fn commit_archive(
+        &mut self,
+        _: &[ArchiveFile],
+        _: &[i64],
+        _: i64,
+        _: &str,
+    ) -> Result<PruneCounts, StateError> {
+        Ok(PruneCounts::default())
+    }
+    fn reclaim_space(&mut self) -> Result<(), StateError> {
+        Ok(())
     }
     fn callbacks_of_requests(
         &self,

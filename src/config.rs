@@ -21,6 +21,7 @@ pub const ENV_RESERVED: &[&str] = &[
     "TSUSAGE_LOG",
     crate::failpoint::ENV,
     crate::failpoint::ENV_FAIL,
+    crate::failpoint::ENV_DAYS_LATER,
     "TSUSAGE_CRASH_SEED",
 ];
 
@@ -382,6 +383,11 @@ fn default_zstd_level() -> i32 {
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     pub path: PathBuf,
+    /// Days of callbacks the journal keeps (by when they were received); older ones whose partitions
+    /// are written move to the archive under `output.dir/archive/` at the end of each `run` (or with
+    /// `tsusage prune`). 0, the default, keeps everything in the store.
+    #[serde(default)]
+    pub retain_days: u32,
 }
 
 pub(crate) fn parse_default_addr(text: &str) -> SocketAddr {
@@ -473,6 +479,17 @@ impl Config {
             return Err(bad(
                 "plan.window_days",
                 format!("{} is out of range 1..=366", self.plan.window_days),
+            ));
+        }
+        let repulled = self.plan.lookback_days + self.plan.window_days;
+        if self.state.retain_days != 0 && self.state.retain_days <= repulled {
+            return Err(bad(
+                "state.retain_days",
+                format!(
+                    "{} must exceed plan.lookback_days + plan.window_days ({repulled}): the days a \
+                     run asks again must still be in the journal",
+                    self.state.retain_days
+                ),
             ));
         }
         if !(1..=MAX_CHUNK_SIZE).contains(&self.plan.chunk_size) {
@@ -643,6 +660,7 @@ fn default_table() -> toml::Table {
         },
         state: StateConfig {
             path: PathBuf::from(DEFAULT_STATE_PATH),
+            retain_days: 0,
         },
         sim: SimConfig::default(),
     };

@@ -27,6 +27,22 @@ pub const PRUNE_COMMIT: &str = "prune_commit";
 /// While a Parquet file is being written (fails after the first batch).
 pub const PARQUET_WRITE: &str = "parquet_write";
 
+/// The environment variable that runs the receipt clock this many days ahead (tests of retention:
+/// night N of a test runs N days later, minutes apart in fact).
+pub const ENV_DAYS_LATER: &str = "TSUSAGE_TEST_DAYS_LATER";
+
+/// µs to add to the wall clock for receipt times and the retention horizon: 0 unless
+/// `TSUSAGE_TEST_DAYS_LATER` is set.
+pub fn clock_shift_micros() -> i64 {
+    static SHIFT: OnceLock<i64> = OnceLock::new();
+    *SHIFT.get_or_init(|| {
+        std::env::var(ENV_DAYS_LATER)
+            .ok()
+            .and_then(|d| d.trim().parse::<i64>().ok())
+            .map_or(0, |days| days.saturating_mul(86_400_000_000))
+    })
+}
+
 fn pauses() -> &'static HashMap<String, Duration> {
     static PAUSES: OnceLock<HashMap<String, Duration>> = OnceLock::new();
     PAUSES.get_or_init(|| {

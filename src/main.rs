@@ -70,6 +70,16 @@ enum Command {
         #[command(flatten)]
         dates: Dates,
     },
+    /// Move journaled callbacks received before --before (default: state.retain_days ago), whose
+    /// partitions are written, out of the state store into compressed NDJSON under
+    /// output.dir/archive/ (which `ingest` reads back), then reclaim the space.
+    Prune {
+        #[arg(long)]
+        config: PathBuf,
+        /// A UTC day, YYYY-MM-DD: callbacks received before its midnight are archived.
+        #[arg(long)]
+        before: Option<String>,
+    },
     /// Manage the callback registration of the account (service callbacks.service_name).
     Callbacks {
         #[command(subcommand)]
@@ -221,6 +231,14 @@ fn run(command: Command) -> tsusage::Result<Done> {
             runtime()?
                 .block_on(pipeline::submit(&config, range))
                 .map(|o| Done::Report(Box::new(o)))
+        }
+        Command::Prune { config, before } => {
+            let config = Config::load(&config)?;
+            let before = before
+                .as_deref()
+                .map(tsusage::plan::parse_date)
+                .transpose()?;
+            pipeline::prune(&config, before).map(|o| Done::Report(Box::new(o)))
         }
         Command::Sim { config } => {
             let config = Config::load(&config)?;

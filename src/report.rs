@@ -114,6 +114,12 @@ pub struct RunReport {
     pub records: Option<RecordStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputReport>,
+    /// Archive files journaled back (`ingest` of an archive directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<RestoreReport>,
+    /// What retention moved out of the store (`prune`, or `run` with `state.retain_days`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prune: Option<PruneReport>,
     /// Rejects files written by this run.
     pub rejects_files: Vec<PathBuf>,
 }
@@ -137,6 +143,8 @@ impl RunReport {
             callbacks: None,
             records: None,
             output: None,
+            restored: None,
+            prune: None,
             rejects_files: Vec::new(),
         }
     }
@@ -256,8 +264,47 @@ impl RunReport {
                 o.files_written
             ));
         }
+        if let Some(r) = &self.restored {
+            parts.push(format!(
+                "{} archived callbacks from {} files ({} new)",
+                r.callbacks, r.files, r.journaled
+            ));
+        }
+        if let Some(p) = &self.prune {
+            parts.push(format!(
+                "{} callbacks archived (received before {}), store {} -> {} bytes",
+                p.counts.callbacks_archived, p.horizon, p.store_bytes_before, p.store_bytes_after
+            ));
+        }
         parts.join("; ")
     }
+}
+
+/// What a prune did (DESIGN invariant 7: the store stays bounded under `state.retain_days`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// Callbacks received before this moved to the archive (RFC 3339, UTC).
+    pub horizon: String,
+    #[serde(flatten)]
+    pub counts: crate::state::PruneCounts,
+    /// Archive files written.
+    pub files: Vec<PathBuf>,
+    pub archive_bytes: u64,
+    /// Files an interrupted earlier prune left, removed (their callbacks were still journaled).
+    pub orphans_removed: u64,
+    /// The state store's size on disk (database and its WAL) before and after.
+    pub store_bytes_before: u64,
+    pub store_bytes_after: u64,
+}
+
+/// What journaling archive files back did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RestoreReport {
+    pub files: u64,
+    pub callbacks: u64,
+    /// Newly journaled (the others were still in the journal).
+    pub journaled: u64,
+    pub already_journaled: u64,
 }
 
 fn now_text() -> String {

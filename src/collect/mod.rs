@@ -5,6 +5,7 @@
 //! durable commit. Sources: [`drop_dir`] (files in a directory); the HTTP listener comes next.
 
 pub mod allow_list;
+pub mod archive;
 pub mod drop_dir;
 pub mod http_listener;
 pub mod tracker;
@@ -59,6 +60,9 @@ pub struct Prepared {
     pub partitions: BTreeSet<String>,
     /// Its accepted usage records, typed.
     pub records: Vec<ParsedRecord>,
+    /// When it was first received (µs), for a callback restored from the archive; `None` for one
+    /// received now.
+    pub received_at: Option<i64>,
 }
 
 impl Prepared {
@@ -72,6 +76,7 @@ impl Prepared {
             body_encoding: self.body_encoding,
             digest: &self.digest,
             partitions: &self.partitions,
+            received_at: self.received_at,
         }
     }
 
@@ -211,6 +216,7 @@ impl Intake {
                     digest,
                     partitions,
                     records,
+                    received_at: None,
                 })
             }
             Err(e) => {
@@ -261,6 +267,7 @@ impl Intake {
                 }
             }
             if let Some(rows) = rows.as_deref_mut() {
+                let received_at = prepared.received_at.unwrap_or(received_at);
                 keep_rows(rows, prepared, &accounts, received_at)?;
             }
         }
@@ -300,5 +307,5 @@ fn merge(into: &mut RecordStats, from: RecordStats) {
 
 /// Now, in µs since the epoch: the `received_at` of a journal commit.
 pub fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
+    chrono::Utc::now().timestamp_micros() + crate::failpoint::clock_shift_micros()
 }

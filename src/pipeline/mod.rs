@@ -11,6 +11,7 @@ use std::sync::Arc;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::collect::Intake;
+use crate::collect::archive;
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::config::Config;
 use crate::ingest::{self, Iccid, IngestOptions};
@@ -19,7 +20,7 @@ use crate::normalize::payload::{CallbackKind, parse_callback};
 use crate::normalize::{partition_key, partition_of};
 use crate::plan::{self, DateRange};
 use crate::report::{OutputReport, PartitionReport, RunReport, new_run_id};
-use crate::state::{PendingPartition, RunLock, SqliteStore, Store};
+use crate::state::{PendingPartition, RunLock, SqliteStore, Store, StoredCallback};
 use crate::state::{StateWriter, job_status};
 use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::parquet::{PartitionWriter, WriterOptions};
@@ -27,10 +28,12 @@ use crate::write::rejects::{IccidRejects, RecordRejects};
 use crate::{Error, Result};
 
 mod listen;
+mod prune;
 mod run;
 mod simulate;
 
 pub use listen::listen;
+pub use prune::prune;
 pub use run::{RunOptions, run};
 
 /// A finished command: its report and where the report was saved.
@@ -311,8 +314,20 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
         keep_files,
         max_file_bytes: config.callbacks.max_file_bytes,
     };
-    let progress = progress_bar("files");
     let mut rows = fresh_rows(config)?;
+    // Archive files (an `output.dir/archive/` copied here, or that directory itself) are journaled
+    // back with their original receipt times, and stay where they are.
+    let archives = archive::archive_files_under(dir)?;
+    if !archives.is_empty() {
+        report.restored = Some(archive::restore(
+            &archives,
+            &mut intake,
+            &mut store,
+            &mut rejects,
+            Some(&mut rows),
+        )?);
+    }
+    let progress = progress_bar("files");
     let dropped = drop_dir::collect(
         dir,
         options,
@@ -386,16 +401,19 @@ pub fn write_pending<S: Store + ?Sized>(
     // them; the others are rebuilt from the journal (each writer thread with its own connection).
     let mut plan = std::collections::VecDeque::new();
     for pending in store.pending_partitions()? {
+        // A partition whose older callbacks are archived is rebuilt from its archive and journal.
+        let archives = store.partition_archives(&pending.partition)?;
         let mine = match fresh.as_mut().and_then(|f| f.take(&pending.partition)) {
             Some(part)
-                if part.origins
-                    == store.partition_callbacks(&pending.partition, pending.through_id)? =>
+                if archives.is_empty()
+                    && part.origins
+                        == store.partition_callbacks(&pending.partition, pending.through_id)? =>
             {
                 Some(part)
             }
             _ => None,
         };
-        plan.push_back((pending, mine));
+        plan.push_back((pending, mine, archives));
     }
     let fresh_origins = fresh.as_ref().map_or(&[][..], RowSet::origins);
     let plan = std::sync::Mutex::new(plan);
@@ -411,9 +429,16 @@ pub fn write_pending<S: Store + ?Sized>(
                 let mut reader = None;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let next = plan.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                    let Some((pending, mine)) = next else { break };
-                    let result =
-                        write_partition(config, writer, &mut reader, pending, mine, fresh_origins);
+                    let Some((pending, mine, archives)) = next else {
+                        break;
+                    };
+                    let result = write_partition(
+                        config,
+                        writer,
+                        &mut reader,
+                        (pending, mine, archives),
+                        fresh_origins,
+                    );
                     if done_tx.send(result).is_err() {
                         break;
                     }
@@ -478,14 +503,17 @@ struct PartitionDone {
     rebuilt: bool,
 }
 
-/// Writes one partition: from this command's rows (`mine`) or rebuilt from the journal through
-/// `reader` (opened on first use).
+/// A partition to write: what is pending, this command's rows of it if they are all of it, and the
+/// archive files holding its older callbacks.
+type PartitionPlan = (PendingPartition, Option<PartitionRows>, Vec<String>);
+
+/// Writes one partition: from this command's rows (`mine`) or rebuilt from its archive files and the
+/// journal through `reader` (opened on first use).
 fn write_partition(
     config: &Config,
     writer: &PartitionWriter,
     reader: &mut Option<SqliteStore>,
-    pending: PendingPartition,
-    mine: Option<PartitionRows>,
+    (pending, mine, archives): PartitionPlan,
     fresh_origins: &[Origin],
 ) -> Result<PartitionDone> {
     let (part, rebuilt) = match mine {
@@ -495,7 +523,13 @@ fn write_partition(
                 Some(store) => store,
                 None => reader.insert(SqliteStore::open(&config.state.path)?),
             };
-            let mut set = rebuild(config, &*store, &pending.partition, pending.through_id)?;
+            let mut set = rebuild(
+                config,
+                &*store,
+                &pending.partition,
+                pending.through_id,
+                &archives,
+            )?;
             let part = set
                 .take(&pending.partition)
                 .unwrap_or_else(|| PartitionRows::empty(&pending.partition));
@@ -526,13 +560,15 @@ fn write_partition(
     })
 }
 
-/// The rows of `partition` from every journaled callback with id ≤ `through_id`, oldest received
-/// first, so that the newest wins when collapsed.
+/// The rows of `partition` from its archived callbacks (in `archives`) and every journaled callback
+/// with id ≤ `through_id`, all oldest received first (ties by journal id), so that the newest wins
+/// when collapsed.
 fn rebuild<S: Store + ?Sized>(
     config: &Config,
     store: &S,
     partition: &str,
     through_id: i64,
+    archives: &[String],
 ) -> Result<RowSet> {
     let by = config.output.partition_by;
     let strict = config.input.strict_luhn;
@@ -545,7 +581,7 @@ fn rebuild<S: Store + ?Sized>(
     );
     // Whether a partition key is this partition's, for the last key seen (records come in runs).
     let mut last: Option<(i64, bool)> = None;
-    store.callbacks_for_partition(partition, through_id, &mut |cb| {
+    let mut add = |set: &mut RowSet, cb: StoredCallback| -> Result<()> {
         let Ok(parsed) = parse_callback(&cb.body) else {
             return Ok(());
         };
@@ -572,8 +608,82 @@ fn rebuild<S: Store + ?Sized>(
             }
         }
         Ok(())
+    };
+    let mut archived = archived_callbacks(config, partition, archives)?
+        .into_iter()
+        .peekable();
+    store.callbacks_for_partition(partition, through_id, &mut |cb| {
+        while let Some(older) =
+            archived.next_if(|a| (a.received_at, a.id) < (cb.received_at, cb.id))
+        {
+            add(&mut set, older.stored()?)?;
+        }
+        add(&mut set, cb)
     })?;
+    for older in archived {
+        add(&mut set, older.stored()?)?;
+    }
     Ok(set)
+}
+
+/// An archived callback of a partition being rebuilt, its body compressed while it waits its turn.
+struct Archived {
+    id: i64,
+    received_at: i64,
+    request_id: String,
+    account_name: Option<String>,
+    body: Vec<u8>,
+    encoding: &'static str,
+}
+
+impl Archived {
+    fn stored(self) -> Result<StoredCallback> {
+        let text = if self.encoding == "zstd" {
+            zstd::stream::decode_all(self.body.as_slice())
+                .map_err(|e| Error::io(ARCHIVE_MEMORY, e))?
+        } else {
+            self.body
+        };
+        Ok(StoredCallback {
+            id: self.id,
+            request_id: self.request_id,
+            received_at: self.received_at,
+            body: String::from_utf8(text)
+                .map_err(|e| Error::io(ARCHIVE_MEMORY, std::io::Error::other(e)))?,
+            account_name: self.account_name,
+        })
+    }
+}
+
+/// Names the in-memory copy of archived bodies in errors.
+const ARCHIVE_MEMORY: &str = "(archived callbacks in memory)";
+
+/// The archived callbacks of `partition` in `archives`, oldest received first.
+fn archived_callbacks(
+    config: &Config,
+    partition: &str,
+    archives: &[String],
+) -> Result<Vec<Archived>> {
+    let root = archive::archive_dir(&config.output.dir);
+    let mut out = Vec::new();
+    for file in archives {
+        archive::read(&root.join(file), &mut |cb| {
+            if cb.partitions.iter().any(|p| p == partition) {
+                let (body, encoding) = crate::state::encode_body(&cb.body);
+                out.push(Archived {
+                    id: cb.id,
+                    received_at: cb.received_at,
+                    request_id: cb.request_id,
+                    account_name: cb.account_name,
+                    body,
+                    encoding,
+                });
+            }
+            Ok(())
+        })?;
+    }
+    out.sort_by_key(|a| (a.received_at, a.id));
+    Ok(out)
 }
 
 pub(crate) fn rejects_dir(out: &Path) -> PathBuf {

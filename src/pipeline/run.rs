@@ -221,6 +221,13 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
 
     // 5-6. normalize and write every partition the journal has news for.
     report.output = Some(write_pending(config, &mut store, &run_id, rows)?);
+    // Retention: what this store no longer needs to hold moves to the archive.
+    if config.state.retain_days > 0 {
+        let horizon = super::prune::retention_horizon(config.state.retain_days);
+        report.prune = Some(super::prune::prune_store(
+            config, &mut store, horizon, &run_id,
+        )?);
+    }
 
     // The report: rejects, completeness, counts.
     report.rejects_files.extend(listener_rejects);

@@ -51,6 +51,9 @@ pub struct NewCallback<'a> {
     pub digest: &'a [u8; 32],
     /// Output partitions its usage records fall in (empty for completion and fault callbacks).
     pub partitions: &'a BTreeSet<String>,
+    /// When it was first received (µs), for a callback restored from the archive; `None` for one
+    /// received now (it takes the commit's time).
+    pub received_at: Option<i64>,
 }
 
 /// What the journal did with one callback.
@@ -81,6 +84,49 @@ pub struct StoredCallback {
     pub body: String,
     /// The account of the job this request belongs to, when the request is known.
     pub account_name: Option<String>,
+}
+
+/// A journaled callback on its way to (or back from) the archive: everything a rebuild needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedCallback {
+    /// Its journal id when it was archived.
+    pub id: i64,
+    pub request_id: String,
+    pub kind: String,
+    /// µs since the epoch, UTC.
+    pub received_at: i64,
+    pub source: String,
+    /// The account of its job, when the request was known.
+    pub account_name: Option<String>,
+    pub partitions: Vec<String>,
+    /// The body as journaled (credentials removed), as text.
+    pub body: String,
+}
+
+/// An archive file a prune wrote, as the store records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveFile {
+    /// Its path below `output.dir/archive/`, e.g. `2021-09/journal-000000000001-000000004567.ndjson.zst`.
+    pub file: String,
+    pub callbacks: u64,
+    pub first_id: i64,
+    pub last_id: i64,
+    pub bytes: u64,
+    /// Callbacks per output partition in it.
+    pub partitions: std::collections::BTreeMap<String, u64>,
+}
+
+/// What a prune's commit changed in the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PruneCounts {
+    /// Callbacks that left the journal for the archive.
+    pub callbacks_archived: u64,
+    /// Done jobs whose window ended before the horizon: their ICCID list is dropped (the job id,
+    /// a hash of it, still says the window was asked for and how it ended).
+    pub jobs_compacted: u64,
+    /// Runs finished before the horizon whose report JSON is dropped from the store (the file
+    /// under `output.dir/runs/` stays).
+    pub run_reports_dropped: u64,
 }
 
 /// A change to a job's submission state, committed durably by [`Store::apply_job_updates`].
@@ -194,6 +240,34 @@ pub trait Store {
 
     /// The requests recorded for each of `job_ids`: `(request_id, job_id)`, oldest first.
     fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<(String, String)>, StateError>;
+
+    /// Journaled callbacks that may move to the archive, oldest received first: received before
+    /// `before` (µs), every partition they touch written through them, their job not waiting for
+    /// callbacks, and never the journal's newest (so that journal ids never repeat).
+    fn archivable(
+        &self,
+        before: i64,
+        each: &mut dyn FnMut(ArchivedCallback) -> Result<(), crate::Error>,
+    ) -> Result<(), crate::Error>;
+
+    /// The archive files recorded so far (paths below `output.dir/archive/`).
+    fn archive_files(&self) -> Result<BTreeSet<String>, StateError>;
+
+    /// The archive files holding callbacks of `partition`, oldest first.
+    fn partition_archives(&self, partition: &str) -> Result<Vec<String>, StateError>;
+
+    /// In one durable commit: records `files`, removes the callbacks `ids` (which they hold) from
+    /// the journal, and compacts what ended before `before` (µs): done jobs, run reports.
+    fn commit_archive(
+        &mut self,
+        files: &[ArchiveFile],
+        ids: &[i64],
+        before: i64,
+        run_id: &str,
+    ) -> Result<PruneCounts, StateError>;
+
+    /// Gives the space freed by a prune back to the file system.
+    fn reclaim_space(&mut self) -> Result<(), StateError>;
 
     /// Journaled callbacks of `request_ids` with id ≤ `through_id`, in journal order:
     /// `(id, request_id, body)`.

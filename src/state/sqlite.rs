@@ -9,8 +9,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 
 use super::{
-    JobUpdate, Journaled, NewCallback, PendingPartition, StateError, Store, StoredCallback,
-    job_status,
+    ArchiveFile, ArchivedCallback, JobUpdate, Journaled, NewCallback, PendingPartition,
+    PruneCounts, StateError, Store, StoredCallback, job_status,
 };
 use crate::plan::Job;
 
@@ -75,6 +75,26 @@ const MIGRATIONS: &[&str] = &[
     // v2: bodies are stored zstd-compressed (`body_encoding = 'zstd'`); older rows stay JSON text.
     r#"
     ALTER TABLE callbacks ADD COLUMN body_encoding TEXT NOT NULL DEFAULT 'json';
+    "#,
+    // v3: retention. Old callbacks move to archive files (recorded here, with the partitions they
+    // hold, so that a partition asked for again is rebuilt from its archive and its journal).
+    r#"
+    CREATE INDEX callbacks_by_received ON callbacks(received_at);
+    CREATE TABLE archive_files (
+        file        TEXT PRIMARY KEY,
+        callbacks   INTEGER NOT NULL,
+        first_id    INTEGER NOT NULL,
+        last_id     INTEGER NOT NULL,
+        bytes       INTEGER NOT NULL,
+        archived_at TEXT NOT NULL,
+        run_id      TEXT NOT NULL
+    );
+    CREATE TABLE archived_partitions (
+        partition TEXT NOT NULL,
+        file      TEXT NOT NULL REFERENCES archive_files(file),
+        callbacks INTEGER NOT NULL,
+        PRIMARY KEY (partition, file)
+    ) WITHOUT ROWID;
     "#,
 ];
 
@@ -164,6 +184,11 @@ impl SqliteStore {
 
     fn configure(&mut self) -> Result<(), StateError> {
         self.conn.busy_timeout(BUSY_TIMEOUT).map_err(self.err())?;
+        // A new store frees pages incrementally after a prune (an existing one is converted by its
+        // first prune: the setting only takes effect on an empty file or through a VACUUM).
+        self.conn
+            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+            .map_err(self.err())?;
         let mode: String = self
             .conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
@@ -523,7 +548,7 @@ impl Store for SqliteStore {
                     .execute(params![
                         cb.request_id,
                         cb.kind,
-                        received_at,
+                        cb.received_at.unwrap_or(received_at),
                         cb.source,
                         cb.digest.as_slice(),
                         cb.body,
@@ -694,6 +719,188 @@ impl Store for SqliteStore {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
+    fn archivable(
+        &self,
+        before: i64,
+        each: &mut dyn FnMut(ArchivedCallback) -> Result<(), crate::Error>,
+    ) -> Result<(), crate::Error> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT c.id, c.request_id, c.kind, c.received_at, c.source, c.body, c.body_encoding,
+                        j.account_name,
+                        (SELECT json_group_array(partition) FROM callback_partitions
+                          WHERE callback_id = c.id)
+                 FROM callbacks c
+                 LEFT JOIN requests r ON r.request_id = c.request_id
+                 LEFT JOIN jobs j ON j.job_id = r.job_id
+                 WHERE c.received_at < ?1
+                   AND c.id < (SELECT MAX(id) FROM callbacks)
+                   AND (j.status IS NULL OR j.status NOT IN (?2, ?3))
+                   AND NOT EXISTS (
+                     SELECT 1 FROM callback_partitions cp
+                     LEFT JOIN partitions p ON p.partition = cp.partition
+                     WHERE cp.callback_id = c.id
+                       AND (p.written_through IS NULL OR p.written_through < cp.callback_id))
+                 ORDER BY c.received_at, c.id",
+            )
+            .map_err(self.err())?;
+        let mut rows = stmt
+            .query(params![before, job_status::PLANNED, job_status::SUBMITTED])
+            .map_err(self.err())?;
+        while let Some(row) = rows.next().map_err(self.err())? {
+            let cb = (|| {
+                let partitions: String = row.get(8)?;
+                Ok(ArchivedCallback {
+                    id: row.get(0)?,
+                    request_id: row.get(1)?,
+                    kind: row.get(2)?,
+                    received_at: row.get(3)?,
+                    source: row.get(4)?,
+                    body: decode_body(row.get_ref(5)?, row.get_ref(6)?.as_str()?)?,
+                    account_name: row.get(7)?,
+                    partitions: serde_json::from_str(&partitions).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            8,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })?,
+                })
+            })()
+            .map_err(self.err())?;
+            each(cb)?;
+        }
+        Ok(())
+    }
+
+    fn archive_files(&self) -> Result<std::collections::BTreeSet<String>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT file FROM archive_files")
+            .map_err(self.err())?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    fn partition_archives(&self, partition: &str) -> Result<Vec<String>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT ap.file FROM archived_partitions ap JOIN archive_files f ON f.file = ap.file
+                 WHERE ap.partition = ?1 ORDER BY f.archived_at, f.first_id",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([partition], |r| r.get(0))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    fn commit_archive(
+        &mut self,
+        files: &[ArchiveFile],
+        ids: &[i64],
+        before: i64,
+        run_id: &str,
+    ) -> Result<PruneCounts, StateError> {
+        let path = self.path.clone();
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_text();
+        let before_text = chrono::DateTime::from_timestamp_micros(before)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let mut counts = PruneCounts::default();
+        for f in files {
+            tx.execute(
+                "INSERT INTO archive_files (file, callbacks, first_id, last_id, bytes, archived_at, run_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    f.file,
+                    f.callbacks as i64,
+                    f.first_id,
+                    f.last_id,
+                    f.bytes as i64,
+                    now,
+                    run_id
+                ],
+            )
+            .map_err(err)?;
+            for (partition, n) in &f.partitions {
+                tx.execute(
+                    "INSERT INTO archived_partitions (partition, file, callbacks) VALUES (?1, ?2, ?3)",
+                    params![partition, f.file, *n as i64],
+                )
+                .map_err(err)?;
+            }
+        }
+        for chunk in ids.chunks(10_000) {
+            let list = serde_json::to_string(chunk).unwrap_or_else(|_| "[]".into());
+            tx.execute(
+                "DELETE FROM callback_partitions
+                 WHERE callback_id IN (SELECT value FROM json_each(?1))",
+                [&list],
+            )
+            .map_err(err)?;
+            counts.callbacks_archived += tx
+                .execute(
+                    "DELETE FROM callbacks WHERE id IN (SELECT value FROM json_each(?1))",
+                    [&list],
+                )
+                .map_err(err)? as u64;
+        }
+        // Windows end at midnight, `YYYY-MM-DDT00:00:00Z`: compared as text with the horizon.
+        counts.jobs_compacted = tx
+            .execute(
+                "UPDATE jobs SET iccids = '' WHERE iccids <> '' AND window_end < ?1
+                   AND status IN (?2, ?3, ?4)",
+                params![
+                    &before_text[..10.min(before_text.len())],
+                    job_status::COMPLETE,
+                    job_status::FAILED,
+                    job_status::MISSING
+                ],
+            )
+            .map_err(err)? as u64;
+        counts.run_reports_dropped = tx
+            .execute(
+                "UPDATE runs SET report = NULL WHERE report IS NOT NULL AND finished_at < ?1",
+                [&before_text],
+            )
+            .map_err(err)? as u64;
+        crate::failpoint::pause(crate::failpoint::PRUNE_COMMIT);
+        tx.commit().map_err(err)?;
+        Ok(counts)
+    }
+
+    fn reclaim_space(&mut self) -> Result<(), StateError> {
+        let mode: i64 = self
+            .conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .map_err(self.err())?;
+        if mode == 2 {
+            self.conn
+                .execute_batch("PRAGMA incremental_vacuum")
+                .map_err(self.err())?;
+        } else {
+            // Once per store: rewrites it (now that the prune made it small) with incremental
+            // vacuum on, so that later prunes free pages without rewriting anything.
+            self.conn
+                .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM")
+                .map_err(self.err())?;
+        }
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(self.err())
+    }
+
     fn callbacks_of_requests(
         &self,
         request_ids: &[&str],
@@ -750,6 +957,7 @@ mod tests {
             body: &body,
             body_encoding,
             partitions: &parts,
+            received_at: None,
         };
         let first = store
             .journal(std::slice::from_ref(&cb), 10)

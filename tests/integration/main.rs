@@ -10,6 +10,7 @@ mod ingest_dir;
 mod listener;
 mod nightly;
 mod properties;
+mod prune;
 mod run;
 mod secrets;
 mod sim;
