@@ -6,6 +6,7 @@
 #   bash benches/compare/nightly.sh                 (no retention: the store keeps everything)
 #   RETAIN=7 bash benches/compare/nightly.sh        (state.retain_days = 7)
 #   NIGHTS=30 ICCIDS=20000 DATA=/tmp/tsusage-nightly bash benches/compare/nightly.sh
+#   BIN=/tmp/b/tsusage bash benches/compare/nightly.sh   (a copy of a build, with examples/gen_data)
 #
 # Night N runs with TSUSAGE_TEST_DAYS_LATER=N, so that its callbacks are received N days after the
 # first night's (retention counts receipt days); without RETAIN this changes nothing. Ends with the
@@ -16,9 +17,11 @@ NIGHTS=${NIGHTS:-30}
 ICCIDS=${ICCIDS:-20000}
 RETAIN=${RETAIN:-0}
 DATA=${DATA:-/tmp/tsusage-nightly}
-BIN=$PWD/target/release/tsusage
-GEN=$PWD/target/release/examples/gen_data
-cargo build --release --locked --bin tsusage --example gen_data >&2
+if [ -z "${BIN:-}" ]; then # BIN=path: measure that binary as it is (gen_data beside it, in examples/)
+  cargo build --release --locked --bin tsusage --example gen_data >&2
+  BIN=$PWD/target/release/tsusage
+fi
+GEN=$(dirname "$BIN")/examples/gen_data
 rm -rf "$DATA" && mkdir -p "$DATA"
 "$GEN" iccids "$ICCIDS" > "$DATA/iccids.csv"
 cat > "$DATA/tsusage.toml" <<TOML

@@ -80,6 +80,7 @@ const MIGRATIONS: &[&str] = &[
     // hold, so that a partition asked for again is rebuilt from its archive and its journal).
     r#"
     CREATE INDEX callbacks_by_received ON callbacks(received_at);
+    CREATE INDEX callback_partitions_by_callback ON callback_partitions(callback_id);
     CREATE TABLE archive_files (
         file        TEXT PRIMARY KEY,
         callbacks   INTEGER NOT NULL,
@@ -578,15 +579,26 @@ impl Store for SqliteStore {
     }
 
     fn pending_partitions(&self) -> Result<Vec<PendingPartition>, StateError> {
+        // The distinct partitions by jumps through the (partition, callback_id) key, and each one's
+        // newest callback by a seek: a handful of index lookups per partition, however long the
+        // journal (a GROUP BY over every row grew with the history).
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT cp.partition, MAX(cp.callback_id) AS through
-                 FROM callback_partitions cp
-                 LEFT JOIN partitions p ON p.partition = cp.partition
-                 GROUP BY cp.partition
-                 HAVING through > COALESCE(MAX(p.written_through), 0)
-                 ORDER BY cp.partition",
+            .prepare_cached(
+                "WITH RECURSIVE parts(partition) AS (
+                   SELECT MIN(partition) FROM callback_partitions
+                   UNION ALL
+                   SELECT (SELECT MIN(cp.partition) FROM callback_partitions cp
+                           WHERE cp.partition > parts.partition)
+                   FROM parts WHERE parts.partition IS NOT NULL
+                 )
+                 SELECT parts.partition,
+                        (SELECT MAX(cp.callback_id) FROM callback_partitions cp
+                         WHERE cp.partition = parts.partition) AS through
+                 FROM parts LEFT JOIN partitions p ON p.partition = parts.partition
+                 WHERE parts.partition IS NOT NULL
+                   AND through > COALESCE(p.written_through, 0)
+                 ORDER BY parts.partition",
             )
             .map_err(self.err())?;
         let rows = stmt
