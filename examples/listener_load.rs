@@ -19,7 +19,7 @@ use tsusage::config::{CallbacksConfig, PartitionBy, Secret};
 use tsusage::plan::Job;
 use tsusage::state::{
     ArchiveFile, ArchivedCallback, JobUpdate, Journaled, NewCallback, PendingPartition,
-    PruneCounts, SqliteStore, StateError, StateWriter, Store, StoredCallback,
+    PruneCounts, RunGuard, SqliteStore, StateError, StateWriter, Store, StoredCallback,
 };
 use tsusage::write::rejects::RecordRejects;
 
@@ -27,6 +27,32 @@ use tsusage::write::rejects::RecordRejects;
 struct NullStore(i64);
 
 impl Store for NullStore {
+    fn lock(&self, _: &str, _: &str) -> Result<RunGuard, StateError> {
+        Ok(RunGuard::new(()))
+    }
+    fn callbacks_since(
+        &self,
+        _: i64,
+        _: usize,
+    ) -> Result<Vec<(i64, String, String, String)>, StateError> {
+        Ok(Vec::new())
+    }
+    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
+        Ok(None)
+    }
+    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
+        Ok(Vec::new())
+    }
+    fn window_status_counts(
+        &self,
+        _: &str,
+        _: &str,
+    ) -> Result<Vec<(String, String, String, u64)>, StateError> {
+        Ok(Vec::new())
+    }
+    fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+        Ok(Default::default())
+    }
     fn record_jobs(&mut self, _: &[Job]) -> Result<u64, StateError> {
         Ok(0)
     }

@@ -10,7 +10,7 @@ use crate::collect::Intake;
 use crate::collect::http_listener::{self, ListenerState};
 use crate::config::Config;
 use crate::report::{RunReport, new_run_id};
-use crate::state::{SqliteStore, StateWriter, Store};
+use crate::state::{StateWriter, Store};
 use crate::write::rejects::RecordRejects;
 
 /// How long in-flight requests get to finish after SIGTERM or Ctrl-C.
@@ -20,7 +20,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub async fn listen(config: &Config) -> Result<Outcome> {
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "listen");
-    let mut store = SqliteStore::open(&config.state.path)?;
+    let mut store = crate::state::open(&config.state)?;
     store.begin_run(&run_id, "listen")?;
     let path = config.state.path.display().to_string();
     let writer = Arc::new(StateWriter::spawn(store, path));

@@ -20,7 +20,7 @@ use crate::normalize::payload::{CallbackKind, parse_callback};
 use crate::normalize::{partition_key, partition_of};
 use crate::plan::{self, DateRange};
 use crate::report::{OutputReport, PartitionReport, RunReport, new_run_id};
-use crate::state::{PendingPartition, RunLock, SqliteStore, Store, StoredCallback};
+use crate::state::{PendingPartition, Store, StoredCallback};
 use crate::state::{StateWriter, job_status};
 use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::parquet::{PartitionWriter, WriterOptions};
@@ -101,8 +101,8 @@ pub(crate) fn read_iccids(
 pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "submit");
-    let _lock = RunLock::acquire(&config.state.path, &run_id, "submit")?;
-    let mut store = SqliteStore::open(&config.state.path)?;
+    let mut store = crate::state::open(&config.state)?;
+    let _lock = store.lock(&run_id, "submit")?;
     store.begin_run(&run_id, "submit")?;
     let iccids = read_iccids(config, &config.input.paths, &run_id, &mut report)?;
 
@@ -200,7 +200,7 @@ pub async fn delete_callback(config: &Config) -> Result<String> {
 /// `tsusage status`: jobs by state, requests outstanding and overdue, the last run's outcome, and
 /// with a range, each window's completeness.
 pub fn status(config: &Config, range: Option<DateRange>) -> Result<String> {
-    let store = SqliteStore::open(&config.state.path)?;
+    let store = crate::state::open(&config.state)?;
     let mut lines = Vec::new();
     if let Some(range) = range {
         let from = format!("{}T00:00:00Z", range.from);
@@ -302,8 +302,8 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
     }
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "ingest");
-    let _lock = RunLock::acquire(&config.state.path, &run_id, "ingest")?;
-    let mut store = SqliteStore::open(&config.state.path)?;
+    let mut store = crate::state::open(&config.state)?;
+    let _lock = store.lock(&run_id, "ingest")?;
     store.begin_run(&run_id, "ingest")?;
     let out = &config.output.dir;
 
@@ -512,7 +512,7 @@ type PartitionPlan = (PendingPartition, Option<PartitionRows>, Vec<String>);
 fn write_partition(
     config: &Config,
     writer: &PartitionWriter,
-    reader: &mut Option<SqliteStore>,
+    reader: &mut Option<Box<dyn Store + Send>>,
     (pending, mine, archives): PartitionPlan,
     fresh_origins: &[Origin],
 ) -> Result<PartitionDone> {
@@ -521,7 +521,7 @@ fn write_partition(
         None => {
             let store = match reader {
                 Some(store) => store,
-                None => reader.insert(SqliteStore::open(&config.state.path)?),
+                None => reader.insert(crate::state::open(&config.state)?),
             };
             let mut set = rebuild(
                 config,

@@ -16,7 +16,7 @@ use super::{Outcome, conclude};
 use crate::collect::archive::{self, ArchiveWriter};
 use crate::config::Config;
 use crate::report::{PruneReport, RunReport, new_run_id};
-use crate::state::{RunLock, SqliteStore, Store};
+use crate::state::Store;
 use crate::{Error, Result};
 
 /// µs in a day.
@@ -39,8 +39,8 @@ pub fn prune(config: &Config, before: Option<NaiveDate>) -> Result<Outcome> {
     };
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "prune");
-    let _lock = RunLock::acquire(&config.state.path, &run_id, "prune")?;
-    let mut store = SqliteStore::open(&config.state.path)?;
+    let mut store = crate::state::open(&config.state)?;
+    let _lock = store.lock(&run_id, "prune")?;
     store.begin_run(&run_id, "prune")?;
     report.prune = Some(prune_store(config, &mut store, horizon, &run_id)?);
     conclude(report, &mut store, &config.output.dir)

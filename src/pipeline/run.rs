@@ -19,7 +19,7 @@ use crate::config::{CallbackSource, Config};
 use crate::normalize::RecordStats;
 use crate::plan::{self, DateRange, Job};
 use crate::report::{CollectReport, RunReport, new_run_id};
-use crate::state::{JobUpdate, RunLock, SqliteStore, StateError, StateWriter, Store};
+use crate::state::{JobUpdate, StateError, StateWriter, Store};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 use crate::write::rejects::RecordRejects;
 use crate::write::write_atomic_with;
@@ -79,8 +79,8 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "run");
     let state_path = config.state.path.clone();
-    let _lock = RunLock::acquire(&state_path, &run_id, "run")?;
-    let mut store = SqliteStore::open(&state_path)?;
+    let mut store = crate::state::open(&config.state)?;
+    let _lock = store.lock(&run_id, "run")?;
     store.begin_run(&run_id, "run")?;
 
     // 1. ingest
@@ -291,7 +291,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     // What concerns this run, and nothing older (invariant 7): the requests earlier runs recorded
     // for its jobs and their callbacks up to `callback_cursor`, then everything journaled after it.
     // The cursor is taken before anything is sent, so no callback of this run's requests is below it.
-    let reader = SqliteStore::open(&config.state.path)?;
+    let reader = crate::state::open(&config.state)?;
     let mut callback_cursor = reader.journal_high_water()?;
     let now = Instant::now();
     let job_ids: Vec<&str> = tracker.job_ids().collect();
@@ -322,7 +322,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     spawn(&mut submissions, to_send);
 
     let mut drop_store = match config.callbacks.source {
-        CallbackSource::DropDir => Some(SqliteStore::open(&config.state.path)?),
+        CallbackSource::DropDir => Some(crate::state::open(&config.state)?),
         _ => None,
     };
     let mut drop_intake = Intake::new(config.input.strict_luhn, config.output.partition_by);

@@ -19,11 +19,12 @@ use crate::plan::Job;
 /// A state store failure. Nothing after it can be trusted, so the command stops (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// The backend (SQLite, or another implementation of [`Store`]) failed.
     #[error("state store {path}: {source}")]
-    Sqlite {
+    Backend {
         path: String,
         #[source]
-        source: rusqlite::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("state store {path}: {message}")]
     Invalid { path: String, message: String },
@@ -170,8 +171,56 @@ pub mod job_status {
     pub const MISSING: &str = "missing";
 }
 
+/// Held for a command's lifetime: one `run`, `submit`, `ingest` or `prune` at a time per store
+/// (for SQLite an `flock` on `<state>.lock`; the kernel drops it when the holder dies).
+#[derive(Debug)]
+pub struct RunGuard {
+    _held: Box<dyn std::fmt::Debug + Send>,
+}
+
+impl RunGuard {
+    pub fn new(held: impl std::fmt::Debug + Send + 'static) -> Self {
+        RunGuard {
+            _held: Box::new(held),
+        }
+    }
+}
+
+/// The store named by `[state]`: the one way the stages reach one.
+pub fn open(config: &crate::config::StateConfig) -> Result<Box<dyn Store + Send>, StateError> {
+    Ok(Box::new(SqliteStore::open(&config.path)?))
+}
+
 /// The durable state the pipeline needs.
 pub trait Store {
+    /// Takes the store's run lock, or says who holds it.
+    fn lock(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError>;
+
+    /// Up to `limit` journaled callbacks after `id` (exclusive): `(id, request_id, kind, body)`.
+    fn callbacks_since(
+        &self,
+        id: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, String, String)>, StateError>;
+
+    /// The last finished run: `(run_id, command, finished_at, exit_code)`.
+    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError>;
+
+    /// Submitted jobs still waiting for callbacks, with their latest request time:
+    /// `(job_id, window_start, latest submitted_at)`.
+    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError>;
+
+    /// Jobs per window and status for windows starting in `[from, to)` (texts like
+    /// `2021-08-15T00:00:00Z`): `(window_start, window_end, status, jobs)`.
+    fn window_status_counts(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<(String, String, String, u64)>, StateError>;
+
+    /// How many jobs are in each status.
+    fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError>;
+
     /// Records planned jobs as intent (before anything is sent); existing jobs are kept as they are.
     /// Returns how many were new.
     fn record_jobs(&mut self, jobs: &[Job]) -> Result<u64, StateError>;
@@ -277,4 +326,133 @@ pub trait Store {
         through_id: i64,
         each: &mut dyn FnMut(i64, String, String),
     ) -> Result<(), StateError>;
+}
+
+/// A store opened by [`open`] serves wherever a store is needed (the writer thread, the stages).
+impl Store for Box<dyn Store + Send> {
+    fn lock(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
+        (**self).lock(run_id, command)
+    }
+    fn callbacks_since(
+        &self,
+        id: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, String, String)>, StateError> {
+        (**self).callbacks_since(id, limit)
+    }
+    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
+        (**self).last_run()
+    }
+    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
+        (**self).outstanding_jobs()
+    }
+    fn window_status_counts(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<(String, String, String, u64)>, StateError> {
+        (**self).window_status_counts(from, to)
+    }
+    fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+        (**self).job_status_counts()
+    }
+    fn record_jobs(&mut self, jobs: &[Job]) -> Result<u64, StateError> {
+        (**self).record_jobs(jobs)
+    }
+    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, String>, StateError> {
+        (**self).job_statuses(job_ids)
+    }
+    fn apply_job_updates(&mut self, updates: &[JobUpdate]) -> Result<(), StateError> {
+        (**self).apply_job_updates(updates)
+    }
+    fn begin_run(&mut self, run_id: &str, command: &str) -> Result<(), StateError> {
+        (**self).begin_run(run_id, command)
+    }
+    fn finish_run(
+        &mut self,
+        run_id: &str,
+        exit_code: u8,
+        report_json: &str,
+    ) -> Result<(), StateError> {
+        (**self).finish_run(run_id, exit_code, report_json)
+    }
+    fn journal(
+        &mut self,
+        batch: &[NewCallback<'_>],
+        received_at: i64,
+    ) -> Result<Vec<Journaled>, StateError> {
+        (**self).journal(batch, received_at)
+    }
+    fn pending_partitions(&self) -> Result<Vec<PendingPartition>, StateError> {
+        (**self).pending_partitions()
+    }
+    fn callbacks_for_partition(
+        &self,
+        partition: &str,
+        through_id: i64,
+        each: &mut dyn FnMut(StoredCallback) -> Result<(), crate::Error>,
+    ) -> Result<(), crate::Error> {
+        (**self).callbacks_for_partition(partition, through_id, each)
+    }
+    fn mark_written(
+        &mut self,
+        partition: &str,
+        through_id: i64,
+        rows: u64,
+        files: u64,
+        run_id: &str,
+    ) -> Result<(), StateError> {
+        (**self).mark_written(partition, through_id, rows, files, run_id)
+    }
+    fn request_accounts(
+        &self,
+        request_ids: &[&str],
+    ) -> Result<HashMap<String, String>, StateError> {
+        (**self).request_accounts(request_ids)
+    }
+    fn partition_callbacks(&self, partition: &str, through_id: i64) -> Result<u64, StateError> {
+        (**self).partition_callbacks(partition, through_id)
+    }
+    fn journal_len(&self) -> Result<u64, StateError> {
+        (**self).journal_len()
+    }
+    fn journal_high_water(&self) -> Result<i64, StateError> {
+        (**self).journal_high_water()
+    }
+    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<(String, String)>, StateError> {
+        (**self).requests_of_jobs(job_ids)
+    }
+    fn archivable(
+        &self,
+        before: i64,
+        each: &mut dyn FnMut(ArchivedCallback) -> Result<(), crate::Error>,
+    ) -> Result<(), crate::Error> {
+        (**self).archivable(before, each)
+    }
+    fn archive_files(&self) -> Result<BTreeSet<String>, StateError> {
+        (**self).archive_files()
+    }
+    fn partition_archives(&self, partition: &str) -> Result<Vec<String>, StateError> {
+        (**self).partition_archives(partition)
+    }
+    fn commit_archive(
+        &mut self,
+        files: &[ArchiveFile],
+        ids: &[i64],
+        before: i64,
+        run_id: &str,
+    ) -> Result<PruneCounts, StateError> {
+        (**self).commit_archive(files, ids, before, run_id)
+    }
+    fn reclaim_space(&mut self) -> Result<(), StateError> {
+        (**self).reclaim_space()
+    }
+    fn callbacks_of_requests(
+        &self,
+        request_ids: &[&str],
+        through_id: i64,
+        each: &mut dyn FnMut(i64, String, String),
+    ) -> Result<(), StateError> {
+        (**self).callbacks_of_requests(request_ids, through_id, each)
+    }
 }

@@ -8,9 +8,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use std::collections::HashMap;
 
+use super::lock::RunLock;
 use super::{
     ArchiveFile, ArchivedCallback, JobUpdate, Journaled, NewCallback, PendingPartition,
-    PruneCounts, StateError, Store, StoredCallback, job_status,
+    PruneCounts, RunGuard, StateError, Store, StoredCallback, job_status,
 };
 use crate::plan::Job;
 
@@ -163,9 +164,9 @@ impl SqliteStore {
                 source,
             })?;
         }
-        let conn = Connection::open(path).map_err(|source| StateError::Sqlite {
+        let conn = Connection::open(path).map_err(|source| StateError::Backend {
             path: display.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let mut store = SqliteStore {
             conn,
@@ -177,9 +178,9 @@ impl SqliteStore {
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
-        |source| StateError::Sqlite {
+        |source| StateError::Backend {
             path: self.path.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -208,9 +209,9 @@ impl SqliteStore {
 
     fn migrate(&mut self) -> Result<(), StateError> {
         let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
+        let err = |source: rusqlite::Error| StateError::Backend {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         };
         let tx = self
             .conn
@@ -245,22 +246,29 @@ impl SqliteStore {
         tx.commit().map_err(err)
     }
 
-    /// Requests recorded after `rowid` (exclusive): `(rowid, request_id, job_id)`, oldest first.
-    pub fn requests_since(&self, rowid: i64) -> Result<Vec<(i64, String, String)>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT rowid, request_id, job_id FROM requests WHERE rowid > ?1 ORDER BY rowid",
-            )
-            .map_err(self.err())?;
-        let rows = stmt
-            .query_map([rowid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
+    /// The schema version the store is at.
+    pub fn schema_version(&self) -> Result<i64, StateError> {
+        self.conn
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+}
+
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+impl Store for SqliteStore {
+    fn lock(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
+        Ok(RunGuard::new(RunLock::acquire(
+            Path::new(&self.path),
+            run_id,
+            command,
+        )?))
     }
 
     /// Up to `limit` journaled callbacks after `id` (exclusive): `(id, request_id, kind, body)`.
-    pub fn callbacks_since(
+    fn callbacks_since(
         &self,
         id: i64,
         limit: usize,
@@ -282,7 +290,7 @@ impl SqliteStore {
     }
 
     /// The last finished run: `(run_id, command, finished_at, exit_code)`.
-    pub fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
+    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
         self.conn
             .query_row(
                 "SELECT run_id, command, finished_at, exit_code FROM runs
@@ -296,7 +304,7 @@ impl SqliteStore {
 
     /// Submitted jobs still waiting for callbacks, with their latest request time:
     /// `(job_id, window_start, latest submitted_at)`.
-    pub fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
+    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -313,7 +321,7 @@ impl SqliteStore {
 
     /// Jobs per window and status for windows starting in `[from, to)` (texts like
     /// `2021-08-15T00:00:00Z`): `(window_start, window_end, status, jobs)`.
-    pub fn window_status_counts(
+    fn window_status_counts(
         &self,
         from: &str,
         to: &str,
@@ -335,7 +343,7 @@ impl SqliteStore {
     }
 
     /// How many jobs are in each status.
-    pub fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+    fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
         let mut stmt = self
             .conn
             .prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status")
@@ -348,24 +356,11 @@ impl SqliteStore {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// The schema version the store is at.
-    pub fn schema_version(&self) -> Result<i64, StateError> {
-        self.conn
-            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
-            .map_err(self.err())
-    }
-}
-
-fn now_text() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-impl Store for SqliteStore {
     fn record_jobs(&mut self, jobs: &[Job]) -> Result<u64, StateError> {
         let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
+        let err = |source: rusqlite::Error| StateError::Backend {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         };
         let now = now_text();
         let tx = self
@@ -420,9 +415,9 @@ impl Store for SqliteStore {
 
     fn apply_job_updates(&mut self, updates: &[JobUpdate]) -> Result<(), StateError> {
         let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
+        let err = |source: rusqlite::Error| StateError::Backend {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         };
         let now = now_text();
         let tx = self
@@ -522,9 +517,9 @@ impl Store for SqliteStore {
         received_at: i64,
     ) -> Result<Vec<Journaled>, StateError> {
         let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
+        let err = |source: rusqlite::Error| StateError::Backend {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         };
         let tx = self
             .conn
@@ -817,9 +812,9 @@ impl Store for SqliteStore {
         run_id: &str,
     ) -> Result<PruneCounts, StateError> {
         let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
+        let err = |source: rusqlite::Error| StateError::Backend {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         };
         let now = now_text();
         let before_text = chrono::DateTime::from_timestamp_micros(before)

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tsusage::sim::{self, SimConfig, SimHandle};
-use tsusage::state::SqliteStore;
+use tsusage::state::{SqliteStore, Store};
 
 use crate::util::*;
 

@@ -2,6 +2,7 @@
 //! the previous partition as it was, with nothing half-written where readers look.
 
 use std::process::Command;
+use tsusage::state::Store as _;
 
 use crate::util::*;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{Days, NaiveDate};
 use tsusage::collect::archive;
-use tsusage::state::SqliteStore;
+use tsusage::state::{SqliteStore, Store};
 
 use crate::util::*;
 

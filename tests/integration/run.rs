@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use tsusage::config::Config;
 use tsusage::pipeline;
 use tsusage::plan::DateRange;
-use tsusage::state::SqliteStore;
+use tsusage::state::{SqliteStore, Store};
 
 use crate::util::*;
 

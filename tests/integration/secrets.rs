@@ -3,6 +3,7 @@
 //! state store and its WAL).
 
 use std::process::{Command, Stdio};
+use tsusage::state::Store as _;
 
 use crate::util::*;
 
