@@ -56,7 +56,10 @@ impl Store for NullStore {
     fn record_jobs(&mut self, _: &[Job]) -> Result<u64, StateError> {
         Ok(0)
     }
-    fn job_statuses(&self, _: &[&str]) -> Result<HashMap<String, String>, StateError> {
+    fn job_statuses(
+        &self,
+        _: &[&str],
+    ) -> Result<HashMap<String, tsusage::state::JobStatus>, StateError> {
         Ok(HashMap::new())
     }
     fn apply_job_updates(&mut self, _: &[JobUpdate]) -> Result<(), StateError> {

@@ -214,25 +214,25 @@ pub struct Selection {
 /// - with `again` true for a job (`--force`, or a `plan.lookback_days` day), every status is sent.
 pub fn select(
     jobs: Vec<Job>,
-    earlier: &std::collections::HashMap<String, String>,
+    earlier: &std::collections::HashMap<String, crate::state::JobStatus>,
     again: impl Fn(&Job) -> bool,
 ) -> Selection {
-    use crate::state::job_status;
+    use crate::state::JobStatus;
     let mut out = Selection::default();
     let report = &mut out.report;
     report.jobs = jobs.len() as u64;
     for job in jobs {
-        let status = earlier.get(job.id.as_str()).map(String::as_str);
+        let status = earlier.get(job.id.as_str()).copied();
         let again = again(&job);
         match status {
-            Some(job_status::COMPLETE) if !again => report.already_complete += 1,
-            Some(job_status::FAILED) if !again => report.already_failed += 1,
-            Some(job_status::SUBMITTED) if !again => {
+            Some(JobStatus::Complete) if !again => report.already_complete += 1,
+            Some(JobStatus::Failed) if !again => report.already_failed += 1,
+            Some(JobStatus::Submitted) if !again => {
                 report.already_submitted += 1;
                 out.tracked.push(job);
             }
             status => {
-                if status == Some(job_status::PLANNED) {
+                if status == Some(JobStatus::Planned) {
                     // Sending again is harmless: the data collapses on the business key.
                     report.unknown_outcome += 1;
                     if report.unknown_outcome_jobs.len() < MAX_LISTED_JOBS {
@@ -316,17 +316,17 @@ mod tests {
 
     #[test]
     fn select_sends_new_and_unsent_jobs_tracks_submitted_and_skips_done_ones() {
-        use crate::state::job_status;
+        use crate::state::JobStatus;
         let w = windows(d("2021-08-14"), d("2021-08-15"), 1).expect("range");
         let jobs = plan("0000123456-00001", &ids(30), &w, 10);
         let (first_day, second_day) = jobs.split_at(3);
-        let status = |j: &Job, s: &str| (j.id.to_string(), s.to_owned());
-        let earlier: std::collections::HashMap<String, String> = [
-            status(&second_day[0], job_status::COMPLETE),
-            status(&second_day[1], job_status::SUBMITTED),
-            status(&second_day[2], job_status::PLANNED),
-            status(&first_day[0], job_status::COMPLETE),
-            status(&first_day[1], job_status::FAILED),
+        let status = |j: &Job, s: JobStatus| (j.id.to_string(), s);
+        let earlier: std::collections::HashMap<String, JobStatus> = [
+            status(&second_day[0], JobStatus::Complete),
+            status(&second_day[1], JobStatus::Submitted),
+            status(&second_day[2], JobStatus::Planned),
+            status(&first_day[0], JobStatus::Complete),
+            status(&first_day[1], JobStatus::Failed),
         ]
         .into();
         // The first day is a lookback day: asked again whatever its status.

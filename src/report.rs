@@ -307,6 +307,106 @@ pub struct RestoreReport {
     pub already_journaled: u64,
 }
 
+/// `tsusage status` as text: jobs by state, requests outstanding and overdue (past
+/// `callbacks.deadline_secs`), the last run's outcome, and with a range, each window's completeness.
+pub fn status(
+    store: &dyn crate::state::Store,
+    config: &crate::config::Config,
+    range: Option<crate::plan::DateRange>,
+) -> Result<String, crate::state::StateError> {
+    let mut lines = Vec::new();
+    if let Some(range) = range {
+        let from = format!("{}T00:00:00Z", range.from);
+        let to = format!("{}T00:00:00Z", range.to + chrono::Days::new(1));
+        let mut windows: std::collections::BTreeMap<(String, String), Vec<(String, u64)>> =
+            Default::default();
+        for (start, end, status, n) in store.window_status_counts(&from, &to)? {
+            windows.entry((start, end)).or_default().push((status, n));
+        }
+        let planned_days = (range.to - range.from).num_days() + 1;
+        lines.push(format!(
+            "windows of {}..{} ({planned_days} days):",
+            range.from, range.to
+        ));
+        let covered = |day: &str| {
+            windows
+                .keys()
+                .any(|(start, end)| start.as_str() <= day && day < end.as_str())
+        };
+        let mut day = range.from;
+        while day <= range.to {
+            let text = format!("{day}T00:00:00Z");
+            if !covered(&text) {
+                lines.push(format!("  {day}: never requested"));
+            }
+            day = day + chrono::Days::new(1);
+        }
+        for ((start, end), statuses) in &windows {
+            let total: u64 = statuses.iter().map(|(_, n)| n).sum();
+            let complete = statuses
+                .iter()
+                .find(|(s, _)| s == crate::state::JobStatus::Complete.as_str())
+                .map_or(0, |(_, n)| *n);
+            let state = if complete == total {
+                "complete"
+            } else {
+                "incomplete"
+            };
+            let detail: Vec<String> = statuses.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            lines.push(format!(
+                "  {}..{}: {state} ({complete}/{total} jobs complete: {})",
+                &start[..10.min(start.len())],
+                &end[..10.min(end.len())],
+                detail.join(", ")
+            ));
+        }
+    }
+    let counts = store.job_status_counts()?;
+    let total: u64 = counts.values().sum();
+    let by_state: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    lines.push(format!(
+        "jobs: {total}{}{}",
+        if by_state.is_empty() { "" } else { ": " },
+        by_state.join(", ")
+    ));
+    let outstanding = store.outstanding_jobs()?;
+    let deadline = chrono::Duration::seconds(
+        i64::try_from(config.callbacks.deadline_secs).unwrap_or(i64::MAX),
+    );
+    let now = chrono::Utc::now();
+    let overdue: Vec<&(String, String, String)> = outstanding
+        .iter()
+        .filter(|(_, _, at)| {
+            chrono::DateTime::parse_from_rfc3339(at)
+                .is_ok_and(|t| now.signed_duration_since(t) > deadline)
+        })
+        .collect();
+    lines.push(format!(
+        "requests outstanding: {} ({} overdue, past callbacks.deadline_secs = {})",
+        outstanding.len(),
+        overdue.len(),
+        config.callbacks.deadline_secs
+    ));
+    for (job, window, at) in overdue.iter().take(20) {
+        lines.push(format!(
+            "  overdue: job {job} window {window} requested {at}"
+        ));
+    }
+    match store.last_run()? {
+        Some((run_id, command, finished, code)) => lines.push(format!(
+            "last run: {run_id} ({command}) finished {finished}, exit code {code}; report: {}",
+            config
+                .output
+                .dir
+                .join("runs")
+                .join(format!("{run_id}.json"))
+                .display()
+        )),
+        None => lines.push("last run: none".into()),
+    }
+    Ok(lines.join("\n"))
+}
+
 fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

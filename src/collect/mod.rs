@@ -44,6 +44,32 @@ pub struct CallbackStats {
     pub unmatched_records: u64,
 }
 
+impl std::ops::AddAssign for CallbackStats {
+    fn add_assign(&mut self, other: CallbackStats) {
+        // Destructured without `..`: a new counter does not compile until it is added here.
+        let CallbackStats {
+            received,
+            rejected,
+            usage,
+            completion,
+            fault,
+            journaled,
+            already_journaled,
+            unmatched,
+            unmatched_records,
+        } = other;
+        self.received += received;
+        self.rejected += rejected;
+        self.usage += usage;
+        self.completion += completion;
+        self.fault += fault;
+        self.journaled += journaled;
+        self.already_journaled += already_journaled;
+        self.unmatched += unmatched;
+        self.unmatched_records += unmatched_records;
+    }
+}
+
 /// A callback ready to journal.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -116,17 +142,8 @@ impl Intake {
 
     /// Adds the counts of a worker's intake.
     pub fn absorb(&mut self, worker: Intake) {
-        let (mine, theirs) = (&mut self.callbacks, worker.callbacks);
-        mine.received += theirs.received;
-        mine.rejected += theirs.rejected;
-        mine.usage += theirs.usage;
-        mine.completion += theirs.completion;
-        mine.fault += theirs.fault;
-        mine.journaled += theirs.journaled;
-        mine.already_journaled += theirs.already_journaled;
-        mine.unmatched += theirs.unmatched;
-        mine.unmatched_records += theirs.unmatched_records;
-        merge(&mut self.records, worker.records);
+        self.callbacks += worker.callbacks;
+        self.records += worker.records;
     }
 
     /// Checks one body from `source`. Record-level rejects are appended to `rejects`; a body that
@@ -203,7 +220,7 @@ impl Intake {
                     "completion" => self.callbacks.completion += 1,
                     _ => self.callbacks.fault += 1,
                 }
-                merge(&mut self.records, record_stats);
+                self.records += record_stats;
                 let digest = Sha256::digest(body.as_bytes()).into();
                 let (stored, body_encoding) = encode_body(&body);
                 Ok(Prepared {
@@ -292,17 +309,6 @@ pub(crate) fn keep_rows(
         rows.push(origin, record)?;
     }
     Ok(())
-}
-
-fn merge(into: &mut RecordStats, from: RecordStats) {
-    into.records += from.records;
-    into.accepted += from.accepted;
-    into.recovered += from.recovered;
-    into.rejected += from.rejected;
-    into.luhn_warnings += from.luhn_warnings;
-    for (code, n) in from.rejected_by_reason {
-        *into.rejected_by_reason.entry(code).or_default() += n;
-    }
 }
 
 /// Now, in µs since the epoch: the `received_at` of a journal commit.

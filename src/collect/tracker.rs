@@ -386,9 +386,15 @@ impl Tracker {
         self.tracks.iter().map(|t| (t.job.id.as_str(), &t.state))
     }
 
-    /// Every planned pair's state, counted, and the rows of those that are not usage.
-    pub fn completeness(&self) -> (BTreeMap<&'static str, u64>, Vec<CompletenessRow>) {
-        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    /// Every planned pair's state, counted, and the rows of those that are not usage, from the
+    /// tracker's own state; `input_rejects` (`(raw value, reason)` of the ICCID list rows rejected
+    /// for `range`) count as `rejected_input`.
+    pub fn completeness(
+        &self,
+        input_rejects: &[(String, String)],
+        range: crate::plan::DateRange,
+    ) -> (BTreeMap<String, u64>, Vec<CompletenessRow>) {
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         let mut rows = Vec::new();
         for track in &self.tracks {
             for (pos, iccid) in track.job.iccids.iter().enumerate() {
@@ -428,7 +434,7 @@ impl Tracker {
                         }
                     }
                 };
-                *counts.entry(state.name()).or_default() += 1;
+                *counts.entry(state.name().to_owned()).or_default() += 1;
                 if state != PairState::Usage {
                     rows.push(CompletenessRow {
                         iccid: iccid.to_string(),
@@ -441,6 +447,18 @@ impl Tracker {
                     });
                 }
             }
+        }
+        if !input_rejects.is_empty() {
+            counts.insert("rejected_input".into(), input_rejects.len() as u64);
+            rows.extend(input_rejects.iter().map(|(raw, reason)| CompletenessRow {
+                iccid: raw.clone(),
+                window_start: range.from.to_string(),
+                window_end: (range.to + chrono::Days::new(1)).to_string(),
+                state: PairState::Rejected,
+                reason: format!("rejected input: {reason}"),
+                job_id: String::new(),
+                request_ids: String::new(),
+            }));
         }
         rows.sort();
         (counts, rows)

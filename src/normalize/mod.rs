@@ -56,6 +56,28 @@ pub struct RecordStats {
     pub luhn_warnings: u64,
 }
 
+impl std::ops::AddAssign for RecordStats {
+    fn add_assign(&mut self, other: RecordStats) {
+        // Destructured without `..`: a new counter does not compile until it is added here.
+        let RecordStats {
+            records,
+            accepted,
+            recovered,
+            rejected,
+            rejected_by_reason,
+            luhn_warnings,
+        } = other;
+        self.records += records;
+        self.accepted += accepted;
+        self.recovered += recovered;
+        self.rejected += rejected;
+        self.luhn_warnings += luhn_warnings;
+        for (code, n) in rejected_by_reason {
+            *self.rejected_by_reason.entry(code).or_default() += n;
+        }
+    }
+}
+
 impl RecordStats {
     pub fn reject(&mut self, code: &str) {
         self.rejected += 1;

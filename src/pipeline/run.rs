@@ -1,19 +1,16 @@
 //! `tsusage run`: ingest → plan → submit → collect → normalize → write → report, in one place.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{
-    Outcome, conclude, fresh_rows, progress_bar, read_iccids, rejects_dir, simulate, write_pending,
-};
+use super::{Outcome, conclude, progress_bar, read_iccids, rejects_dir, simulate};
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::collect::http_listener::{self, ListenerHandle, ListenerState};
-use crate::collect::tracker::{CompletenessRow, JobState, Tracker};
+use crate::collect::tracker::{JobState, Tracker};
 use crate::collect::{CallbackStats, Intake};
 use crate::config::{CallbackSource, Config};
 use crate::normalize::RecordStats;
@@ -22,7 +19,6 @@ use crate::report::{CollectReport, RunReport, new_run_id};
 use crate::state::{JobUpdate, StateError, StateWriter, Store};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 use crate::write::rejects::RecordRejects;
-use crate::write::write_atomic_with;
 use crate::{Error, Result};
 
 /// How often the run looks at the journal and the clock.
@@ -84,7 +80,8 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     store.begin_run(&run_id, "run")?;
 
     // 1. ingest
-    let iccids = read_iccids(config, &config.input.paths.clone(), &run_id, &mut report)?;
+    let (iccids, input_rejects) =
+        read_iccids(config, &config.input.paths.clone(), &run_id, &mut report)?;
 
     // 2. plan: jobs recorded as intent. Windows already complete are not asked again, except with
     // --force and for the plan.lookback_days re-pulled before the range (late usage replaces
@@ -128,7 +125,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let writer = Arc::new(StateWriter::spawn_with_rows(
         store,
         path,
-        Some(fresh_rows(config)?),
+        Some(crate::write::publish::fresh_rows(config)?),
     ));
     let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
     let listening = match config.callbacks.source {
@@ -220,7 +217,9 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let (mut store, rows) = StateWriter::finish_shared_with_rows(writer)?;
 
     // 5-6. normalize and write every partition the journal has news for.
-    report.output = Some(write_pending(config, &mut store, &run_id, rows)?);
+    report.output = Some(crate::write::publish::publish(
+        config, &mut store, &run_id, rows,
+    )?);
     // Retention: what this store no longer needs to hold moves to the archive.
     if config.state.retain_days > 0 {
         let horizon = super::prune::retention_horizon(config.state.retain_days);
@@ -232,32 +231,13 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     // The report: rejects, completeness, counts.
     report.rejects_files.extend(listener_rejects);
     report.rejects_files.extend(drop_rejects_file);
-    let (counts, mut rows) = tracker.completeness();
-    let mut completeness: BTreeMap<String, u64> =
-        counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    let input_rejects = iccid_rejects(&report.rejects_files)?;
-    if !input_rejects.is_empty() {
-        completeness.insert("rejected_input".into(), input_rejects.len() as u64);
-        rows.extend(
-            input_rejects
-                .into_iter()
-                .map(|(raw, reason)| CompletenessRow {
-                    iccid: raw,
-                    window_start: range.from.to_string(),
-                    window_end: (range.to + chrono::Days::new(1)).to_string(),
-                    state: crate::collect::tracker::PairState::Rejected,
-                    reason: format!("rejected input: {reason}"),
-                    job_id: String::new(),
-                    request_ids: String::new(),
-                }),
-        );
-    }
+    let (completeness, rows) = tracker.completeness(&input_rejects, range);
     let completeness_file = config
         .output
         .dir
         .join("runs")
         .join(format!("{run_id}-completeness.csv"));
-    write_completeness(&completeness_file, &rows)?;
+    crate::write::completeness::write(&completeness_file, &rows)?;
     report.collect = Some(CollectReport {
         tracking: tracker.stats.clone(),
         completeness,
@@ -386,7 +366,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
             for (job_id, why) in &done.unsent {
                 tracker.not_submitted(job_id, why.clone());
             }
-            merge(&mut merged, done);
+            merged += done;
         }
         let resubmit = tracker.tick(now);
         if !resubmit.is_empty() {
@@ -466,78 +446,4 @@ async fn ensure_callback_registered(client: &ApiClient, config: &Config) -> Resu
 
 async fn stop_listener(handle: ListenerHandle) {
     handle.shutdown(LISTENER_GRACE).await;
-}
-
-fn merge(into: &mut SubmitReport, from: SubmitReport) {
-    into.jobs += from.jobs;
-    into.submitted += from.submitted;
-    into.failed += from.failed;
-    into.not_submitted += from.not_submitted;
-    into.attempts += from.attempts;
-    into.retries += from.retries;
-    into.throttled += from.throttled;
-    into.server_errors += from.server_errors;
-    into.transport_errors += from.transport_errors;
-    into.reauthentications = into.reauthentications.max(from.reauthentications);
-    into.logins = into.logins.max(from.logins);
-    into.oauth_tokens = into.oauth_tokens.max(from.oauth_tokens);
-    into.retry_budget += from.retry_budget;
-    into.stopped = into.stopped.take().or(from.stopped);
-    into.max_in_flight = into.max_in_flight.max(from.max_in_flight);
-    into.elapsed_secs += from.elapsed_secs;
-    into.achieved_rate_per_sec = if into.elapsed_secs > 0.0 {
-        into.attempts as f64 / into.elapsed_secs
-    } else {
-        0.0
-    };
-    into.failures.extend(from.failures);
-    into.unsent.extend(from.unsent);
-}
-
-/// The rows of this run's ICCID rejects file: `(raw value, reason)`.
-fn iccid_rejects(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for path in files
-        .iter()
-        .filter(|p| p.to_string_lossy().ends_with("-iccids.csv"))
-    {
-        let mut reader =
-            csv::Reader::from_path(path).map_err(|e| crate::write::WriteError::csv(path, e))?;
-        for record in reader.records().flatten() {
-            out.push((
-                record.get(2).unwrap_or_default().to_owned(),
-                record.get(3).unwrap_or_default().to_owned(),
-            ));
-        }
-    }
-    Ok(out)
-}
-
-fn write_completeness(path: &Path, rows: &[CompletenessRow]) -> Result<()> {
-    // Streamed to the file: a run over millions of ICCID-days has hundreds of thousands of rows.
-    write_atomic_with(path, |file| {
-        let mut out = csv::Writer::from_writer(file);
-        out.write_record([
-            "iccid",
-            "window_start",
-            "window_end",
-            "state",
-            "reason",
-            "job_id",
-            "request_ids",
-        ])?;
-        for r in rows {
-            out.write_record([
-                r.iccid.as_str(),
-                &r.window_start,
-                &r.window_end,
-                r.state.name(),
-                &r.reason,
-                &r.job_id,
-                &r.request_ids,
-            ])?;
-        }
-        out.flush()
-    })?;
-    Ok(())
 }

@@ -157,18 +157,44 @@ pub enum JobUpdate {
     Missing { job_id: String, error: String },
 }
 
-/// Job statuses in the store.
-pub mod job_status {
+/// Where a job stands in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JobStatus {
     /// Recorded as intent, no requestId yet (or its POST outcome is unknown).
-    pub const PLANNED: &str = "planned";
+    Planned,
     /// A requestId is recorded.
-    pub const SUBMITTED: &str = "submitted";
+    Submitted,
     /// The vendor refused the request (or reported it failed).
-    pub const FAILED: &str = "failed";
+    Failed,
     /// All its callbacks are in: usage or no usage for every ICCID.
-    pub const COMPLETE: &str = "complete";
+    Complete,
     /// No callbacks by the deadline after every re-request.
-    pub const MISSING: &str = "missing";
+    Missing,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Planned,
+        JobStatus::Submitted,
+        JobStatus::Failed,
+        JobStatus::Complete,
+        JobStatus::Missing,
+    ];
+
+    /// The name the store keeps (and `status` prints).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Planned => "planned",
+            JobStatus::Submitted => "submitted",
+            JobStatus::Failed => "failed",
+            JobStatus::Complete => "complete",
+            JobStatus::Missing => "missing",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
 }
 
 /// Held for a command's lifetime: one `run`, `submit`, `ingest` or `prune` at a time per store
@@ -225,8 +251,8 @@ pub trait Store {
     /// Returns how many were new.
     fn record_jobs(&mut self, jobs: &[Job]) -> Result<u64, StateError>;
 
-    /// The status of each of `job_ids` (see [`job_status`]), by job id.
-    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, String>, StateError>;
+    /// The status of each of `job_ids`, by job id (absent: never planned).
+    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, JobStatus>, StateError>;
 
     /// Applies job updates in one durable commit.
     fn apply_job_updates(&mut self, updates: &[JobUpdate]) -> Result<(), StateError>;
@@ -359,7 +385,7 @@ impl Store for Box<dyn Store + Send> {
     fn record_jobs(&mut self, jobs: &[Job]) -> Result<u64, StateError> {
         (**self).record_jobs(jobs)
     }
-    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, String>, StateError> {
+    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, JobStatus>, StateError> {
         (**self).job_statuses(job_ids)
     }
     fn apply_job_updates(&mut self, updates: &[JobUpdate]) -> Result<(), StateError> {

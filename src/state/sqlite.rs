@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use super::lock::RunLock;
 use super::{
-    ArchiveFile, ArchivedCallback, JobUpdate, Journaled, NewCallback, PendingPartition,
-    PruneCounts, RunGuard, StateError, Store, StoredCallback, job_status,
+    ArchiveFile, ArchivedCallback, JobStatus, JobUpdate, Journaled, NewCallback, PendingPartition,
+    PruneCounts, RunGuard, StateError, Store, StoredCallback,
 };
 use crate::plan::Job;
 
@@ -385,7 +385,7 @@ impl Store for SqliteStore {
                         job.window.start_time(),
                         job.window.end_time(),
                         iccids.join(","),
-                        job_status::PLANNED,
+                        JobStatus::Planned.as_str(),
                         now
                     ])
                     .map_err(err)? as u64;
@@ -395,7 +395,7 @@ impl Store for SqliteStore {
         Ok(new)
     }
 
-    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, String>, StateError> {
+    fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, JobStatus>, StateError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT status FROM jobs WHERE job_id = ?1")
@@ -406,7 +406,11 @@ impl Store for SqliteStore {
                 .query_row([id], |r| r.get(0))
                 .optional()
                 .map_err(self.err())?;
-            if let Some(status) = status {
+            if let Some(text) = status {
+                let status = JobStatus::parse(&text).ok_or_else(|| StateError::Invalid {
+                    path: self.path.clone(),
+                    message: format!("job {id} has an unknown status {text:?}"),
+                })?;
                 out.insert((*id).to_owned(), status);
             }
         }
@@ -439,7 +443,7 @@ impl Store for SqliteStore {
                     tx.execute(
                         "UPDATE jobs SET status = ?2, attempts = attempts + ?3, last_error = NULL, updated_at = ?4
                          WHERE job_id = ?1",
-                        params![job_id, job_status::SUBMITTED, attempts, now],
+                        params![job_id, JobStatus::Submitted.as_str(), attempts, now],
                     )
                     .map_err(err)?;
                 }
@@ -451,7 +455,7 @@ impl Store for SqliteStore {
                     tx.execute(
                         "UPDATE jobs SET status = ?2, attempts = attempts + ?3, last_error = ?4, updated_at = ?5
                          WHERE job_id = ?1",
-                        params![job_id, job_status::FAILED, attempts, error, now],
+                        params![job_id, JobStatus::Failed.as_str(), attempts, error, now],
                     )
                     .map_err(err)?;
                 }
@@ -470,14 +474,14 @@ impl Store for SqliteStore {
                 JobUpdate::Completed { job_id } => {
                     tx.execute(
                         "UPDATE jobs SET status = ?2, last_error = NULL, updated_at = ?3 WHERE job_id = ?1",
-                        params![job_id, job_status::COMPLETE, now],
+                        params![job_id, JobStatus::Complete.as_str(), now],
                     )
                     .map_err(err)?;
                 }
                 JobUpdate::Missing { job_id, error } => {
                     tx.execute(
                         "UPDATE jobs SET status = ?2, last_error = ?3, updated_at = ?4 WHERE job_id = ?1",
-                        params![job_id, job_status::MISSING, error, now],
+                        params![job_id, JobStatus::Missing.as_str(), error, now],
                     )
                     .map_err(err)?;
                 }
@@ -753,7 +757,11 @@ impl Store for SqliteStore {
             )
             .map_err(self.err())?;
         let mut rows = stmt
-            .query(params![before, job_status::PLANNED, job_status::SUBMITTED])
+            .query(params![
+                before,
+                JobStatus::Planned.as_str(),
+                JobStatus::Submitted.as_str()
+            ])
             .map_err(self.err())?;
         while let Some(row) = rows.next().map_err(self.err())? {
             let cb = (|| {
@@ -870,9 +878,9 @@ impl Store for SqliteStore {
                    AND status IN (?2, ?3, ?4)",
                 params![
                     &before_text[..10.min(before_text.len())],
-                    job_status::COMPLETE,
-                    job_status::FAILED,
-                    job_status::MISSING
+                    JobStatus::Complete.as_str(),
+                    JobStatus::Failed.as_str(),
+                    JobStatus::Missing.as_str()
                 ],
             )
             .map_err(err)? as u64;

@@ -14,6 +14,9 @@ use crate::normalize::collapse::RowSet;
 
 /// Operations committed together at most.
 const MAX_GROUP: usize = 1024;
+/// Operations waiting for the writer at most: senders wait beyond it (back-pressure on the listener
+/// and the submitters when the disk is slow, instead of memory growing).
+const QUEUE: usize = 4 * MAX_GROUP;
 
 enum Op {
     Job(JobUpdate, oneshot::Sender<Result<(), String>>),
@@ -23,7 +26,7 @@ enum Op {
 /// A handle for async tasks to the store's writer thread.
 #[derive(Debug)]
 pub struct StateWriter<S> {
-    tx: mpsc::UnboundedSender<Op>,
+    tx: mpsc::Sender<Op>,
     thread: JoinHandle<(S, Option<RowSet>)>,
     path: String,
 }
@@ -46,7 +49,7 @@ impl<S: Store + Send + 'static> StateWriter<S> {
     /// Like [`StateWriter::spawn`]; with `rows`, the records of newly journaled callbacks are also
     /// added to it, in journal order (see [`StateWriter::finish_with_rows`]).
     pub fn spawn_with_rows(mut store: S, path: String, mut rows: Option<RowSet>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Op>();
+        let (tx, mut rx) = mpsc::channel::<Op>(QUEUE);
         let thread = std::thread::spawn(move || {
             let mut last_received_at = 0i64;
             while let Some(first) = rx.blocking_recv() {
@@ -83,6 +86,7 @@ impl<S: Store + Send + 'static> StateWriter<S> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Op::Job(update, reply))
+            .await
             .map_err(|_| self.gone())?;
         answer
             .await
@@ -98,6 +102,7 @@ impl<S: Store + Send + 'static> StateWriter<S> {
             let (reply, answer) = oneshot::channel();
             self.tx
                 .send(Op::Job(update, reply))
+                .await
                 .map_err(|_| self.gone())?;
             answers.push(answer);
         }
@@ -119,6 +124,7 @@ impl<S: Store + Send + 'static> StateWriter<S> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Op::Journal(callback, received_at, reply))
+            .await
             .map_err(|_| self.gone())?;
         answer
             .await

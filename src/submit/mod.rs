@@ -112,6 +112,58 @@ pub struct SubmitReport {
     pub unsent: Vec<(String, String)>,
 }
 
+impl std::ops::AddAssign for SubmitReport {
+    /// Adds a later submission of the same run (re-requests): counts add up, the token figures are
+    /// the client's running totals (the largest), the rate is recomputed.
+    fn add_assign(&mut self, other: SubmitReport) {
+        // Destructured without `..`: a new field does not compile until it is merged here.
+        let SubmitReport {
+            jobs,
+            submitted,
+            failed,
+            not_submitted,
+            attempts,
+            retries,
+            throttled,
+            server_errors,
+            transport_errors,
+            reauthentications,
+            logins,
+            oauth_tokens,
+            retry_budget,
+            stopped,
+            max_in_flight,
+            elapsed_secs,
+            achieved_rate_per_sec: _,
+            failures,
+            unsent,
+        } = other;
+        self.jobs += jobs;
+        self.submitted += submitted;
+        self.failed += failed;
+        self.not_submitted += not_submitted;
+        self.attempts += attempts;
+        self.retries += retries;
+        self.throttled += throttled;
+        self.server_errors += server_errors;
+        self.transport_errors += transport_errors;
+        self.reauthentications = self.reauthentications.max(reauthentications);
+        self.logins = self.logins.max(logins);
+        self.oauth_tokens = self.oauth_tokens.max(oauth_tokens);
+        self.retry_budget += retry_budget;
+        self.stopped = self.stopped.take().or(stopped);
+        self.max_in_flight = self.max_in_flight.max(max_in_flight);
+        self.elapsed_secs += elapsed_secs;
+        self.achieved_rate_per_sec = if self.elapsed_secs > 0.0 {
+            self.attempts as f64 / self.elapsed_secs
+        } else {
+            0.0
+        };
+        self.failures.extend(failures);
+        self.unsent.extend(unsent);
+    }
+}
+
 /// Submission stops: credentials are wrong, or the store cannot record what was sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {

@@ -1,9 +1,12 @@
 //! Stage 6, write: usage rows → Parquet partitions published atomically; rejects files; run reports.
 //!
 //! - [`parquet`]: schema v1, the writer, and the atomic partition publish.
+//! - [`publish`]: every pending partition written (from a command's rows, or rebuilt) and recorded.
 //! - [`rejects`]: the rejects files (CSV for ICCID lists, JSON lines for callbacks).
 
+pub mod completeness;
 pub mod parquet;
+pub mod publish;
 pub mod rejects;
 
 use std::path::{Path, PathBuf};

@@ -20,6 +20,8 @@ pub struct IccidRejects {
     path: PathBuf,
     out: Option<csv::Writer<File>>,
     count: u64,
+    /// `(raw value as written, reason)` of each, for the run's completeness.
+    rows: Vec<(String, String)>,
 }
 
 impl IccidRejects {
@@ -28,6 +30,7 @@ impl IccidRejects {
             path,
             out: None,
             count: 0,
+            rows: Vec::new(),
         }
     }
 
@@ -49,10 +52,17 @@ impl IccidRejects {
         };
         let line = line.to_string();
         let file = file.display().to_string();
-        out.write_record([file.as_str(), line.as_str(), shorten(raw).as_str(), reason])
+        let raw = shorten(raw);
+        out.write_record([file.as_str(), line.as_str(), raw.as_str(), reason])
             .map_err(|e| WriteError::csv(&self.path, e))?;
         self.count += 1;
+        self.rows.push((raw, reason.to_owned()));
         Ok(())
+    }
+
+    /// The rejected rows so far: `(raw value as written, reason)`.
+    pub fn rows(&self) -> &[(String, String)] {
+        &self.rows
     }
 
     /// Flushes and syncs; returns the file's path if anything was rejected.
