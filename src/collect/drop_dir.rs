@@ -56,6 +56,24 @@ pub struct DropDirStats {
     pub skipped: u64,
 }
 
+impl std::ops::AddAssign for DropDirStats {
+    fn add_assign(&mut self, other: DropDirStats) {
+        // Destructured without `..`: a new counter does not compile until it is added here.
+        let DropDirStats {
+            files,
+            processed,
+            rejected,
+            too_large,
+            skipped,
+        } = other;
+        self.files += files;
+        self.processed += processed;
+        self.rejected += rejected;
+        self.too_large += too_large;
+        self.skipped += skipped;
+    }
+}
+
 enum Format {
     Json,
     Lines,

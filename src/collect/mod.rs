@@ -8,6 +8,7 @@ pub mod allow_list;
 pub mod archive;
 pub mod drop_dir;
 pub mod http_listener;
+pub mod source;
 pub mod tracker;
 
 use sha2::{Digest, Sha256};

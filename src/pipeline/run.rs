@@ -1,30 +1,24 @@
 //! `tsusage run`: ingest → plan → submit → collect → normalize → write → report, in one place.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{Outcome, conclude, progress_bar, read_iccids, rejects_dir, simulate};
-use crate::collect::drop_dir::{self, DropDirOptions};
-use crate::collect::http_listener::{self, ListenerHandle, ListenerState};
+use super::{Outcome, conclude, progress_bar, read_iccids, simulate};
+use crate::collect::http_listener;
+use crate::collect::source::CallbackSource;
 use crate::collect::tracker::{JobState, Tracker};
-use crate::collect::{CallbackStats, Intake};
-use crate::config::{CallbackSource, Config};
-use crate::normalize::RecordStats;
+use crate::config::{CallbackSource as SourceKind, Config};
 use crate::plan::{self, DateRange, Job};
 use crate::report::{CollectReport, RunReport, new_run_id};
 use crate::state::{JobUpdate, StateError, StateWriter, Store};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
-use crate::write::rejects::RecordRejects;
 use crate::{Error, Result};
 
 /// How often the run looks at the journal and the clock.
 const TICK: Duration = Duration::from_millis(200);
-/// How long in-flight callbacks get to finish when the listener stops.
-const LISTENER_GRACE: Duration = Duration::from_secs(10);
 /// Journal rows read per look.
 const JOURNAL_PAGE: usize = 10_000;
 
@@ -127,54 +121,38 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         path,
         Some(crate::write::publish::fresh_rows(config)?),
     ));
-    let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
-    let listening = match config.callbacks.source {
-        CallbackSource::Listener => {
-            let rejects = RecordRejects::new(
-                rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl")),
-            );
-            let state = Arc::new(ListenerState::new(
-                &config.callbacks,
-                writer.clone(),
-                intake,
-                rejects,
-            )?);
-            let handle = http_listener::start(&config.callbacks, state.clone()).await?;
-            if config.callbacks.listen_addr.port() == 0 {
-                // --simulate: tell the vendor the port we got.
-                config.callbacks.public_url = format!(
-                    "http://{}{}",
-                    handle.addr,
-                    http_listener::listen_path(&config.callbacks.public_url)?
-                );
-            }
-            Some((state, handle))
-        }
-        CallbackSource::External | CallbackSource::DropDir => None,
-    };
+    let mut source = crate::collect::source::open(config, &run_id, &writer).await?;
+    if let Some(addr) = source.bound_addr()
+        && config.callbacks.listen_addr.port() == 0
+    {
+        // --simulate: tell the vendor the port we got.
+        config.callbacks.public_url = format!(
+            "http://{addr}{}",
+            http_listener::listen_path(&config.callbacks.public_url)?
+        );
+    }
 
     // 4. submit, while collecting.
-    let outcome = submit_and_collect(config, &run_id, &writer, &mut tracker, to_send).await;
+    let outcome = submit_and_collect(config, &writer, &mut tracker, to_send, &mut *source).await;
     tracing::info!(
         complete = tracker.stats.complete,
         "collection over; writing the partitions"
     );
-    let (listener_state, listener_counts) = match listening {
-        Some((state, handle)) => {
-            stop_listener(handle).await;
-            let counts = state
-                .counts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            (Some(state), Some(counts))
+    let collected = source.finish().await;
+    let submitted = match (outcome, collected) {
+        (Ok(submitted), Ok(collected)) => {
+            report.rejects_files.extend(collected.rejects_file.clone());
+            let mut callbacks = collected.callbacks;
+            if collected.listener.is_some() {
+                callbacks.unmatched = tracker.stats.unmatched_callbacks;
+            }
+            report.callbacks = Some(callbacks);
+            report.records = Some(collected.records);
+            report.listener = collected.listener;
+            report.drop_dir = collected.drop_dir;
+            submitted
         }
-        None => (None, None),
-    };
-    let (submitted, drop_stats, drop_rejects_file) = match outcome {
-        Ok(done) => done,
-        Err(e) => {
-            drop(listener_state);
+        (Err(e), _) | (_, Err(e)) => {
             let _ = StateWriter::finish_shared(writer);
             return Err(e);
         }
@@ -200,20 +178,6 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         updates.push(update);
     }
     writer.apply_all(updates).await?;
-    let (callback_stats, record_stats, listener_rejects) = match listener_state {
-        Some(state) => {
-            let intake = state.intake.lock().unwrap_or_else(|e| e.into_inner());
-            let rejects = state.finish_rejects()?;
-            let mut callbacks = intake.callbacks.clone();
-            if let Some(counts) = &listener_counts {
-                callbacks.journaled = counts.journaled;
-                callbacks.already_journaled = counts.already_journaled;
-            }
-            callbacks.unmatched = tracker.stats.unmatched_callbacks;
-            (callbacks, intake.records.clone(), rejects)
-        }
-        None => (drop_stats.0, drop_stats.1, None),
-    };
     let (mut store, rows) = StateWriter::finish_shared_with_rows(writer)?;
 
     // 5-6. normalize and write every partition the journal has news for.
@@ -228,9 +192,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         )?);
     }
 
-    // The report: rejects, completeness, counts.
-    report.rejects_files.extend(listener_rejects);
-    report.rejects_files.extend(drop_rejects_file);
+    // The report: completeness, counts.
     let (completeness, rows) = tracker.completeness(&input_rejects, range);
     let completeness_file = config
         .output
@@ -243,28 +205,24 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         completeness,
         completeness_file,
     });
-    report.listener = listener_counts;
     report.submit = Some(submitted);
-    report.callbacks = Some(callback_stats);
-    report.records = Some(record_stats);
     conclude(report, &mut store, &config.output.dir)
 }
 
-/// Submits `to_send` and collects until every tracked job has ended (complete, failed, missing) or
-/// cannot be sent; re-requests overdue jobs. Returns the merged submission report, and, for
-/// `source = "drop_dir"`, what the drop directory gave.
+/// Submits `to_send` and collects from `source` until every tracked job has ended (complete, failed,
+/// missing) or cannot be sent; re-requests overdue jobs. Returns the merged submission report.
 async fn submit_and_collect<S: Store + Send + 'static>(
     config: &Config,
-    run_id: &str,
     writer: &Arc<StateWriter<S>>,
     tracker: &mut Tracker,
     to_send: Vec<Job>,
-) -> Result<(SubmitReport, (CallbackStats, RecordStats), Option<PathBuf>)> {
+    source: &mut dyn CallbackSource,
+) -> Result<SubmitReport> {
     let client = Arc::new(ApiClient::new(&config.api)?);
     let needs_api = !to_send.is_empty() || tracker.waiting() > 0;
     if needs_api {
         client.authenticate().await?;
-        if config.callbacks.source != CallbackSource::DropDir {
+        if config.callbacks.source != SourceKind::DropDir {
             ensure_callback_registered(&client, config).await?;
         }
     }
@@ -301,35 +259,13 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     };
     spawn(&mut submissions, to_send);
 
-    let mut drop_store = match config.callbacks.source {
-        CallbackSource::DropDir => Some(crate::state::open(&config.state)?),
-        _ => None,
-    };
-    let mut drop_intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
-    let mut drop_rejects =
-        RecordRejects::new(rejects_dir(&config.output.dir).join(format!("{run_id}-dropdir.jsonl")));
     let mut merged = SubmitReport::default();
     let progress = progress_bar("jobs done");
     progress.set_length(tracker.stats.jobs);
     let mut last_log = Instant::now();
     loop {
         let now = Instant::now();
-        if let Some(store) = drop_store.as_mut() {
-            let options = DropDirOptions {
-                keep_files: false,
-                max_file_bytes: config.callbacks.max_file_bytes,
-            };
-            let hidden = indicatif::ProgressBar::hidden();
-            drop_dir::collect(
-                &config.callbacks.drop_dir,
-                options,
-                &mut drop_intake,
-                store,
-                &mut drop_rejects,
-                &hidden,
-                None,
-            )?;
-        }
+        source.poll()?;
         // Ended submissions first, then the requestIds: every id an ended submission recorded is
         // then known to the tracker (invariant 8), whatever the timing of the tasks.
         let mut ended = Vec::new();
@@ -409,12 +345,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     if needs_api {
         client.logout().await;
     }
-    let drop_rejects_file = drop_rejects.finish()?;
-    Ok((
-        merged,
-        (drop_intake.callbacks, drop_intake.records),
-        drop_rejects_file,
-    ))
+    Ok(merged)
 }
 
 /// Lists the account's callbacks; registers ours if absent; warns when another URL is registered.
@@ -442,8 +373,4 @@ async fn ensure_callback_registered(client: &ApiClient, config: &Config) -> Resu
             super::register_ours(client, config).await
         }
     }
-}
-
-async fn stop_listener(handle: ListenerHandle) {
-    handle.shutdown(LISTENER_GRACE).await;
 }

@@ -1,0 +1,214 @@
+//! Where a run's callbacks come from: the in-process HTTP listener, a drop directory, or a separate
+//! `tsusage listen` (external). Every source journals what it receives; the collect loop reads the
+//! journal, so it uses a source through [`CallbackSource`] without knowing which one it is. A new
+//! source (say, an object-store prefix) is one more implementation and one more arm in [`open`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::drop_dir::{self, DropDirOptions, DropDirStats};
+use super::http_listener::{self, ListenerCounts, ListenerHandle, ListenerState};
+use super::{CallbackStats, Intake};
+use crate::Result;
+use crate::config::{CallbackSource as SourceKind, Config};
+use crate::normalize::RecordStats;
+use crate::state::{StateWriter, Store};
+use crate::write::rejects::RecordRejects;
+
+/// How long in-flight callbacks get to finish when a listener stops.
+pub const LISTENER_GRACE: Duration = Duration::from_secs(10);
+
+/// What a source took in, for the run report.
+#[derive(Debug, Clone, Default)]
+pub struct SourceReport {
+    pub callbacks: CallbackStats,
+    pub records: RecordStats,
+    /// The HTTP listener's answers (listener sources).
+    pub listener: Option<ListenerCounts>,
+    /// Files read (drop directory sources).
+    pub drop_dir: Option<DropDirStats>,
+    /// The rejects file it wrote, if anything was rejected.
+    pub rejects_file: Option<PathBuf>,
+}
+
+/// A future a source finishes with.
+pub type Finishing = Pin<Box<dyn Future<Output = Result<SourceReport>> + Send>>;
+
+/// A source of callbacks for a run.
+pub trait CallbackSource: Send {
+    /// Where it accepts callbacks over HTTP, if it does (to tell the vendor a port picked at start).
+    fn bound_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    /// Brings in what has arrived since the last call (sources that journal as callbacks arrive
+    /// have nothing to do).
+    fn poll(&mut self) -> Result<()>;
+
+    /// Stops taking callbacks once those accepted are journaled, and reports.
+    fn finish(self: Box<Self>) -> Finishing;
+}
+
+/// The source `callbacks.source` names, journaling through `writer` (or its own connection).
+pub async fn open<S: Store + Send + 'static>(
+    config: &Config,
+    run_id: &str,
+    writer: &Arc<StateWriter<S>>,
+) -> Result<Box<dyn CallbackSource>> {
+    let rejects_file = |kind: &str| {
+        config
+            .output
+            .dir
+            .join("rejects")
+            .join(format!("{run_id}-{kind}.jsonl"))
+    };
+    Ok(match config.callbacks.source {
+        SourceKind::Listener => {
+            Box::new(Listener::start(config, writer.clone(), rejects_file("callbacks")).await?)
+        }
+        SourceKind::DropDir => Box::new(DropDir {
+            dir: config.callbacks.drop_dir.clone(),
+            options: DropDirOptions {
+                keep_files: false,
+                max_file_bytes: config.callbacks.max_file_bytes,
+            },
+            intake: Intake::new(config.input.strict_luhn, config.output.partition_by),
+            store: crate::state::open(&config.state)?,
+            rejects: RecordRejects::new(rejects_file("dropdir")),
+            stats: DropDirStats::default(),
+        }),
+        SourceKind::External => Box::new(External),
+    })
+}
+
+/// The HTTP listener, in this process.
+pub struct Listener<S> {
+    state: Arc<ListenerState<S>>,
+    handle: ListenerHandle,
+}
+
+impl<S: Store + Send + 'static> Listener<S> {
+    /// Binds `callbacks.listen_addr` and serves until [`CallbackSource::finish`].
+    pub async fn start(
+        config: &Config,
+        writer: Arc<StateWriter<S>>,
+        rejects_file: PathBuf,
+    ) -> Result<Self> {
+        let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
+        let state = Arc::new(ListenerState::new(
+            &config.callbacks,
+            writer,
+            intake,
+            RecordRejects::new(rejects_file),
+        )?);
+        let handle = http_listener::start(&config.callbacks, state.clone()).await?;
+        Ok(Listener { state, handle })
+    }
+
+    /// Stops after in-flight requests finish (at most `grace`), and reports.
+    pub async fn stop(self, grace: Duration) -> Result<SourceReport> {
+        self.handle.shutdown(grace).await;
+        let state = self.state;
+        let rejects_file = state.finish_rejects()?;
+        let counts = state
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let intake = state.intake.lock().unwrap_or_else(|e| e.into_inner());
+        let mut callbacks = intake.callbacks.clone();
+        callbacks.journaled = counts.journaled;
+        callbacks.already_journaled = counts.already_journaled;
+        Ok(SourceReport {
+            callbacks,
+            records: intake.records.clone(),
+            listener: Some(counts),
+            drop_dir: None,
+            rejects_file,
+        })
+    }
+}
+
+impl<S> std::fmt::Debug for Listener<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("addr", &self.handle.addr)
+            .finish()
+    }
+}
+
+impl<S: Store + Send + 'static> CallbackSource for Listener<S> {
+    fn bound_addr(&self) -> Option<SocketAddr> {
+        Some(self.handle.addr)
+    }
+
+    fn poll(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Finishing {
+        Box::pin(self.stop(LISTENER_GRACE))
+    }
+}
+
+/// A drop directory read at every poll, journaled through its own store connection.
+struct DropDir {
+    dir: PathBuf,
+    options: DropDirOptions,
+    intake: Intake,
+    store: Box<dyn Store + Send>,
+    rejects: RecordRejects,
+    stats: DropDirStats,
+}
+
+impl CallbackSource for DropDir {
+    fn poll(&mut self) -> Result<()> {
+        let hidden = indicatif::ProgressBar::hidden();
+        let stats = drop_dir::collect(
+            &self.dir,
+            self.options,
+            &mut self.intake,
+            &mut *self.store,
+            &mut self.rejects,
+            &hidden,
+            None,
+        )?;
+        self.stats += stats;
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Finishing {
+        let DropDir {
+            intake,
+            rejects,
+            stats,
+            ..
+        } = *self;
+        Box::pin(async move {
+            Ok(SourceReport {
+                callbacks: intake.callbacks,
+                records: intake.records,
+                listener: None,
+                drop_dir: Some(stats),
+                rejects_file: rejects.finish()?,
+            })
+        })
+    }
+}
+
+/// A separate `tsusage listen` journals into the same store: nothing to do here.
+struct External;
+
+impl CallbackSource for External {
+    fn poll(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Finishing {
+        Box::pin(async { Ok(SourceReport::default()) })
+    }
+}
