@@ -125,6 +125,20 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Adds what a callback source took in; `unmatched` is the tracker's count (a listener's
+    /// intake cannot tell an earlier night's request from an unknown one).
+    pub fn collected(&mut self, source: crate::collect::source::SourceReport, unmatched: u64) {
+        self.rejects_files.extend(source.rejects_file);
+        let mut callbacks = source.callbacks;
+        if source.listener.is_some() {
+            callbacks.unmatched = unmatched;
+        }
+        self.callbacks = Some(callbacks);
+        self.records = Some(source.records);
+        self.listener = source.listener;
+        self.drop_dir = source.drop_dir;
+    }
+
     pub fn new(run_id: &str, command: &str) -> Self {
         RunReport {
             run_id: run_id.to_owned(),

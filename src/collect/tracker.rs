@@ -203,6 +203,18 @@ impl Tracker {
         }
     }
 
+    /// A tracker for `jobs` with the settle time, deadline and re-requests of `[callbacks]`.
+    pub fn for_run(jobs: Vec<Job>, config: &crate::config::Config) -> Self {
+        let c = &config.callbacks;
+        Tracker::new(
+            jobs,
+            config.input.strict_luhn,
+            Duration::from_secs(c.settle_secs),
+            Duration::from_secs(c.deadline_secs),
+            c.max_resubmits,
+        )
+    }
+
     /// A requestId recorded for a job (from the store's `requests` table).
     pub fn request_recorded(&mut self, request_id: String, job_id: &str, now: Instant) {
         let Some(&i) = self.by_job.get(job_id) else {
@@ -374,6 +386,30 @@ impl Tracker {
             }
         }
         self.refresh_stats();
+    }
+
+    /// What the store must record of each ended job (after [`Tracker::finish`]).
+    pub fn job_updates(&self) -> Vec<crate::state::JobUpdate> {
+        use crate::state::JobUpdate;
+        self.job_states()
+            .filter_map(|(job_id, state)| {
+                let job_id = job_id.to_owned();
+                Some(match state {
+                    JobState::Complete => JobUpdate::Completed { job_id },
+                    JobState::Missing => JobUpdate::Missing {
+                        job_id,
+                        error: "no completion callback by the deadline after every re-request"
+                            .into(),
+                    },
+                    JobState::Failed(why) => JobUpdate::Failed {
+                        job_id,
+                        attempts: 0,
+                        error: why.clone(),
+                    },
+                    JobState::NotSubmitted(_) | JobState::Waiting => return None,
+                })
+            })
+            .collect()
     }
 
     /// The ids of the tracked jobs.

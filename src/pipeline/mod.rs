@@ -108,28 +108,12 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
     store.begin_run(&run_id, "submit")?;
     let (iccids, _) = read_iccids(config, &config.input.paths, &run_id, &mut report)?;
 
-    // The same days and the same job selection as `run` (plan::select): what is complete is not
-    // asked again, `plan.lookback_days` are re-pulled before the range.
-    let from = range.from - chrono::Days::new(u64::from(config.plan.lookback_days));
-    let windows = plan::windows(from, range.to, config.plan.window_days)?;
-    let jobs = plan::plan(
-        &config.account_name,
-        &iccids,
-        &windows,
-        config.plan.chunk_size,
-    );
-    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-    let earlier = store.job_statuses(&ids)?;
-    let new_jobs = store.record_jobs(&jobs)?;
+    // The same days and the same job selection as `run`.
     let plan::Selection {
         to_send: todo,
-        report: mut plan_report,
+        report: plan_report,
         ..
-    } = plan::select(jobs, &earlier, |job| job.window.start < range.from);
-    plan_report.from = from.to_string();
-    plan_report.to = range.to.to_string();
-    plan_report.windows = windows.len() as u64;
-    plan_report.new_jobs = new_jobs;
+    } = plan_jobs(config, &mut *store, &iccids, range, false)?;
     report.plan = Some(plan_report);
     tracing::info!(jobs = todo.len(), "submitting");
 
@@ -145,6 +129,38 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
     let mut store = StateWriter::finish_shared(writer)?;
     report.submit = Some(submitted?);
     conclude(report, &mut store, &config.output.dir)
+}
+
+/// Stage 2 for `run` and `submit`: the jobs of `range` (with the `plan.lookback_days` before it)
+/// recorded as intent, and which of them to send and to track (`plan::select`; `force` asks again
+/// for what is done).
+pub(crate) fn plan_jobs(
+    config: &Config,
+    store: &mut dyn Store,
+    iccids: &[Iccid],
+    range: DateRange,
+    force: bool,
+) -> Result<plan::Selection> {
+    let from = range.from - chrono::Days::new(u64::from(config.plan.lookback_days));
+    let windows = plan::windows(from, range.to, config.plan.window_days)?;
+    let jobs = plan::plan(
+        &config.account_name,
+        iccids,
+        &windows,
+        config.plan.chunk_size,
+    );
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    let earlier = store.job_statuses(&ids)?;
+    let new_jobs = store.record_jobs(&jobs)?;
+    // Lookback days before the range are re-pulled whatever their state: late usage replaces
+    // earlier numbers.
+    let mut selection = plan::select(jobs, &earlier, |job| force || job.window.start < range.from);
+    let report = &mut selection.report;
+    report.from = from.to_string();
+    report.to = range.to.to_string();
+    report.windows = windows.len() as u64;
+    report.new_jobs = new_jobs;
+    Ok(selection)
 }
 
 /// `tsusage callbacks register`: registers `callbacks.public_url` for `callbacks.service_name`.

@@ -9,11 +9,11 @@ use tokio::time::Instant;
 use super::{Outcome, conclude, progress_bar, read_iccids, simulate};
 use crate::collect::http_listener;
 use crate::collect::source::CallbackSource;
-use crate::collect::tracker::{JobState, Tracker};
+use crate::collect::tracker::Tracker;
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::plan::{self, DateRange, Job};
 use crate::report::{CollectReport, RunReport, new_run_id};
-use crate::state::{JobUpdate, StateError, StateWriter, Store};
+use crate::state::{StateError, StateWriter, Store};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 use crate::{Error, Result};
 
@@ -68,7 +68,6 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let range = options.range;
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "run");
-    let state_path = config.state.path.clone();
     let mut store = crate::state::open(&config.state)?;
     let _lock = store.lock(&run_id, "run")?;
     store.begin_run(&run_id, "run")?;
@@ -77,43 +76,18 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let (iccids, input_rejects) =
         read_iccids(config, &config.input.paths.clone(), &run_id, &mut report)?;
 
-    // 2. plan: jobs recorded as intent. Windows already complete are not asked again, except with
-    // --force and for the plan.lookback_days re-pulled before the range (late usage replaces
-    // earlier numbers).
-    let from = range.from - chrono::Days::new(u64::from(config.plan.lookback_days));
-    let windows = plan::windows(from, range.to, config.plan.window_days)?;
-    let jobs = plan::plan(
-        &config.account_name,
-        &iccids,
-        &windows,
-        config.plan.chunk_size,
-    );
-    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-    let earlier = store.job_statuses(&ids)?;
-    let new_jobs = store.record_jobs(&jobs)?;
+    // 2. plan: jobs recorded as intent; what is done is not asked again (plan::select).
+    let force = options.force;
     let plan::Selection {
         to_send,
         tracked,
-        report: mut plan_report,
-    } = plan::select(jobs, &earlier, |job| {
-        options.force || job.window.start < range.from
-    });
-    plan_report.from = from.to_string();
-    plan_report.to = range.to.to_string();
-    plan_report.windows = windows.len() as u64;
-    plan_report.new_jobs = new_jobs;
+        report: plan_report,
+    } = super::plan_jobs(config, &mut *store, &iccids, range, force)?;
     report.plan = Some(plan_report);
-    let c = &config.callbacks;
-    let mut tracker = Tracker::new(
-        tracked,
-        config.input.strict_luhn,
-        Duration::from_secs(c.settle_secs),
-        Duration::from_secs(c.deadline_secs),
-        c.max_resubmits,
-    );
+    let mut tracker = Tracker::for_run(tracked, config);
 
     // 3. collect: the listener is up before the first request goes out.
-    let path = state_path.display().to_string();
+    let path = config.state.path.display().to_string();
     // The writer keeps the rows of what it journals: partitions only this run fed are written from
     // them, without parsing the callbacks again.
     let writer = Arc::new(StateWriter::spawn_with_rows(
@@ -141,15 +115,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let collected = source.finish().await;
     let submitted = match (outcome, collected) {
         (Ok(submitted), Ok(collected)) => {
-            report.rejects_files.extend(collected.rejects_file.clone());
-            let mut callbacks = collected.callbacks;
-            if collected.listener.is_some() {
-                callbacks.unmatched = tracker.stats.unmatched_callbacks;
-            }
-            report.callbacks = Some(callbacks);
-            report.records = Some(collected.records);
-            report.listener = collected.listener;
-            report.drop_dir = collected.drop_dir;
+            report.collected(collected, tracker.stats.unmatched_callbacks);
             submitted
         }
         (Err(e), _) | (_, Err(e)) => {
@@ -158,26 +124,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         }
     };
     tracker.finish();
-    let mut updates = Vec::new();
-    for (job_id, state) in tracker.job_states() {
-        let update = match state {
-            JobState::Complete => JobUpdate::Completed {
-                job_id: job_id.to_owned(),
-            },
-            JobState::Missing => JobUpdate::Missing {
-                job_id: job_id.to_owned(),
-                error: "no completion callback by the deadline after every re-request".into(),
-            },
-            JobState::Failed(why) => JobUpdate::Failed {
-                job_id: job_id.to_owned(),
-                attempts: 0,
-                error: why.clone(),
-            },
-            JobState::NotSubmitted(_) | JobState::Waiting => continue,
-        };
-        updates.push(update);
-    }
-    writer.apply_all(updates).await?;
+    writer.apply_all(tracker.job_updates()).await?;
     let (mut store, rows) = StateWriter::finish_shared_with_rows(writer)?;
 
     // 5-6. normalize and write every partition the journal has news for.
@@ -194,12 +141,8 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
 
     // The report: completeness, counts.
     let (completeness, rows) = tracker.completeness(&input_rejects, range);
-    let completeness_file = config
-        .output
-        .dir
-        .join("runs")
-        .join(format!("{run_id}-completeness.csv"));
-    crate::write::completeness::write(&completeness_file, &rows)?;
+    let completeness_file =
+        crate::write::completeness::write_for_run(&config.output.dir, &run_id, &rows)?;
     report.collect = Some(CollectReport {
         tracking: tracker.stats.clone(),
         completeness,

@@ -1,10 +1,23 @@
 //! The completeness file, `out/runs/<run_id>-completeness.csv`: every planned (ICCID, window) of a
 //! run that did not end as usage, with its state, reason, job and requestIds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{WriteError, write_atomic_with};
 use crate::collect::tracker::CompletenessRow;
+
+/// Writes a run's completeness file under `out_dir/runs/`; returns its path.
+pub fn write_for_run(
+    out_dir: &Path,
+    run_id: &str,
+    rows: &[CompletenessRow],
+) -> Result<PathBuf, WriteError> {
+    let path = out_dir
+        .join("runs")
+        .join(format!("{run_id}-completeness.csv"));
+    write(&path, rows)?;
+    Ok(path)
+}
 
 /// Writes `rows` to `path` atomically, streamed (a run over millions of ICCID-days has hundreds of
 /// thousands of rows).
