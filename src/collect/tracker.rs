@@ -500,3 +500,163 @@ impl Tracker {
         (counts, rows)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Window, plan};
+
+    const SETTLE: Duration = Duration::from_secs(2);
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    fn iccids(n: u32) -> Vec<Iccid> {
+        (0..n)
+            .map(|i| {
+                let body = format!("89148000000{i:08}");
+                let check = crate::ingest::luhn_check_digit(body.as_bytes());
+                Iccid::parse(&format!("{body}{check}")).expect("iccid")
+            })
+            .collect()
+    }
+
+    fn one_job(n: u32) -> Job {
+        let day = chrono::NaiveDate::from_ymd_opt(2021, 8, 15).expect("day");
+        let window = Window {
+            start: day,
+            end: day + chrono::Days::new(1),
+        };
+        plan("0000123456-00001", &iccids(n), &[window], n).remove(0)
+    }
+
+    fn usage(request_id: &str, ids: &[&Iccid]) -> String {
+        let records: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                format!(
+                    r#"{{"deviceIdentifierCollection":[{{"id":"{id}","kind":"ICCID"}}],"dataUsage":"10","smsUsage":"1","moSms":"1","mtSms":"0","startDate":"2021-08-15T00:00:00.0000000","endDate":"2021-08-16T00:00:00.0000000"}}"#
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"requestId":"{request_id}","deviceResponse":{{"devicePromoUsageResponse":[{}]}},"callbackCount":1,"maxCallbackThreshold":4}}"#,
+            records.join(",")
+        )
+    }
+
+    fn completion(request_id: &str) -> String {
+        format!(
+            r#"{{"requestId":"{request_id}","deviceResponse":{{}},"comment":"Request Completed Processing","callbackCount":1,"maxCallbackThreshold":4}}"#
+        )
+    }
+
+    #[test]
+    fn a_job_completes_when_its_completion_and_every_iccid_are_in_in_any_order() {
+        let job = one_job(3);
+        let ids: Vec<&Iccid> = job.iccids.iter().collect();
+        let mut t = Tracker::new(vec![job.clone()], false, SETTLE, DEADLINE, 1);
+        let t0 = Instant::now();
+        // The completion and part of the usage arrive before the requestId is recorded: parked.
+        t.callback("r1".into(), completion("r1"), t0);
+        t.callback("r1".into(), usage("r1", &ids[..2]), t0);
+        assert_eq!(t.parked().map(|(_, n)| n).sum::<usize>(), 2);
+        assert_eq!((t.waiting(), t.unsent()), (1, 1));
+        t.request_recorded("r1".into(), job.id.as_str(), t0);
+        assert_eq!(t.parked().count(), 0, "applied once the requestId is known");
+        assert!(t.tick(t0).is_empty());
+        assert_eq!(
+            t.stats.complete, 0,
+            "one ICCID is still out, and the settle time runs"
+        );
+        t.callback(
+            "r1".into(),
+            usage("r1", &ids[2..]),
+            t0 + Duration::from_millis(10),
+        );
+        t.tick(t0 + Duration::from_millis(10));
+        assert_eq!(t.stats.complete, 1);
+        assert_eq!((t.stats.callbacks, t.stats.callbacks_read), (3, 3));
+        let (counts, rows) = t.completeness(
+            &[],
+            crate::plan::DateRange {
+                from: job.window.start,
+                to: job.window.start,
+            },
+        );
+        assert_eq!(counts.get("usage"), Some(&3));
+        assert!(rows.is_empty());
+    }
+
+    #[test]
+    fn iccids_without_a_record_are_no_usage_once_the_settle_time_has_passed() {
+        let job = one_job(3);
+        let ids: Vec<&Iccid> = job.iccids.iter().collect();
+        let mut t = Tracker::new(vec![job.clone()], false, SETTLE, DEADLINE, 1);
+        let t0 = Instant::now();
+        t.request_recorded("r1".into(), job.id.as_str(), t0);
+        t.callback("r1".into(), usage("r1", &ids[..1]), t0);
+        t.callback("r1".into(), completion("r1"), t0);
+        t.tick(t0 + SETTLE - Duration::from_millis(1));
+        assert_eq!(t.stats.complete, 0);
+        t.tick(t0 + SETTLE);
+        assert_eq!(t.stats.complete, 1);
+        let range = crate::plan::DateRange {
+            from: job.window.start,
+            to: job.window.start,
+        };
+        let (counts, rows) = t.completeness(&[("8.9E+19".into(), "spreadsheet".into())], range);
+        assert_eq!(
+            (
+                counts.get("usage"),
+                counts.get("no_usage"),
+                counts.get("rejected_input")
+            ),
+            (Some(&1), Some(&2), Some(&1))
+        );
+        assert_eq!(rows.len(), 3);
+    }
+
+    #[test]
+    fn an_overdue_job_is_re_requested_then_missing_and_a_late_requestid_is_still_tracked() {
+        let job = one_job(2);
+        let mut t = Tracker::new(vec![job.clone()], false, SETTLE, DEADLINE, 1);
+        let t0 = Instant::now();
+        t.request_recorded("r1".into(), job.id.as_str(), t0);
+        assert!(t.tick(t0 + DEADLINE - Duration::from_millis(1)).is_empty());
+        let again = t.tick(t0 + DEADLINE);
+        assert_eq!(again, vec![job.clone()], "re-requested once");
+        assert_eq!(t.stats.resubmitted, 1);
+        // The re-request's requestId; the deadline counts from it.
+        let t1 = t0 + DEADLINE + Duration::from_secs(1);
+        t.request_recorded("r2".into(), job.id.as_str(), t1);
+        assert!(t.tick(t1 + DEADLINE - Duration::from_millis(1)).is_empty());
+        assert!(t.tick(t1 + DEADLINE).is_empty(), "no more re-requests");
+        assert_eq!(t.stats.missing, 1);
+        let updates = t.job_updates();
+        assert!(matches!(
+            &updates[..],
+            [crate::state::JobUpdate::Missing { .. }]
+        ));
+    }
+
+    #[test]
+    fn a_job_never_sent_ends_not_submitted_and_a_refused_one_failed() {
+        let (a, b) = (one_job(2), one_job(3));
+        let mut t = Tracker::new(vec![a.clone(), b.clone()], false, SETTLE, DEADLINE, 1);
+        t.not_submitted(a.id.as_str(), "retry budget used up".into());
+        t.refused(
+            b.id.as_str(),
+            "INPUT_INVALID.Account.NotDefined: no such account".into(),
+        );
+        t.tick(Instant::now());
+        assert_eq!(
+            (t.waiting(), t.stats.not_submitted, t.stats.failed),
+            (0, 1, 1)
+        );
+        let range = crate::plan::DateRange {
+            from: a.window.start,
+            to: a.window.start,
+        };
+        let (counts, _) = t.completeness(&[], range);
+        assert_eq!(counts.get("failed_request"), Some(&5));
+    }
+}
