@@ -13,14 +13,19 @@
 //! ```
 //!
 //! - [`ingest`]: ICCID lists from CSV → validated, deduplicated [`ingest::Iccid`]s; bad rows rejected.
-//! - [`collect`]: callback bodies from a drop directory → stripped of credentials → journaled durably.
-//! - [`state`]: the state store (SQLite): callback journal, jobs, requests, runs, written partitions.
+//! - [`collect`]: callback bodies from a source ([`collect::source`]: the listener, a drop directory,
+//!   an external `tsusage listen`) → stripped of credentials → journaled durably; the tracker
+//!   ([`collect::tracker`]) says which jobs are complete; the archive format ([`collect::archive`]).
+//! - [`state`]: the state store, reached through its trait from [`state::open`]: callback journal,
+//!   jobs, requests, runs, written partitions, archive files; SQLite is the embedded implementation.
 //! - [`normalize`]: the one payload parser and the value policy → typed [`normalize::UsageRow`]s.
-//! - [`write`]: Parquet partitions published atomically; rejects files.
-//! - [`report`]: the run report and exit codes.
+//! - [`write`]: Parquet partitions published atomically ([`write::publish`]); rejects and completeness
+//!   files.
+//! - [`report`]: the run report, exit codes, the `status` text.
 //! - [`pipeline`]: each command's wiring, in the order above.
 //! - [`config`]: the TOML configuration with environment overrides.
-//! - [`plan`]: date range and ICCIDs → jobs; [`submit`]: jobs → requestIds (client in `submit::client`).
+//! - [`plan`]: date range and ICCIDs → jobs, and which to send ([`plan::select`]); [`submit`]: jobs →
+//!   requestIds (client in `submit::client`, the vendor's field names in `submit::wire`).
 //! - [`sim`]: the built-in ThingSpace simulator; [`failpoint`]: injected pauses for crash tests.
 //!
 
