@@ -17,7 +17,9 @@
 //! - [`state`]: the state store (SQLite): callback journal, jobs, requests, runs, written partitions.
 //! - [`normalize`]: the one payload parser and the value policy → typed [`normalize::UsageRow`]s.
 //! - [`write`]: Parquet partitions published atomically; rejects files.
-//! - [`report`]: the run report and exit codes.
+//! - [`report`]: the run report and exit codes, its summary block and its HTML page.
+//! - [`logging`]: log lines on stderr, as text or JSON, each with the run id.
+//! - [`progress`]: the live display of a run on a terminal.
 //! - [`pipeline`]: each command's wiring, in the order above.
 //! - [`config`]: the TOML configuration with environment overrides.
 //! - [`plan`]: date range and ICCIDs → jobs; [`submit`]: jobs → requestIds (client in `submit::client`).
@@ -30,9 +32,11 @@ pub mod error;
 pub mod failpoint;
 pub mod fuzzing;
 pub mod ingest;
+pub mod logging;
 pub mod normalize;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod report;
 pub mod sim;
 pub mod state;

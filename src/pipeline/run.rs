@@ -8,9 +8,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{
-    Outcome, conclude, fresh_rows, progress_bar, read_iccids, rejects_dir, simulate, write_pending,
-};
+use super::{Outcome, conclude, fresh_rows, read_iccids, rejects_dir, simulate, write_pending};
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::collect::http_listener::{self, ListenerHandle, ListenerState};
 use crate::collect::tracker::{CompletenessRow, JobState, Tracker};
@@ -309,6 +307,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     // The submission tells the collector each requestId once it is durable, and every one before
     // it returns: when a submission has ended, what it recorded is in `recorded`.
     let (recorded_tx, mut recorded) = tokio::sync::mpsc::unbounded_channel();
+    let progress = crate::progress::RunProgress::new(tracker.stats.jobs);
     let mut submissions: JoinSet<std::result::Result<SubmitReport, SubmitError>> = JoinSet::new();
     let spawn = |submissions: &mut JoinSet<_>, jobs: Vec<Job>| {
         if jobs.is_empty() {
@@ -316,6 +315,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         }
         let mut options = SubmitOptions::new(&config.api, jobs.len());
         options.recorded = Some(recorded_tx.clone());
+        options.progress = Some(progress.gauge());
         let (client, writer) = (client.clone(), writer.clone());
         submissions.spawn(async move { submit::submit(client, writer, jobs, &options).await });
     };
@@ -329,8 +329,6 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     let mut drop_rejects =
         RecordRejects::new(rejects_dir(&config.output.dir).join(format!("{run_id}-dropdir.jsonl")));
     let mut merged = SubmitReport::default();
-    let progress = progress_bar("jobs done");
-    progress.set_length(tracker.stats.jobs);
     let mut last_log = Instant::now();
     loop {
         let now = Instant::now();
@@ -394,8 +392,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
             spawn(&mut submissions, resubmit);
         }
         let s = &tracker.stats;
-        progress.set_position(s.complete + s.failed + s.missing + s.not_submitted);
-        progress.set_message(format!("{} callbacks", s.callbacks));
+        progress.update(s);
         if progress.is_hidden() && last_log.elapsed() >= Duration::from_secs(5) {
             last_log = Instant::now();
             tracing::info!(
@@ -491,6 +488,7 @@ fn merge(into: &mut SubmitReport, from: SubmitReport) {
         0.0
     };
     into.failures.extend(from.failures);
+    into.sent_per_second.extend(from.sent_per_second);
     into.unsent.extend(from.unsent);
 }
 
