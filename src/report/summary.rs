@@ -168,11 +168,11 @@ pub fn block(report: &Value, report_path: &Path) -> Vec<String> {
         stage(
             "prune",
             format!(
-                "{} archived (before {})  store {} → {}",
+                "{} archived (received before {})  store {:.1} → {:.1} MB",
                 count(n(pr, &["callbacks_archived"]), "callback"),
-                text(pr, &["horizon"]),
-                megabytes(n(pr, &["store_bytes_before"])),
-                megabytes(n(pr, &["store_bytes_after"]))
+                text(pr, &["horizon"]).get(..10).unwrap_or_default(),
+                n(pr, &["store_bytes_before"]) as f64 / 1e6,
+                n(pr, &["store_bytes_after"]) as f64 / 1e6
             ),
         );
     }
@@ -263,10 +263,6 @@ fn push_nonzero(parts: &mut Vec<String>, value: u64, noun: &str) {
     if value > 0 {
         parts.push(count(value, noun));
     }
-}
-
-fn megabytes(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1_000_000.0)
 }
 
 /// Cuts a line to [`MAX_WIDTH`] characters, ending it with `…` when cut.
