@@ -16,9 +16,16 @@ pub use crate::sim::SimConfig;
 
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "TSUSAGE_";
+/// The configuration file to use when `--config` is not given.
+pub const ENV_CONFIG: &str = "TSUSAGE_CONFIG";
+/// The configuration file looked for in the working directory when neither `--config` nor
+/// `$TSUSAGE_CONFIG` names one.
+pub const DEFAULT_CONFIG_FILE: &str = "tsusage.toml";
 /// Environment variables with the prefix that are not configuration keys.
 pub const ENV_RESERVED: &[&str] = &[
     "TSUSAGE_LOG",
+    "TSUSAGE_LOG_FORMAT",
+    ENV_CONFIG,
     crate::failpoint::ENV,
     crate::failpoint::ENV_FAIL,
     crate::failpoint::ENV_DAYS_LATER,
@@ -124,6 +131,34 @@ pub enum ConfigError {
     },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    #[error(
+        "no configuration file: --config was not given, {ENV_CONFIG} is not set, and there is no \
+         {DEFAULT_CONFIG_FILE} in {}; pass --config FILE (the bundled sample: --config data/tsusage.toml)",
+        cwd.display()
+    )]
+    NotFound { cwd: PathBuf },
+}
+
+/// Which configuration file a command reads: `explicit` (`--config`), else `from_env`
+/// (`$TSUSAGE_CONFIG`, when set and not empty), else `cwd/tsusage.toml` when it exists.
+pub fn locate(
+    explicit: Option<&Path>,
+    from_env: Option<&std::ffi::OsStr>,
+    cwd: &Path,
+) -> Result<PathBuf, ConfigError> {
+    if let Some(path) = explicit {
+        return Ok(path.to_owned());
+    }
+    if let Some(path) = from_env.filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let local = cwd.join(DEFAULT_CONFIG_FILE);
+    if local.is_file() {
+        return Ok(PathBuf::from(DEFAULT_CONFIG_FILE));
+    }
+    Err(ConfigError::NotFound {
+        cwd: cwd.to_owned(),
+    })
 }
 
 /// A secret string: never shown by `Debug`, never serialized.
@@ -678,6 +713,48 @@ dir = "out"
 [state]
 path = "state/tsusage.db"
 "#;
+
+    #[test]
+    fn locate_prefers_the_flag_then_the_environment_then_the_working_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flag = Path::new("a.toml");
+        let env = std::ffi::OsStr::new("b.toml");
+        assert_eq!(
+            locate(Some(flag), Some(env), dir.path()).expect("flag"),
+            flag
+        );
+        assert_eq!(
+            locate(None, Some(env), dir.path()).expect("env"),
+            Path::new("b.toml")
+        );
+        let err = locate(None, Some(std::ffi::OsStr::new("")), dir.path())
+            .expect_err("nothing found")
+            .to_string();
+        assert!(
+            err.contains("TSUSAGE_CONFIG is not set")
+                && err.contains(&dir.path().display().to_string())
+                && err.contains("--config"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join(DEFAULT_CONFIG_FILE), MINIMAL).expect("write");
+        assert_eq!(
+            locate(None, None, dir.path()).expect("local"),
+            Path::new("tsusage.toml")
+        );
+    }
+
+    #[test]
+    fn the_config_and_log_format_variables_are_not_config_keys() {
+        let config = load(
+            MINIMAL,
+            &[
+                ("TSUSAGE_CONFIG", "elsewhere.toml"),
+                ("TSUSAGE_LOG_FORMAT", "json"),
+            ],
+        )
+        .expect("reserved variables are ignored");
+        assert_eq!(config.output.dir, Path::new("out"));
+    }
 
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));

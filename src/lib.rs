@@ -22,6 +22,8 @@
 //! - [`write`]: Parquet partitions published atomically ([`write::publish`]); rejects and completeness
 //!   files.
 //! - [`report`]: the run report, exit codes, the `status` text.
+//! - [`logging`]: log lines on stderr, as text or JSON, each with the run id.
+//! - [`progress`]: the live display of a run on a terminal.
 //! - [`pipeline`]: each command's wiring, in the order above.
 //! - [`config`]: the TOML configuration with environment overrides.
 //! - [`plan`]: date range and ICCIDs → jobs, and which to send ([`plan::select`]); [`submit`]: jobs →
@@ -35,9 +37,11 @@ pub mod error;
 pub mod failpoint;
 pub mod fuzzing;
 pub mod ingest;
+pub mod logging;
 pub mod normalize;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod report;
 pub mod sim;
 pub mod state;

@@ -130,6 +130,11 @@ pub struct TrackerStats {
     pub callbacks_read: u64,
     /// Callbacks journaled during this run whose requestId matches no request known to the store.
     pub unmatched_callbacks: u64,
+    /// Every planned pair by window (its first day, `YYYY-MM-DD`) and final state (`usage`,
+    /// `no_usage`, ...): the per-day completeness of the run report's page. Set by
+    /// [`Tracker::finish`].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_window: BTreeMap<String, BTreeMap<&'static str, u64>>,
 }
 
 /// One row of the completeness file: a planned pair that did not end as usage.
@@ -386,6 +391,18 @@ impl Tracker {
             }
         }
         self.refresh_stats();
+        let mut by_window: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        for track in &self.tracks {
+            let window = by_window
+                .entry(track.job.window.start.to_string())
+                .or_default();
+            for (pos, iccid) in track.job.iccids.iter().enumerate() {
+                *window
+                    .entry(pair_state(track, pos, iccid).0.name())
+                    .or_default() += 1;
+            }
+        }
+        self.stats.by_window = by_window;
     }
 
     /// What the store must record of each ended job (after [`Tracker::finish`]).
@@ -434,42 +451,7 @@ impl Tracker {
         let mut rows = Vec::new();
         for track in &self.tracks {
             for (pos, iccid) in track.job.iccids.iter().enumerate() {
-                let (state, reason) = match &track.state {
-                    JobState::Complete | JobState::Waiting => {
-                        if track.with_data.contains(pos) {
-                            (PairState::Usage, String::new())
-                        } else if let Some(why) = track.rejected.get(iccid) {
-                            (PairState::Rejected, why.clone())
-                        } else if track.state == JobState::Complete {
-                            (
-                                PairState::NoUsage,
-                                "request complete; no usage record for this ICCID".into(),
-                            )
-                        } else {
-                            (
-                                PairState::Missing,
-                                "still waiting when the run ended".into(),
-                            )
-                        }
-                    }
-                    JobState::Failed(why) => (PairState::FailedRequest, why.clone()),
-                    JobState::NotSubmitted(why) => {
-                        (PairState::FailedRequest, format!("not submitted: {why}"))
-                    }
-                    JobState::Missing => {
-                        if track.with_data.contains(pos) {
-                            (PairState::Usage, String::new())
-                        } else {
-                            (
-                                PairState::Missing,
-                                format!(
-                                    "no completion callback after {} re-requests",
-                                    track.resubmits
-                                ),
-                            )
-                        }
-                    }
-                };
+                let (state, reason) = pair_state(track, pos, iccid);
                 *counts.entry(state.name().to_owned()).or_default() += 1;
                 if state != PairState::Usage {
                     rows.push(CompletenessRow {
@@ -498,6 +480,44 @@ impl Tracker {
         }
         rows.sort();
         (counts, rows)
+    }
+}
+
+/// Where one planned pair ended, and why when it is not usage.
+fn pair_state(track: &Track, pos: usize, iccid: &Iccid) -> (PairState, String) {
+    match &track.state {
+        JobState::Complete | JobState::Waiting => {
+            if track.with_data.contains(pos) {
+                (PairState::Usage, String::new())
+            } else if let Some(why) = track.rejected.get(iccid) {
+                (PairState::Rejected, why.clone())
+            } else if track.state == JobState::Complete {
+                (
+                    PairState::NoUsage,
+                    "request complete; no usage record for this ICCID".into(),
+                )
+            } else {
+                (
+                    PairState::Missing,
+                    "still waiting when the run ended".into(),
+                )
+            }
+        }
+        JobState::Failed(why) => (PairState::FailedRequest, why.clone()),
+        JobState::NotSubmitted(why) => (PairState::FailedRequest, format!("not submitted: {why}")),
+        JobState::Missing => {
+            if track.with_data.contains(pos) {
+                (PairState::Usage, String::new())
+            } else {
+                (
+                    PairState::Missing,
+                    format!(
+                        "no completion callback after {} re-requests",
+                        track.resubmits
+                    ),
+                )
+            }
+        }
     }
 }
 

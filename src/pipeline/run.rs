@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{Outcome, conclude, progress_bar, read_iccids, simulate};
+use super::{Outcome, conclude, read_iccids, simulate};
 use crate::collect::http_listener;
 use crate::collect::source::CallbackSource;
 use crate::collect::tracker::Tracker;
@@ -190,6 +190,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     // The submission tells the collector each requestId once it is durable, and every one before
     // it returns: when a submission has ended, what it recorded is in `recorded`.
     let (recorded_tx, mut recorded) = tokio::sync::mpsc::unbounded_channel();
+    let progress = crate::progress::RunProgress::new(tracker.stats.jobs);
     let mut submissions: JoinSet<std::result::Result<SubmitReport, SubmitError>> = JoinSet::new();
     let spawn = |submissions: &mut JoinSet<_>, jobs: Vec<Job>| {
         if jobs.is_empty() {
@@ -197,14 +198,14 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         }
         let mut options = SubmitOptions::new(&config.api, jobs.len());
         options.recorded = Some(recorded_tx.clone());
+        options.progress = Some(progress.gauge());
+        options.progress = Some(progress.gauge());
         let (client, writer) = (client.clone(), writer.clone());
         submissions.spawn(async move { submit::submit(client, writer, jobs, &options).await });
     };
     spawn(&mut submissions, to_send);
 
     let mut merged = SubmitReport::default();
-    let progress = progress_bar("jobs done");
-    progress.set_length(tracker.stats.jobs);
     let mut last_log = Instant::now();
     loop {
         let now = Instant::now();
@@ -253,8 +254,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
             spawn(&mut submissions, resubmit);
         }
         let s = &tracker.stats;
-        progress.set_position(s.complete + s.failed + s.missing + s.not_submitted);
-        progress.set_message(format!("{} callbacks", s.callbacks));
+        progress.update(s);
         if progress.is_hidden() && last_log.elapsed() >= Duration::from_secs(5) {
             last_log = Instant::now();
             tracing::info!(

@@ -46,6 +46,8 @@ pub struct SubmitOptions {
     /// requests it must track without polling the store (every message is sent before the
     /// submission returns).
     pub recorded: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+    /// Live counts for a progress display (requests sent, accepted, on the wire).
+    pub progress: Option<Arc<crate::progress::SubmitGauge>>,
 }
 
 impl SubmitOptions {
@@ -62,6 +64,7 @@ impl SubmitOptions {
             backoff_min: Duration::from_millis(api.backoff_min_ms),
             backoff_max: Duration::from_secs(api.backoff_max_secs),
             recorded: None,
+            progress: None,
         }
     }
 }
@@ -107,6 +110,10 @@ pub struct SubmitReport {
     /// Requests per second from the first send to the last answer.
     pub achieved_rate_per_sec: f64,
     pub failures: Vec<JobFailure>,
+    /// Requests sent per second of the wall clock: `[unix_second, requests]`, in time order, seconds
+    /// without a request left out (the run report's page draws the rate over time from it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sent_per_second: Vec<(i64, u64)>,
     /// Jobs left for a later run, with the reason: `(job_id, reason)`.
     #[serde(skip)]
     pub unsent: Vec<(String, String)>,
@@ -136,6 +143,7 @@ impl std::ops::AddAssign for SubmitReport {
             elapsed_secs,
             achieved_rate_per_sec: _,
             failures,
+            sent_per_second,
             unsent,
         } = other;
         self.jobs += jobs;
@@ -160,6 +168,7 @@ impl std::ops::AddAssign for SubmitReport {
             0.0
         };
         self.failures.extend(failures);
+        self.sent_per_second.extend(sent_per_second);
         self.unsent.extend(unsent);
     }
 }
@@ -198,6 +207,8 @@ struct Counters {
     throttled: AtomicU64,
     server_errors: AtomicU64,
     transport_errors: AtomicU64,
+    /// Requests sent per unix second.
+    timeline: Mutex<std::collections::BTreeMap<i64, u64>>,
 }
 
 impl Shared {
@@ -400,6 +411,9 @@ pub async fn submit<S: Store + Send + 'static>(
             0.0
         },
         failures,
+        sent_per_second: std::mem::take(&mut *c.timeline.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect(),
         unsent,
     })
 }
@@ -446,7 +460,20 @@ async fn submit_job<S: Store + Send + 'static>(
             shared.wire_max.fetch_max(now, Ordering::SeqCst);
             attempts += 1;
             c.attempts.fetch_add(1, Ordering::Relaxed);
+            *c.timeline
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(chrono::Utc::now().timestamp())
+                .or_default() += 1;
+            let gauge = options.progress.as_deref();
+            if let Some(g) = gauge {
+                g.sent.fetch_add(1, Ordering::Relaxed);
+                g.in_flight.fetch_add(1, Ordering::Relaxed);
+            }
             let result = client.request_usage(job).await;
+            if let Some(g) = gauge {
+                g.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
             shared.wire_now.fetch_sub(1, Ordering::SeqCst);
             // Pause everyone before the slot is released, so no task slips in under a Retry-After.
             if let Some(wait) = result.as_ref().err().and_then(ApiError::retry_after) {
@@ -466,6 +493,9 @@ async fn submit_job<S: Store + Send + 'static>(
                     })
                     .await?;
                 c.submitted.fetch_add(1, Ordering::Relaxed);
+                if let Some(g) = &options.progress {
+                    g.accepted.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Some(recorded) = &options.recorded {
                     // A collector that stopped listening no longer needs to know.
                     let _ = recorded.send((job.id.to_string(), request_id));

@@ -11,6 +11,7 @@ mod listener;
 mod nightly;
 mod properties;
 mod prune;
+mod report_page;
 mod run;
 mod secrets;
 mod sim;

@@ -40,8 +40,80 @@ fn assert_files_clean(ws: &Workspace) {
     }
 }
 
+/// Every stderr line is one JSON object with a level and this run's id (what `jq` reads line by line).
+fn assert_json_lines(stderr: &str, run_id: &str) -> Vec<serde_json::Value> {
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "logs were written");
+    for line in &lines {
+        assert!(line.is_object(), "{line}");
+        assert_eq!(line["run_id"], run_id, "{line}");
+        assert!(
+            line["level"].is_string() && line["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    lines
+}
+
 #[test]
 fn a_simulated_run_at_trace_level_leaks_no_secret() {
+    let (ws, run) = simulated_run_at_trace("text");
+    assert!(
+        run.stderr().contains("TRACE") || run.stderr().contains("DEBUG"),
+        "logging at trace level"
+    );
+    let run_id = run.report()["run_id"].as_str().expect("run id").to_owned();
+    assert!(
+        run.stderr()
+            .lines()
+            .all(|l| l.ends_with(&format!(" run_id={run_id}"))),
+        "every text line ends with the run id: {}",
+        run.stderr()
+    );
+    assert_run_clean(&ws, &run);
+}
+
+#[test]
+fn json_logs_of_a_simulated_run_at_trace_level_parse_line_by_line_and_leak_no_secret() {
+    let (ws, run) = simulated_run_at_trace("json");
+    let run_id = run.report()["run_id"].as_str().expect("run id").to_owned();
+    let lines = assert_json_lines(&run.stderr(), &run_id);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "TRACE" || l["level"] == "DEBUG"),
+        "logging at trace level"
+    );
+    assert!(
+        lines.iter().any(|l| l["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("tsusage::submit"))
+            || l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("tsusage::collect"))),
+        "lines from the submission and collection tasks carry the run id too"
+    );
+    assert_run_clean(&ws, &run);
+}
+
+fn assert_run_clean(ws: &Workspace, run: &Run) {
+    assert_clean("stdout", &run.stdout());
+    assert_clean("stderr", &run.stderr());
+    assert!(!ws.callback_rejects().is_empty(), "rejects were written");
+    assert!(!ws.rows().is_empty(), "Parquet was written");
+    assert!(
+        files_under(&ws.out().join("runs"))
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "html")),
+        "the report's page was written (and checked)"
+    );
+    assert_files_clean(ws);
+}
+
+fn simulated_run_at_trace(log_format: &str) -> (Workspace, Run) {
     let ws = Workspace::new();
     let list: Vec<String> = (0..30).map(iccid).collect();
     std::fs::write(
@@ -53,6 +125,8 @@ fn a_simulated_run_at_trace_level_leaks_no_secret() {
         .args([
             "--log",
             "trace",
+            "--log-format",
+            log_format,
             "run",
             "--simulate",
             "--date",
@@ -77,15 +151,7 @@ fn a_simulated_run_at_trace_level_leaks_no_secret() {
         .expect("run");
     let run = Run(output);
     run.expect_code(3); // the bad ICCID row and the dirty values
-    assert!(
-        run.stderr().contains("TRACE") || run.stderr().contains("DEBUG"),
-        "logging at trace level"
-    );
-    assert_clean("stdout", &run.stdout());
-    assert_clean("stderr", &run.stderr());
-    assert!(!ws.callback_rejects().is_empty(), "rejects were written");
-    assert!(!ws.rows().is_empty(), "Parquet was written");
-    assert_files_clean(&ws);
+    (ws, run)
 }
 
 #[test]
@@ -93,21 +159,28 @@ fn a_listen_session_at_trace_level_leaks_no_secret() {
     let ws = Workspace::new();
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsusage"));
-    cmd.args(["--log", "trace", "listen", "--config"])
-        .arg(ws.config())
-        .current_dir(ws.dir.path())
-        .env(
-            "TSUSAGE_CALLBACKS__LISTEN_ADDR",
-            format!("127.0.0.1:{port}"),
-        )
-        .env(
-            "TSUSAGE_CALLBACKS__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}/callbacks"),
-        )
-        .env("TSUSAGE_CALLBACKS__USERNAME", "cb-user")
-        .env("TSUSAGE_CALLBACKS__PASSWORD", SENTINELS[3])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "--log",
+        "trace",
+        "--log-format",
+        "json",
+        "listen",
+        "--config",
+    ])
+    .arg(ws.config())
+    .current_dir(ws.dir.path())
+    .env(
+        "TSUSAGE_CALLBACKS__LISTEN_ADDR",
+        format!("127.0.0.1:{port}"),
+    )
+    .env(
+        "TSUSAGE_CALLBACKS__PUBLIC_URL",
+        format!("http://127.0.0.1:{port}/callbacks"),
+    )
+    .env("TSUSAGE_CALLBACKS__USERNAME", "cb-user")
+    .env("TSUSAGE_CALLBACKS__PASSWORD", SENTINELS[3])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let child = wait_listening(cmd.spawn().expect("spawn listen"), port);
     let good = usage_callback(
         "req-1",
@@ -129,6 +202,15 @@ fn a_listen_session_at_trace_level_leaks_no_secret() {
     let output = child.wait_with_output().expect("listen ends");
     let run = Run(output);
     run.expect_code(3); // the -1 record was rejected
+    let run_id = run.report()["run_id"].as_str().expect("run id").to_owned();
+    let lines = assert_json_lines(&run.stderr(), &run_id);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "callback refused: wrong or missing credentials"),
+        "{}",
+        run.stderr()
+    );
     assert_clean("stdout", &run.stdout());
     assert_clean("stderr", &run.stderr());
     assert_eq!(ws.callback_rejects().len(), 1);

@@ -123,14 +123,20 @@ impl Run {
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.0.stderr).into_owned()
     }
-    /// The run report, read from the path printed last on stdout.
-    pub fn report(&self) -> serde_json::Value {
+    /// The run report's path: the last line on stdout.
+    pub fn report_path(&self) -> PathBuf {
         let stdout = self.stdout();
         let last = stdout
             .lines()
             .last()
             .unwrap_or_else(|| panic!("no stdout; stderr: {}", self.stderr()));
-        let text = std::fs::read_to_string(last).unwrap_or_else(|e| panic!("report {last}: {e}"));
+        PathBuf::from(last)
+    }
+    /// The run report, read from the path printed last on stdout.
+    pub fn report(&self) -> serde_json::Value {
+        let path = self.report_path();
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("report {}: {e}", path.display()));
         serde_json::from_str(&text).expect("report json")
     }
     /// Asserts the exit code, showing the output when it differs.

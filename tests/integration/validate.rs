@@ -41,7 +41,8 @@ fn header_bom_crlf_quotes_blank_lines_and_extra_columns() {
     );
     assert!(rejects_csv(&ws).is_empty());
     assert!(
-        run.stdout().contains("3 ICCIDs, 1 duplicates"),
+        run.stdout()
+            .contains("4 rows  3 ICCIDs  1 duplicate  0 rejected"),
         "{}",
         run.stdout()
     );

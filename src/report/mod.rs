@@ -1,6 +1,7 @@
 //! The run report: what each stage counted, what was written, where the rejects are, and the exit code.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde::Serialize;
 
@@ -12,6 +13,10 @@ use crate::ingest::IngestStats;
 use crate::normalize::RecordStats;
 use crate::submit::SubmitReport;
 use crate::write::{WriteError, write_atomic};
+
+pub mod html;
+pub mod stored;
+pub mod summary;
 
 /// Exit code: everything asked for is complete.
 pub const EXIT_OK: u8 = 0;
@@ -199,12 +204,23 @@ impl RunReport {
         self.finished_at = now_text();
     }
 
-    /// Writes the report atomically to `{out_dir}/runs/{run_id}.json` and returns its path.
+    /// Writes the report atomically to `{out_dir}/runs/{run_id}.json`, and its page beside it
+    /// (`{run_id}.html`, see [`html`]); returns the JSON's path.
     pub fn save(&self, out_dir: &Path) -> Result<PathBuf, WriteError> {
         let path = out_dir.join("runs").join(format!("{}.json", self.run_id));
-        let json = serde_json::to_vec_pretty(self).map_err(|e| WriteError::io(&path, e.into()))?;
+        let value = serde_json::to_value(self).map_err(|e| WriteError::io(&path, e.into()))?;
+        let json =
+            serde_json::to_vec_pretty(&value).map_err(|e| WriteError::io(&path, e.into()))?;
+        // The page first: the JSON, whose path is printed last, is the record that the run ended.
+        write_atomic(&summary::html_path(&path), html::render(&value).as_bytes())?;
         write_atomic(&path, &json)?;
         Ok(path)
+    }
+
+    /// The summary block (see [`summary::block`]) for this report saved at `report_path`.
+    pub fn summary_block(&self, report_path: &Path) -> Vec<String> {
+        let value = serde_json::to_value(self).unwrap_or_default();
+        summary::block(&value, report_path)
     }
 
     /// The one-line summary printed before the report's path.
@@ -425,8 +441,27 @@ fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// A new run id: UTC time to the second plus a process-unique suffix, sortable by start.
+/// The run id the `tsusage` command chose before anything ran (see [`use_run_id`]).
+static COMMAND_RUN_ID: OnceLock<String> = OnceLock::new();
+
+/// Makes [`new_run_id`] return `id` from now on in this process: the `tsusage` command picks its run
+/// id first, so that every log line, from the first, carries the id of the report the command
+/// writes. Returns false when an id was already set (it is kept).
+pub fn use_run_id(id: String) -> bool {
+    COMMAND_RUN_ID.set(id).is_ok()
+}
+
+/// The run id for a command's report: the one set by [`use_run_id`], else a fresh one (UTC time to
+/// the second plus a process-unique suffix, sortable by start).
 pub fn new_run_id() -> String {
+    if let Some(id) = COMMAND_RUN_ID.get() {
+        return id.clone();
+    }
+    fresh_run_id()
+}
+
+/// A new run id, whatever [`use_run_id`] set.
+pub fn fresh_run_id() -> String {
     let now = chrono::Utc::now();
     format!(
         "{}-{:05x}",
