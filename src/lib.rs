@@ -31,6 +31,16 @@
 //! - [`sim`]: the built-in ThingSpace simulator; [`failpoint`]: injected pauses for crash tests.
 //!
 
+//! # Layers
+//!
+//! Bottom to top; a module uses only modules below it (`tests/integration/architecture.rs` checks
+//! every `crate::` path against this table, with the imports that still break it listed there as
+//! debts, each with what fixing it takes):
+//!
+//! `failpoint` < `sim` (shares no code with the client) < `config` < `ingest` < `plan` <
+//! `normalize` < `state` < `submit` < `collect` < `write` < `report` < `fuzzing` < `error` <
+//! `logging`, `progress` < `pipeline`.
+
 pub mod collect;
 pub mod config;
 pub mod error;

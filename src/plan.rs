@@ -193,6 +193,73 @@ pub fn plan(account: &str, iccids: &[Iccid], windows: &[Window], chunk_size: u32
     jobs
 }
 
+/// What planning produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PlanReport {
+    /// First day asked for (UTC).
+    pub from: String,
+    /// Last day asked for, inclusive.
+    pub to: String,
+    pub windows: u64,
+    pub jobs: u64,
+    /// Jobs recorded as intent for the first time by this run.
+    pub new_jobs: u64,
+    /// Jobs skipped because an earlier run already has their requestId.
+    pub already_submitted: u64,
+    /// Jobs skipped because the vendor refused them in an earlier run.
+    pub already_failed: u64,
+    /// Jobs skipped because an earlier run has all their callbacks.
+    pub already_complete: u64,
+    /// Jobs an earlier run recorded as intent without a requestId (never sent, or killed between the
+    /// POST and the record): sent again, which is harmless (the data collapses).
+    pub unknown_outcome: u64,
+    /// Their job ids (the first 1,000).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown_outcome_jobs: Vec<String>,
+    /// Jobs asked again although done (`--force`, or `plan.lookback_days`).
+    pub requested_again: u64,
+}
+
+/// Where a job stands in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JobStatus {
+    /// Recorded as intent, no requestId yet (or its POST outcome is unknown).
+    Planned,
+    /// A requestId is recorded.
+    Submitted,
+    /// The vendor refused the request (or reported it failed).
+    Failed,
+    /// All its callbacks are in: usage or no usage for every ICCID.
+    Complete,
+    /// No callbacks by the deadline after every re-request.
+    Missing,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Planned,
+        JobStatus::Submitted,
+        JobStatus::Failed,
+        JobStatus::Complete,
+        JobStatus::Missing,
+    ];
+
+    /// The name the store keeps (and `status` prints).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Planned => "planned",
+            JobStatus::Submitted => "submitted",
+            JobStatus::Failed => "failed",
+            JobStatus::Complete => "complete",
+            JobStatus::Missing => "missing",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
 /// Which planned jobs a command sends and which it only tracks: the one copy of these rules, shared
 /// by `run` and `submit`.
 #[derive(Debug, Default)]
@@ -203,7 +270,7 @@ pub struct Selection {
     /// that are still waiting (`submitted`).
     pub tracked: Vec<Job>,
     /// Jobs skipped because done: their counts and the reasons, for the run report.
-    pub report: crate::report::PlanReport,
+    pub report: PlanReport,
 }
 
 /// Splits `jobs` by the status an earlier command left them in (`earlier`, by job id; absent means
@@ -214,10 +281,9 @@ pub struct Selection {
 /// - with `again` true for a job (`--force`, or a `plan.lookback_days` day), every status is sent.
 pub fn select(
     jobs: Vec<Job>,
-    earlier: &std::collections::HashMap<String, crate::state::JobStatus>,
+    earlier: &std::collections::HashMap<String, JobStatus>,
     again: impl Fn(&Job) -> bool,
 ) -> Selection {
-    use crate::state::JobStatus;
     let mut out = Selection::default();
     let report = &mut out.report;
     report.jobs = jobs.len() as u64;
@@ -316,7 +382,6 @@ mod tests {
 
     #[test]
     fn select_sends_new_and_unsent_jobs_tracks_submitted_and_skips_done_ones() {
-        use crate::state::JobStatus;
         let w = windows(d("2021-08-14"), d("2021-08-15"), 1).expect("range");
         let jobs = plan("0000123456-00001", &ids(30), &w, 10);
         let (first_day, second_day) = jobs.split_at(3);

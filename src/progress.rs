@@ -5,7 +5,7 @@
 //! progress instead (see `pipeline::run`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -15,16 +15,7 @@ use crate::collect::tracker::TrackerStats;
 /// How often the spinners move while nothing else changes.
 const TICK: Duration = Duration::from_millis(120);
 
-/// Counts the submission updates as it goes (shared with the display; cheap atomics).
-#[derive(Debug, Default)]
-pub struct SubmitGauge {
-    /// HTTP requests sent for jobs (first tries and retries).
-    pub sent: AtomicU64,
-    /// Jobs whose requestId is recorded.
-    pub accepted: AtomicU64,
-    /// Requests on the wire now.
-    pub in_flight: AtomicI64,
-}
+pub use crate::submit::SubmitGauge;
 
 /// The run's display: one line for requests, one for callbacks, one bar for jobs.
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 //! callback and inspects its records (counting, rejecting); [`Intake::commit`] journals a batch in one
 //! durable commit. Sources: [`drop_dir`] (files in a directory); the HTTP listener comes next.
 
-pub mod allow_list;
+pub use crate::config::allow_list;
 pub mod archive;
 pub mod drop_dir;
 pub mod http_listener;

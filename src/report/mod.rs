@@ -50,32 +50,7 @@ pub struct OutputReport {
     pub collapsed: u64,
 }
 
-/// What planning produced.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct PlanReport {
-    /// First day asked for (UTC).
-    pub from: String,
-    /// Last day asked for, inclusive.
-    pub to: String,
-    pub windows: u64,
-    pub jobs: u64,
-    /// Jobs recorded as intent for the first time by this run.
-    pub new_jobs: u64,
-    /// Jobs skipped because an earlier run already has their requestId.
-    pub already_submitted: u64,
-    /// Jobs skipped because the vendor refused them in an earlier run.
-    pub already_failed: u64,
-    /// Jobs skipped because an earlier run has all their callbacks.
-    pub already_complete: u64,
-    /// Jobs an earlier run recorded as intent without a requestId (never sent, or killed between the
-    /// POST and the record): sent again, which is harmless (the data collapses).
-    pub unknown_outcome: u64,
-    /// Their job ids (the first 1,000).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub unknown_outcome_jobs: Vec<String>,
-    /// Jobs asked again although done (`--force`, or `plan.lookback_days`).
-    pub requested_again: u64,
-}
+pub use crate::plan::PlanReport;
 
 /// Collection and completeness (`run`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -5,7 +5,14 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DEFAULT_SIM_LISTEN_ADDR, parse_default_addr};
+/// Default `sim.listen_addr`.
+pub const DEFAULT_SIM_LISTEN_ADDR: &str = "127.0.0.1:9010";
+
+/// A default address from its text (a constant that parses; loopback port 0 if it did not).
+pub(crate) fn parse_default_addr(text: &str) -> SocketAddr {
+    text.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
 
 use super::SimError;
 

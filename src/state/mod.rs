@@ -157,45 +157,7 @@ pub enum JobUpdate {
     Missing { job_id: String, error: String },
 }
 
-/// Where a job stands in the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum JobStatus {
-    /// Recorded as intent, no requestId yet (or its POST outcome is unknown).
-    Planned,
-    /// A requestId is recorded.
-    Submitted,
-    /// The vendor refused the request (or reported it failed).
-    Failed,
-    /// All its callbacks are in: usage or no usage for every ICCID.
-    Complete,
-    /// No callbacks by the deadline after every re-request.
-    Missing,
-}
-
-impl JobStatus {
-    pub const ALL: [JobStatus; 5] = [
-        JobStatus::Planned,
-        JobStatus::Submitted,
-        JobStatus::Failed,
-        JobStatus::Complete,
-        JobStatus::Missing,
-    ];
-
-    /// The name the store keeps (and `status` prints).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Planned => "planned",
-            JobStatus::Submitted => "submitted",
-            JobStatus::Failed => "failed",
-            JobStatus::Complete => "complete",
-            JobStatus::Missing => "missing",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<JobStatus> {
-        JobStatus::ALL.into_iter().find(|s| s.as_str() == text)
-    }
-}
+pub use crate::plan::JobStatus;
 
 /// Held for a command's lifetime: one `run`, `submit`, `ingest` or `prune` at a time per store
 /// (for SQLite an `flock` on `<state>.lock`; the kernel drops it when the holder dies).

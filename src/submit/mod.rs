@@ -15,7 +15,7 @@ pub mod client;
 pub mod wire;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ pub struct SubmitOptions {
     /// submission returns).
     pub recorded: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
     /// Live counts for a progress display (requests sent, accepted, on the wire).
-    pub progress: Option<Arc<crate::progress::SubmitGauge>>,
+    pub progress: Option<Arc<SubmitGauge>>,
 }
 
 impl SubmitOptions {
@@ -67,6 +67,17 @@ impl SubmitOptions {
             progress: None,
         }
     }
+}
+
+/// Counts the submission updates as it goes (shared with the display; cheap atomics).
+#[derive(Debug, Default)]
+pub struct SubmitGauge {
+    /// HTTP requests sent for jobs (first tries and retries).
+    pub sent: AtomicU64,
+    /// Jobs whose requestId is recorded.
+    pub accepted: AtomicU64,
+    /// Requests on the wire now.
+    pub in_flight: AtomicI64,
 }
 
 /// A job the vendor refused.

@@ -1,6 +1,7 @@
 //! tsusage's one integration-test binary: the real `tsusage` binary on temp directories, Parquet read
 //! back with the parquet crate, the real SQLite file.
 
+mod architecture;
 mod cli;
 mod corpus;
 mod crash;

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::sim::SimConfig;
 
+pub mod allow_list;
+
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "TSUSAGE_";
 /// The configuration file to use when `--config` is not given.
@@ -92,7 +94,7 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// Default `state.path`.
 pub const DEFAULT_STATE_PATH: &str = "state/tsusage.db";
 /// Default `sim.listen_addr`.
-pub const DEFAULT_SIM_LISTEN_ADDR: &str = "127.0.0.1:9010";
+pub use crate::sim::DEFAULT_SIM_LISTEN_ADDR;
 
 /// The keys that hold secrets: environment only, never in the file, never printed.
 const SECRET_KEYS: &[(&str, &str)] = &[
@@ -425,10 +427,7 @@ pub struct StateConfig {
     pub retain_days: u32,
 }
 
-pub(crate) fn parse_default_addr(text: &str) -> SocketAddr {
-    text.parse()
-        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-}
+use crate::sim::parse_default_addr;
 
 impl Config {
     /// Loads `path`, applies the `TSUSAGE_*` variables of the process environment, and validates.
@@ -576,7 +575,7 @@ impl Config {
                 "give both tls_cert_file and tls_key_file, or neither".into(),
             ));
         }
-        if let Err(e) = crate::collect::allow_list::AllowList::parse(&self.callbacks.allow_from) {
+        if let Err(e) = allow_list::AllowList::parse(&self.callbacks.allow_from) {
             return Err(bad("callbacks.allow_from", e));
         }
         if self.output.max_rows_per_file == 0 {
