@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use crate::config::ConfigError;
+use crate::output::WriteError;
 use crate::plan::PlanError;
 use crate::state::StateError;
 use crate::submit::{ApiError, SubmitError};
-use crate::write::WriteError;
 
 /// Everything that can stop a command. Per-record problems are not errors: they are rejects,
 /// counted in the run report, and the run goes on.

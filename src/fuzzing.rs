@@ -10,7 +10,7 @@ use crate::ingest::{IngestOptions, read_iccid_source};
 use crate::normalize::payload::{Body, CREDENTIAL_KEYS, CallbackKind};
 use crate::normalize::record::parse_record;
 use crate::normalize::values::{RawScalar, parse_count, parse_timestamp};
-use crate::write::rejects::IccidRejects;
+use crate::output::rejects::IccidRejects;
 
 /// The callback parser: body → credentials stripped → callback → records.
 pub fn callback_body(data: &[u8]) {

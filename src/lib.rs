@@ -37,7 +37,7 @@
 //! every `crate::` path against this table, with the imports that still break it listed there as
 //! debts, each with what fixing it takes):
 //!
-//! `failpoint` < `sim` (shares no code with the client) < `config` < `ingest` < `plan` <
+//! `failpoint` < `sim` (shares no code with the client) < `config` < `output` < `ingest` < `plan` <
 //! `normalize` < `state` < `submit` < `collect` < `write` < `report` < `fuzzing` < `error` <
 //! `logging`, `progress` < `pipeline`.
 
@@ -49,6 +49,7 @@ pub mod fuzzing;
 pub mod ingest;
 pub mod logging;
 pub mod normalize;
+pub mod output;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;

@@ -21,11 +21,20 @@ use serde_json::value::RawValue;
 
 use super::{Intake, Prepared, now_micros};
 use crate::normalize::collapse::RowSet;
-use crate::report::RestoreReport;
+use crate::output::rejects::RecordRejects;
+use crate::output::sync_dir;
 use crate::state::{ArchiveFile, ArchivedCallback, Store};
-use crate::write::rejects::RecordRejects;
-use crate::write::sync_dir;
 use crate::{Error, Result};
+
+/// What journaling archive files back did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RestoreReport {
+    pub files: u64,
+    pub callbacks: u64,
+    /// Newly journaled (the others were still in the journal).
+    pub journaled: u64,
+    pub already_journaled: u64,
+}
 
 /// The archive's directory below `output.dir`.
 pub const ARCHIVE_DIR: &str = "archive";

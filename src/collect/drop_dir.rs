@@ -17,9 +17,9 @@ use serde_json::value::RawValue;
 
 use super::{Intake, Prepared, now_micros};
 use crate::normalize::collapse::RowSet;
+use crate::output::rejects::{RecordReject, RecordRejects};
+use crate::output::sync_dir;
 use crate::state::Store;
-use crate::write::rejects::{RecordReject, RecordRejects};
-use crate::write::sync_dir;
 use crate::{Error, Result};
 
 /// Files whose callbacks are journaled before the batch is committed and the files moved.

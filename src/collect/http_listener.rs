@@ -35,9 +35,9 @@ use super::allow_list::AllowList;
 use super::{Intake, now_micros};
 use crate::config::{CallbacksConfig, Secret};
 use crate::normalize::payload::Body;
+use crate::output::WriteError;
+use crate::output::rejects::{RecordReject, RecordRejects};
 use crate::state::{Journaled, StateWriter, Store};
-use crate::write::WriteError;
-use crate::write::rejects::{RecordReject, RecordRejects};
 
 /// What the handlers share.
 pub struct ListenerState<S> {

@@ -21,8 +21,8 @@ use crate::normalize::collapse::RowSet;
 use crate::normalize::payload::{Body, BodyError, CallbackKind};
 use crate::normalize::record::ParsedRecord;
 use crate::normalize::{self, RecordStats};
+use crate::output::rejects::RecordReject;
 use crate::state::{Journaled, NewCallback, Store, encode_body};
-use crate::write::rejects::RecordReject;
 
 /// Callback counts for the run report.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -300,7 +300,7 @@ pub(crate) fn keep_rows(
     prepared: &Prepared,
     accounts: &std::collections::HashMap<String, String>,
     received_at: i64,
-) -> Result<(), crate::write::WriteError> {
+) -> Result<(), crate::output::WriteError> {
     if prepared.records.is_empty() {
         return Ok(());
     }

@@ -16,8 +16,8 @@ use super::{CallbackStats, Intake};
 use crate::Result;
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::normalize::RecordStats;
+use crate::output::rejects::RecordRejects;
 use crate::state::{StateWriter, Store};
-use crate::write::rejects::RecordRejects;
 
 /// How long in-flight callbacks get to finish when a listener stops.
 pub const LISTENER_GRACE: Duration = Duration::from_secs(10);

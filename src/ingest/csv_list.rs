@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{Iccid, IccidError, IngestError};
-use crate::write::rejects::IccidRejects;
+use crate::output::rejects::IccidRejects;
 
 /// How strictly to validate.
 #[derive(Debug, Clone, Copy, Default)]

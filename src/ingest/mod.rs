@@ -17,5 +17,5 @@ pub enum IngestError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Rejects(#[from] crate::write::WriteError),
+    Rejects(#[from] crate::output::WriteError),
 }

@@ -19,7 +19,7 @@ use super::record::ParsedRecord;
 use super::{UsageRow, partition_key, partition_of};
 use crate::config::PartitionBy;
 use crate::ingest::Iccid;
-use crate::write::WriteError;
+use crate::output::WriteError;
 
 /// The callback a row came from.
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::config::PartitionBy;
 use crate::ingest::Iccid;
-use crate::write::rejects::RecordReject;
+use crate::output::rejects::RecordReject;
 use payload::{Callback, CallbackKind};
 
 /// One output row (Parquet schema v1, DESIGN §5). Times are µs since the epoch, UTC.
@@ -158,5 +158,5 @@ pub fn inspect(
 
 /// A record's raw JSON, cut for a rejects file.
 pub(crate) fn record_raw(raw: &str) -> String {
-    crate::write::rejects::shorten(raw)
+    crate::output::rejects::shorten(raw)
 }

@@ -15,13 +15,13 @@ use crate::collect::archive;
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::config::Config;
 use crate::ingest::{self, Iccid, IngestOptions};
+use crate::output::rejects::{IccidRejects, RecordRejects};
 use crate::plan::{self, DateRange};
 use crate::report::{RunReport, new_run_id};
 use crate::state::StateWriter;
 use crate::state::Store;
 use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::publish;
-use crate::write::rejects::{IccidRejects, RecordRejects};
 use crate::{Error, Result};
 
 mod listen;

@@ -27,28 +27,7 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code: finished, but with rejects (or, in a full run, failed requests or missing callbacks).
 pub const EXIT_PARTIAL: u8 = 3;
 
-/// One partition written by this run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PartitionReport {
-    /// e.g. `usage_date=2021-08-15`
-    pub partition: String,
-    /// Rows in the partition now (it is rewritten whole).
-    pub rows: u64,
-    pub files: u64,
-    /// Usage records read from the journal for it, before collapsing.
-    pub records_in: u64,
-    /// Records replaced by a newer one for the same (iccid, usage_start, usage_end).
-    pub collapsed: u64,
-}
-
-/// What the write stage did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct OutputReport {
-    pub partitions: Vec<PartitionReport>,
-    pub rows_written: u64,
-    pub files_written: u64,
-    pub collapsed: u64,
-}
+pub use crate::write::publish::{OutputReport, PartitionReport};
 
 pub use crate::plan::PlanReport;
 
@@ -302,15 +281,7 @@ pub struct PruneReport {
     pub store_bytes_after: u64,
 }
 
-/// What journaling archive files back did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct RestoreReport {
-    pub files: u64,
-    pub callbacks: u64,
-    /// Newly journaled (the others were still in the journal).
-    pub journaled: u64,
-    pub already_journaled: u64,
-}
+pub use crate::collect::archive::RestoreReport;
 
 /// `tsusage status` as text: jobs by state, requests outstanding and overdue (past
 /// `callbacks.deadline_secs`), the last run's outcome, and with a range, each window's completeness.

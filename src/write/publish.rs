@@ -10,10 +10,32 @@ use crate::config::Config;
 use crate::normalize::collapse::{Origin, PartitionRows, RowSet, usage_row};
 use crate::normalize::payload::{CallbackKind, parse_callback};
 use crate::normalize::{partition_key, partition_of};
-use crate::report::{OutputReport, PartitionReport};
 use crate::state::{PendingPartition, Store, StoredCallback};
 use crate::write::parquet::{PartitionWriter, WriterOptions};
 use crate::{Error, Result};
+
+/// One partition written by this run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionReport {
+    /// e.g. `usage_date=2021-08-15`
+    pub partition: String,
+    /// Rows in the partition now (it is rewritten whole).
+    pub rows: u64,
+    pub files: u64,
+    /// Usage records read from the journal for it, before collapsing.
+    pub records_in: u64,
+    /// Records replaced by a newer one for the same (iccid, usage_start, usage_end).
+    pub collapsed: u64,
+}
+
+/// What the write stage did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OutputReport {
+    pub partitions: Vec<PartitionReport>,
+    pub rows_written: u64,
+    pub files_written: u64,
+    pub collapsed: u64,
+}
 
 /// Memory for usage rows while partitions are built; past it, rows are sorted and spilled to disk.
 pub const ROW_MEMORY_BYTES: usize = 64 * 1024 * 1024;
