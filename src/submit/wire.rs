@@ -119,7 +119,7 @@ impl std::fmt::Debug for RegisterCallback<'_> {
 /// preferred when both spellings appear. The echoed `username`/`password` are deliberately not read,
 /// so nothing can print or log them.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(try_from = "ListedCallback")]
+#[serde(try_from = "Spelled")]
 pub struct RegisteredCallback {
     #[serde(rename = "accountName")]
     pub account_name: Option<String>,
@@ -128,9 +128,10 @@ pub struct RegisteredCallback {
     pub url: String,
 }
 
-/// A list entry as received, in either spelling.
+/// A callback entry or answer as received, in either spelling (`serviceName`/`name`,
+/// `accountName`/`aname`); list entries also carry the `url`.
 #[derive(Deserialize)]
-struct ListedCallback {
+struct Spelled {
     #[serde(rename = "accountName", default)]
     account_name: Option<String>,
     #[serde(default)]
@@ -139,20 +140,30 @@ struct ListedCallback {
     service_name: Option<String>,
     #[serde(default)]
     name: Option<String>,
-    url: String,
+    #[serde(default)]
+    url: Option<String>,
 }
 
-impl TryFrom<ListedCallback> for RegisteredCallback {
+impl Spelled {
+    /// `(account, service)`, `serviceName` preferred.
+    fn names(self) -> Result<(Option<String>, String, Option<String>), &'static str> {
+        let service = self
+            .service_name
+            .or(self.name)
+            .ok_or(MISSING_SERVICE_NAME)?;
+        Ok((self.account_name.or(self.aname), service, self.url))
+    }
+}
+
+impl TryFrom<Spelled> for RegisteredCallback {
     type Error = &'static str;
 
-    fn try_from(listed: ListedCallback) -> Result<Self, Self::Error> {
+    fn try_from(listed: Spelled) -> Result<Self, Self::Error> {
+        let (account_name, service_name, url) = listed.names()?;
         Ok(RegisteredCallback {
-            account_name: listed.account_name.or(listed.aname),
-            service_name: listed
-                .service_name
-                .or(listed.name)
-                .ok_or(MISSING_SERVICE_NAME)?,
-            url: listed.url,
+            account_name,
+            service_name,
+            url: url.ok_or("missing field `url`")?,
         })
     }
 }
@@ -160,34 +171,20 @@ impl TryFrom<ListedCallback> for RegisteredCallback {
 /// The answer of register and of delete (`data/vendor/callback_register.json`, `callback_delete.json`):
 /// `{"accountName","serviceName"}`, read in either spelling like [`RegisteredCallback`].
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(try_from = "AckedCallback")]
+#[serde(try_from = "Spelled")]
 pub struct CallbackAck {
     pub account_name: Option<String>,
     pub service_name: String,
 }
 
-#[derive(Deserialize)]
-struct AckedCallback {
-    #[serde(rename = "accountName", default)]
-    account_name: Option<String>,
-    #[serde(default)]
-    aname: Option<String>,
-    #[serde(rename = "serviceName", default)]
-    service_name: Option<String>,
-    #[serde(default)]
-    name: Option<String>,
-}
-
-impl TryFrom<AckedCallback> for CallbackAck {
+impl TryFrom<Spelled> for CallbackAck {
     type Error = &'static str;
 
-    fn try_from(acked: AckedCallback) -> Result<Self, Self::Error> {
+    fn try_from(acked: Spelled) -> Result<Self, Self::Error> {
+        let (account_name, service_name, _) = acked.names()?;
         Ok(CallbackAck {
-            account_name: acked.account_name.or(acked.aname),
-            service_name: acked
-                .service_name
-                .or(acked.name)
-                .ok_or(MISSING_SERVICE_NAME)?,
+            account_name,
+            service_name,
         })
     }
 }

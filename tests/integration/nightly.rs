@@ -52,10 +52,10 @@ fn truth(iccids: &[String], day: NaiveDate) -> (BTreeMap<String, [i64; 4]>, u64)
     (rows, none)
 }
 
-/// A nightly workspace: 10,000 ICCIDs, 50 jobs a night at 50 requests/s.
-pub fn nightly_workspace(extra_config: &str) -> (Workspace, Vec<String>) {
-    let ws = Workspace::with_config(extra_config);
-    let iccids: Vec<String> = (0..ICCIDS).map(big_iccid).collect();
+/// A workspace with `n` ICCIDs in `iccids.csv`.
+pub fn nightly_workspace(n: u32) -> (Workspace, Vec<String>) {
+    let ws = Workspace::new();
+    let iccids: Vec<String> = (0..n).map(big_iccid).collect();
     std::fs::write(
         ws.path("iccids.csv"),
         format!("iccid\n{}\n", iccids.join("\n")),
@@ -75,6 +75,37 @@ pub fn nightly_env(ws: &Workspace) -> Vec<(String, String)> {
     ]
 }
 
+/// Runs night `day`, checks it exits 0 with every ICCID-day usage or no usage in the simulator's
+/// counts, and returns its report.
+fn complete_night(
+    ws: &Workspace,
+    env: &[(String, String)],
+    iccids: &[String],
+    day: NaiveDate,
+) -> (serde_json::Value, BTreeMap<String, [i64; 4]>) {
+    let run = run_night(ws, env, day);
+    run.expect_code(0);
+    let report = run.report();
+    let (expected, no_usage) = truth(iccids, day);
+    let completeness = &report["collect"]["completeness"];
+    assert_eq!(
+        completeness["usage"].as_u64(),
+        Some(expected.len() as u64),
+        "night {day}: {completeness}"
+    );
+    assert_eq!(
+        completeness["no_usage"].as_u64().unwrap_or(0),
+        no_usage,
+        "night {day}: {completeness}"
+    );
+    assert_eq!(
+        completeness.as_object().map(|o| o.len()),
+        Some(if no_usage > 0 { 2 } else { 1 }),
+        "night {day}: nothing but usage and no usage: {completeness}"
+    );
+    (report, expected)
+}
+
 /// Runs the nightly command for `day`, as a scheduler does.
 pub fn run_night(ws: &Workspace, env: &[(String, String)], day: NaiveDate) -> Run {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -84,32 +115,12 @@ pub fn run_night(ws: &Workspace, env: &[(String, String)], day: NaiveDate) -> Ru
 
 #[test]
 fn ten_nights_on_one_store_are_each_complete_exact_and_read_only_their_own_callbacks() {
-    let (ws, iccids) = nightly_workspace("");
+    let (ws, iccids) = nightly_workspace(ICCIDS);
     let env = nightly_env(&ws);
     for night in 0..NIGHTS {
         let day = first_night() + Days::new(night);
-        let run = run_night(&ws, &env, day);
-        run.expect_code(0);
-        let report = run.report();
-        let (expected, no_usage) = truth(&iccids, day);
-
         // Every ICCID-day is usage or no usage, none failed, missing or "not submitted".
-        let completeness = &report["collect"]["completeness"];
-        assert_eq!(
-            completeness["usage"].as_u64(),
-            Some(expected.len() as u64),
-            "night {day}: {completeness}"
-        );
-        assert_eq!(
-            completeness["no_usage"].as_u64().unwrap_or(0),
-            no_usage,
-            "night {day}: {completeness}"
-        );
-        assert_eq!(
-            completeness.as_object().map(|o| o.len()),
-            Some(if no_usage > 0 { 2 } else { 1 }),
-            "night {day}: nothing but usage and no usage: {completeness}"
-        );
+        let (report, expected) = complete_night(&ws, &env, &iccids, day);
         assert_eq!(report["submit"]["submitted"].as_u64(), Some(50), "{day}");
 
         // The tracker read this night's callbacks and nothing older: each journaled this night.
@@ -157,13 +168,7 @@ fn a_submission_ending_while_the_collector_looks_away_still_has_every_request_tr
     // Each look at the journal is followed by a 400 ms pause, so the submission (10 jobs in half a
     // second) ends while the collector is between reading and deciding. A collector that polled the
     // store for requestIds and then saw the finished task would stop with jobs "not submitted".
-    let ws = Workspace::new();
-    let iccids: Vec<String> = (0..200).map(big_iccid).collect();
-    std::fs::write(
-        ws.path("iccids.csv"),
-        format!("iccid\n{}\n", iccids.join("\n")),
-    )
-    .expect("iccids");
+    let (ws, iccids) = nightly_workspace(200);
     let mut env = nightly_env(&ws);
     env.retain(|(k, _)| !k.starts_with("TSUSAGE_PLAN__") && !k.starts_with("TSUSAGE_API__"));
     env.push(("TSUSAGE_PLAN__CHUNK_SIZE".into(), "20".into()));
@@ -171,17 +176,7 @@ fn a_submission_ending_while_the_collector_looks_away_still_has_every_request_tr
     env.push(("TSUSAGE_TEST_PAUSE".into(), "collect_look=400".into()));
     for night in 0..4 {
         let day = first_night() + Days::new(night);
-        let run = run_night(&ws, &env, day);
-        run.expect_code(0);
-        let report = run.report();
-        let (expected, no_usage) = truth(&iccids, day);
-        let completeness = &report["collect"]["completeness"];
-        assert_eq!(
-            completeness["usage"].as_u64(),
-            Some(expected.len() as u64),
-            "{completeness}"
-        );
-        assert_eq!(completeness["no_usage"].as_u64().unwrap_or(0), no_usage);
+        let (report, _) = complete_night(&ws, &env, &iccids, day);
         assert_eq!(report["collect"]["complete"].as_u64(), Some(10));
     }
 }
