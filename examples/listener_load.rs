@@ -19,7 +19,7 @@ use tsusage::config::{CallbacksConfig, PartitionBy, Secret};
 use tsusage::plan::Job;
 use tsusage::state::{
     ArchiveFile, ArchivedCallback, JobUpdate, Journaled, NewCallback, PendingPartition,
-    PruneCounts, RunGuard, SqliteStore, StateError, StateWriter, Store, StoredCallback,
+    PruneCounts, RunGuard, SqliteStore, StateError, Store, StoredCallback,
 };
 use tsusage::write::rejects::RecordRejects;
 
@@ -87,8 +87,8 @@ impl Store for NullStore {
         &self,
         _: &str,
         _: i64,
-        _: &mut dyn FnMut(StoredCallback) -> Result<(), tsusage::Error>,
-    ) -> Result<(), tsusage::Error> {
+        _: &mut dyn FnMut(StoredCallback) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), StateError> {
         Ok(())
     }
     fn mark_written(&mut self, _: &str, _: i64, _: u64, _: u64, _: &str) -> Result<(), StateError> {
@@ -112,8 +112,8 @@ impl Store for NullStore {
     fn archivable(
         &self,
         _: i64,
-        _: &mut dyn FnMut(ArchivedCallback) -> Result<(), tsusage::Error>,
-    ) -> Result<(), tsusage::Error> {
+        _: &mut dyn FnMut(ArchivedCallback) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), StateError> {
         Ok(())
     }
     fn archive_files(&self) -> Result<std::collections::BTreeSet<String>, StateError> {
@@ -169,7 +169,7 @@ fn bodies(callbacks: usize, records: usize) -> Vec<String> {
 async fn serve<S: Store + Send + 'static>(
     store: S,
     out: &std::path::Path,
-) -> Result<(http_listener::ListenerHandle, Arc<StateWriter<S>>), Box<dyn std::error::Error>> {
+) -> Result<(http_listener::ListenerHandle, Arc<tsusage::collect::Writer<S>>), Box<dyn std::error::Error>> {
     let config = CallbacksConfig {
         listen_addr: "127.0.0.1:0".parse()?,
         public_url: "http://127.0.0.1/callbacks".into(),
@@ -177,7 +177,7 @@ async fn serve<S: Store + Send + 'static>(
         password: Some(Secret::new("load-secret")),
         ..CallbacksConfig::default()
     };
-    let writer = Arc::new(StateWriter::spawn(store, "load".into()));
+    let writer = Arc::new(tsusage::collect::Writer::spawn(store, "load".into()));
     let state = Arc::new(ListenerState::new(
         &config,
         writer.clone(),
@@ -248,7 +248,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (handle, writer) = serve(store, dir.path()).await?;
     let (secs, ok) = load(handle.addr, bodies.clone(), concurrency).await;
     handle.shutdown(Duration::from_secs(5)).await;
-    let store = StateWriter::finish_shared(writer)?;
+    let store = tsusage::collect::Writer::finish_shared(writer)?;
     let on = ok as f64 / secs;
     println!(
         "journaled (durable): {ok} answered 200 in {secs:.2} s: {on:.0} callbacks/s ({} in the journal)",

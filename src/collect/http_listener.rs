@@ -37,13 +37,13 @@ use crate::config::{CallbacksConfig, Secret};
 use crate::normalize::payload::Body;
 use crate::output::WriteError;
 use crate::output::rejects::{RecordReject, RecordRejects};
-use crate::state::{Journaled, StateWriter, Store};
+use crate::state::{Journaled, Store};
 
 /// What the handlers share.
 pub struct ListenerState<S> {
     username: Secret,
     password: Secret,
-    writer: Arc<StateWriter<S>>,
+    writer: Arc<super::Writer<S>>,
     pub intake: Mutex<Intake>,
     /// Record-level and body-level rejects, written as they come (memory stays flat).
     rejects: Mutex<Option<RecordRejects>>,
@@ -183,7 +183,7 @@ impl ListenerHandle {
 impl<S: Store + Send + 'static> ListenerState<S> {
     pub fn new(
         config: &CallbacksConfig,
-        writer: Arc<StateWriter<S>>,
+        writer: Arc<super::Writer<S>>,
         intake: Intake,
         rejects: RecordRejects,
     ) -> Result<Self, ListenerError> {

@@ -13,6 +13,7 @@ pub mod tracker;
 
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -90,6 +91,63 @@ pub struct Prepared {
     /// When it was first received (µs), for a callback restored from the archive; `None` for one
     /// received now.
     pub received_at: Option<i64>,
+}
+
+impl crate::state::Journalable for Prepared {
+    fn as_new(&self) -> NewCallback<'_> {
+        Prepared::as_new(self)
+    }
+}
+
+/// The journal's writer thread, journaling prepared callbacks.
+pub type Writer<S> = crate::state::StateWriter<S, Prepared>;
+
+/// Keeps the rows of what a writer journals (see [`RowKeeper::after_commit`]), so that partitions
+/// only this run fed are written without parsing the callbacks again. If keeping fails (a spill
+/// file cannot be written), it keeps nothing: the partitions are then rebuilt from the journal.
+#[derive(Debug, Clone)]
+pub struct RowKeeper(Arc<Mutex<Option<RowSet>>>);
+
+impl RowKeeper {
+    pub fn new(rows: RowSet) -> Self {
+        RowKeeper(Arc::new(Mutex::new(Some(rows))))
+    }
+
+    /// The hook for [`crate::state::StateWriter::spawn_with`]: adds the records of the newly
+    /// journaled callbacks of each commit, in journal order.
+    pub fn after_commit(&self) -> crate::state::AfterCommit<Prepared> {
+        let kept = self.0.clone();
+        Box::new(move |store, done, received_at| {
+            let mut guard = kept.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(rows) = guard.as_mut() else { return };
+            let new: Vec<&Prepared> = done
+                .iter()
+                .filter(|(p, o)| matches!(o, Journaled::New(_)) && !p.records.is_empty())
+                .map(|(p, _)| p)
+                .collect();
+            if new.is_empty() {
+                return;
+            }
+            let ids: Vec<&str> = new.iter().map(|p| p.request_id.as_str()).collect();
+            let kept = store
+                .request_accounts(&ids)
+                .map_err(|e| e.to_string())
+                .and_then(|accounts| {
+                    new.iter().try_for_each(|p| {
+                        keep_rows(rows, p, &accounts, received_at).map_err(|e| e.to_string())
+                    })
+                });
+            if let Err(error) = kept {
+                tracing::warn!(%error, "keeping rows failed; partitions will be rebuilt from the journal");
+                *guard = None;
+            }
+        })
+    }
+
+    /// The rows kept, once the writer has finished (`None` if keeping failed).
+    pub fn take(self) -> Option<RowSet> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl Prepared {
@@ -295,7 +353,7 @@ impl Intake {
 
 /// Adds the records of a newly journaled callback to `rows`, with its job's account (from
 /// [`Store::request_accounts`]). Call in journal order.
-pub(crate) fn keep_rows(
+fn keep_rows(
     rows: &mut RowSet,
     prepared: &Prepared,
     accounts: &std::collections::HashMap<String, String>,

@@ -17,7 +17,7 @@ use crate::Result;
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::normalize::RecordStats;
 use crate::output::rejects::RecordRejects;
-use crate::state::{StateWriter, Store};
+use crate::state::Store;
 
 /// How long in-flight callbacks get to finish when a listener stops.
 pub const LISTENER_GRACE: Duration = Duration::from_secs(10);
@@ -57,7 +57,7 @@ pub trait CallbackSource: Send {
 pub async fn open<S: Store + Send + 'static>(
     config: &Config,
     run_id: &str,
-    writer: &Arc<StateWriter<S>>,
+    writer: &Arc<super::Writer<S>>,
 ) -> Result<Box<dyn CallbackSource>> {
     let rejects_file = |kind: &str| {
         config
@@ -95,7 +95,7 @@ impl<S: Store + Send + 'static> Listener<S> {
     /// Binds `callbacks.listen_addr` and serves until [`CallbackSource::finish`].
     pub async fn start(
         config: &Config,
-        writer: Arc<StateWriter<S>>,
+        writer: Arc<super::Writer<S>>,
         rejects_file: PathBuf,
     ) -> Result<Self> {
         let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);

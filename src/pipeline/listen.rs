@@ -9,7 +9,8 @@ use crate::Result;
 use crate::collect::source::{CallbackSource, Listener};
 use crate::config::Config;
 use crate::report::{RunReport, new_run_id};
-use crate::state::{StateWriter, Store};
+use crate::collect::Writer;
+use crate::state::Store;
 
 /// How long in-flight requests get to finish after SIGTERM or Ctrl-C.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -21,7 +22,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     let mut store = crate::state::open(&config.state)?;
     store.begin_run(&run_id, "listen")?;
     let path = config.state.path.display().to_string();
-    let writer = Arc::new(StateWriter::spawn(store, path));
+    let writer = Arc::new(Writer::spawn(store, path));
     let rejects = rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl"));
     let listener = Listener::start(config, writer.clone(), rejects).await?;
     tracing::info!(
@@ -35,7 +36,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     report.callbacks = Some(served.callbacks);
     report.records = Some(served.records);
     report.listener = served.listener;
-    let mut store = StateWriter::finish_shared(writer)?;
+    let mut store = Writer::finish_shared(writer)?;
     conclude(report, &mut store, &config.output.dir)
 }
 

@@ -18,7 +18,7 @@ use crate::ingest::{self, Iccid, IngestOptions};
 use crate::output::rejects::{IccidRejects, RecordRejects};
 use crate::plan::{self, DateRange};
 use crate::report::{RunReport, new_run_id};
-use crate::state::StateWriter;
+use crate::collect::Writer;
 use crate::state::Store;
 use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::publish;
@@ -123,10 +123,10 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
         client.authenticate().await?;
     }
     let path = config.state.path.display().to_string();
-    let writer = Arc::new(StateWriter::spawn(store, path));
+    let writer = Arc::new(Writer::spawn(store, path));
     let submitted = submit::submit(client.clone(), writer.clone(), todo, &options).await;
     client.logout().await;
-    let mut store = StateWriter::finish_shared(writer)?;
+    let mut store = Writer::finish_shared(writer)?;
     report.submit = Some(submitted?);
     conclude(report, &mut store, &config.output.dir)
 }

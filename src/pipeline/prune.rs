@@ -64,10 +64,13 @@ pub(crate) fn prune_store<S: Store + ?Sized>(
     let orphans_removed = archive::clean_orphans(out, &store.archive_files()?)?;
     let mut writer = ArchiveWriter::new(out);
     let mut ids = Vec::new();
-    store.archivable(horizon, &mut |cb| {
-        ids.push(cb.id);
-        writer.add(&cb)
-    })?;
+    crate::state::try_each(
+        |each| store.archivable(horizon, each),
+        |cb| {
+            ids.push(cb.id);
+            writer.add(&cb)
+        },
+    )?;
     let files = writer.finish()?;
     let counts = store.commit_archive(&files, &ids, horizon, run_id)?;
     store.reclaim_space()?;

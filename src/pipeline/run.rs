@@ -13,7 +13,8 @@ use crate::collect::tracker::Tracker;
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::plan::{self, DateRange, Job};
 use crate::report::{CollectReport, RunReport, new_run_id};
-use crate::state::{StateError, StateWriter, Store};
+use crate::collect::{RowKeeper, Writer};
+use crate::state::{StateError, Store};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 use crate::{Error, Result};
 
@@ -90,11 +91,8 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let path = config.state.path.display().to_string();
     // The writer keeps the rows of what it journals: partitions only this run fed are written from
     // them, without parsing the callbacks again.
-    let writer = Arc::new(StateWriter::spawn_with_rows(
-        store,
-        path,
-        Some(crate::write::publish::fresh_rows(config)?),
-    ));
+    let kept = RowKeeper::new(crate::write::publish::fresh_rows(config)?);
+    let writer = Arc::new(Writer::spawn_with(store, path, Some(kept.after_commit())));
     let mut source = crate::collect::source::open(config, &run_id, &writer).await?;
     if let Some(addr) = source.bound_addr()
         && config.callbacks.listen_addr.port() == 0
@@ -119,13 +117,14 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
             submitted
         }
         (Err(e), _) | (_, Err(e)) => {
-            let _ = StateWriter::finish_shared(writer);
+            let _ = Writer::finish_shared(writer);
             return Err(e);
         }
     };
     tracker.finish();
     writer.apply_all(tracker.job_updates()).await?;
-    let (mut store, rows) = StateWriter::finish_shared_with_rows(writer)?;
+    let mut store = Writer::finish_shared(writer)?;
+    let rows = kept.take();
 
     // 5-6. normalize and write every partition the journal has news for.
     report.output = Some(crate::write::publish::publish(
@@ -156,7 +155,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
 /// missing) or cannot be sent; re-requests overdue jobs. Returns the merged submission report.
 async fn submit_and_collect<S: Store + Send + 'static>(
     config: &Config,
-    writer: &Arc<StateWriter<S>>,
+    writer: &Arc<Writer<S>>,
     tracker: &mut Tracker,
     to_send: Vec<Job>,
     source: &mut dyn CallbackSource,

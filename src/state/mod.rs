@@ -9,10 +9,11 @@ mod sqlite;
 mod writer;
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::ControlFlow;
 
 pub use lock::RunLock;
 pub use sqlite::{SqliteStore, encode_body};
-pub use writer::StateWriter;
+pub use writer::{AfterCommit, Journalable, StateWriter};
 
 use crate::plan::Job;
 
@@ -247,8 +248,8 @@ pub trait Store {
         &self,
         partition: &str,
         through_id: i64,
-        each: &mut dyn FnMut(StoredCallback) -> Result<(), crate::Error>,
-    ) -> Result<(), crate::Error>;
+        each: &mut dyn FnMut(StoredCallback) -> ControlFlow<()>,
+    ) -> Result<(), StateError>;
 
     /// Records that `partition` now holds everything journaled up to `through_id`.
     fn mark_written(
@@ -284,8 +285,8 @@ pub trait Store {
     fn archivable(
         &self,
         before: i64,
-        each: &mut dyn FnMut(ArchivedCallback) -> Result<(), crate::Error>,
-    ) -> Result<(), crate::Error>;
+        each: &mut dyn FnMut(ArchivedCallback) -> ControlFlow<()>,
+    ) -> Result<(), StateError>;
 
     /// The archive files recorded so far (paths below `output.dir/archive/`).
     fn archive_files(&self) -> Result<BTreeSet<String>, StateError>;
@@ -378,8 +379,8 @@ impl Store for Box<dyn Store + Send> {
         &self,
         partition: &str,
         through_id: i64,
-        each: &mut dyn FnMut(StoredCallback) -> Result<(), crate::Error>,
-    ) -> Result<(), crate::Error> {
+        each: &mut dyn FnMut(StoredCallback) -> ControlFlow<()>,
+    ) -> Result<(), StateError> {
         (**self).callbacks_for_partition(partition, through_id, each)
     }
     fn mark_written(
@@ -413,8 +414,8 @@ impl Store for Box<dyn Store + Send> {
     fn archivable(
         &self,
         before: i64,
-        each: &mut dyn FnMut(ArchivedCallback) -> Result<(), crate::Error>,
-    ) -> Result<(), crate::Error> {
+        each: &mut dyn FnMut(ArchivedCallback) -> ControlFlow<()>,
+    ) -> Result<(), StateError> {
         (**self).archivable(before, each)
     }
     fn archive_files(&self) -> Result<BTreeSet<String>, StateError> {
@@ -443,4 +444,25 @@ impl Store for Box<dyn Store + Send> {
     ) -> Result<(), StateError> {
         (**self).callbacks_of_requests(request_ids, through_id, each)
     }
+}
+
+/// Runs `visit`, a store method that streams rows to a callback, with a callback that can fail: the
+/// first error stops the visit and is returned.
+///
+/// ```ignore
+/// state::try_each(|each| store.callbacks_for_partition(p, through, each), |cb| add(cb))?;
+/// ```
+pub fn try_each<T, E: From<StateError>>(
+    visit: impl FnOnce(&mut dyn FnMut(T) -> ControlFlow<()>) -> Result<(), StateError>,
+    mut each: impl FnMut(T) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut failed = None;
+    visit(&mut |item| match each(item) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            failed = Some(e);
+            ControlFlow::Break(())
+        }
+    })?;
+    failed.map_or(Ok(()), Err)
 }

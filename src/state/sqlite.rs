@@ -7,6 +7,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 use super::lock::RunLock;
 use super::{
@@ -615,8 +616,8 @@ impl Store for SqliteStore {
         &self,
         partition: &str,
         through_id: i64,
-        each: &mut dyn FnMut(StoredCallback) -> Result<(), crate::Error>,
-    ) -> Result<(), crate::Error> {
+        each: &mut dyn FnMut(StoredCallback) -> ControlFlow<()>,
+    ) -> Result<(), StateError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -643,7 +644,9 @@ impl Store for SqliteStore {
                 })
             })()
             .map_err(self.err())?;
-            each(cb)?;
+            if each(cb).is_break() {
+                break;
+            }
         }
         Ok(())
     }
@@ -733,8 +736,8 @@ impl Store for SqliteStore {
     fn archivable(
         &self,
         before: i64,
-        each: &mut dyn FnMut(ArchivedCallback) -> Result<(), crate::Error>,
-    ) -> Result<(), crate::Error> {
+        each: &mut dyn FnMut(ArchivedCallback) -> ControlFlow<()>,
+    ) -> Result<(), StateError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -784,7 +787,9 @@ impl Store for SqliteStore {
                 })
             })()
             .map_err(self.err())?;
-            each(cb)?;
+            if each(cb).is_break() {
+                break;
+            }
         }
         Ok(())
     }

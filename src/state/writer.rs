@@ -9,8 +9,6 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{JobUpdate, Journaled, NewCallback, StateError, Store};
-use crate::collect::Prepared;
-use crate::normalize::collapse::RowSet;
 
 /// Operations committed together at most.
 const MAX_GROUP: usize = 1024;
@@ -18,38 +16,48 @@ const MAX_GROUP: usize = 1024;
 /// and the submitters when the disk is slow, instead of memory growing).
 const QUEUE: usize = 4 * MAX_GROUP;
 
-enum Op {
-    Job(JobUpdate, oneshot::Sender<Result<(), String>>),
-    Journal(Prepared, i64, oneshot::Sender<Result<Journaled, String>>),
+/// What the writer journals: anything that gives the journal's view of a callback.
+pub trait Journalable: Send + 'static {
+    fn as_new(&self) -> NewCallback<'_>;
 }
 
-/// A handle for async tasks to the store's writer thread.
+/// Called on the writer thread after each commit that journaled callbacks, with the group's
+/// callbacks in journal order, what the journal did with each, and the commit's time (µs). The
+/// store is there to read what the hook needs. A stage that keeps what it journals (collect keeps
+/// the rows of a run) does it here, in the journal's order, without the writer knowing.
+pub type AfterCommit<P> = Box<dyn FnMut(&dyn Store, &[(P, Journaled)], i64) + Send>;
+
+enum Op<P> {
+    Job(JobUpdate, oneshot::Sender<Result<(), String>>),
+    Journal(P, i64, oneshot::Sender<Result<Journaled, String>>),
+}
+
+/// A handle for async tasks to the store's writer thread, journaling callbacks of type `P`.
 #[derive(Debug)]
-pub struct StateWriter<S> {
-    tx: mpsc::Sender<Op>,
-    thread: JoinHandle<(S, Option<RowSet>)>,
+pub struct StateWriter<S, P> {
+    tx: mpsc::Sender<Op<P>>,
+    thread: JoinHandle<S>,
     path: String,
 }
 
-impl std::fmt::Debug for Op {
+impl<P> std::fmt::Debug for Op<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Op::Job(u, _) => write!(f, "Job({u:?})"),
-            Op::Journal(p, _, _) => write!(f, "Journal({})", p.request_id),
+            Op::Journal(..) => write!(f, "Journal"),
         }
     }
 }
 
-impl<S: Store + Send + 'static> StateWriter<S> {
+impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
     /// Moves `store` to a writer thread. `path` names the store in errors.
     pub fn spawn(store: S, path: String) -> Self {
-        Self::spawn_with_rows(store, path, None)
+        Self::spawn_with(store, path, None)
     }
 
-    /// Like [`StateWriter::spawn`]; with `rows`, the records of newly journaled callbacks are also
-    /// added to it, in journal order (see [`StateWriter::finish_with_rows`]).
-    pub fn spawn_with_rows(mut store: S, path: String, mut rows: Option<RowSet>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Op>(QUEUE);
+    /// Like [`StateWriter::spawn`], calling `after` after each commit that journaled callbacks.
+    pub fn spawn_with(mut store: S, path: String, mut after: Option<AfterCommit<P>>) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Op<P>>(QUEUE);
         let thread = std::thread::spawn(move || {
             let mut last_received_at = 0i64;
             while let Some(first) = rx.blocking_recv() {
@@ -60,9 +68,9 @@ impl<S: Store + Send + 'static> StateWriter<S> {
                         Err(_) => break,
                     }
                 }
-                commit_group(&mut store, group, &mut rows, &mut last_received_at);
+                commit_group(&mut store, group, after.as_mut(), &mut last_received_at);
             }
-            (store, rows)
+            store
         });
         StateWriter { tx, thread, path }
     }
@@ -118,7 +126,7 @@ impl<S: Store + Send + 'static> StateWriter<S> {
     /// Journals one callback received at `received_at` (µs); returns once it is durable.
     pub async fn journal(
         &self,
-        callback: Prepared,
+        callback: P,
         received_at: i64,
     ) -> Result<Journaled, StateError> {
         let (reply, answer) = oneshot::channel();
@@ -134,15 +142,8 @@ impl<S: Store + Send + 'static> StateWriter<S> {
 
     /// [`StateWriter::finish`] for a writer shared with tasks that have all ended.
     pub fn finish_shared(writer: std::sync::Arc<Self>) -> Result<S, StateError> {
-        Self::finish_shared_with_rows(writer).map(|(store, _)| store)
-    }
-
-    /// [`StateWriter::finish_with_rows`] for a writer shared with tasks that have all ended.
-    pub fn finish_shared_with_rows(
-        writer: std::sync::Arc<Self>,
-    ) -> Result<(S, Option<RowSet>), StateError> {
         match std::sync::Arc::try_unwrap(writer) {
-            Ok(writer) => writer.finish_with_rows(),
+            Ok(writer) => writer.finish(),
             Err(shared) => Err(StateError::Invalid {
                 path: shared.path.clone(),
                 message: "the state writer is still in use".into(),
@@ -152,12 +153,6 @@ impl<S: Store + Send + 'static> StateWriter<S> {
 
     /// Stops the writer once everything sent is committed, and gives the store back.
     pub fn finish(self) -> Result<S, StateError> {
-        self.finish_with_rows().map(|(store, _)| store)
-    }
-
-    /// [`StateWriter::finish`], with the rows of the callbacks it journaled (`None` when it was
-    /// spawned without, or could not keep them: then the partitions are rebuilt from the journal).
-    pub fn finish_with_rows(self) -> Result<(S, Option<RowSet>), StateError> {
         drop(self.tx);
         self.thread.join().map_err(|_| StateError::Invalid {
             path: self.path,
@@ -166,36 +161,11 @@ impl<S: Store + Send + 'static> StateWriter<S> {
     }
 }
 
-/// Adds the records of the newly journaled callbacks of a commit to `rows`.
-fn add_rows<S: Store>(
-    store: &S,
-    rows: &mut RowSet,
-    journal: &[(Prepared, i64)],
-    outcomes: &[Journaled],
-    received_at: i64,
-) -> crate::Result<()> {
-    let new: Vec<&Prepared> = journal
-        .iter()
-        .zip(outcomes)
-        .filter(|((p, _), o)| matches!(o, Journaled::New(_)) && !p.records.is_empty())
-        .map(|((p, _), _)| p)
-        .collect();
-    if new.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<&str> = new.iter().map(|p| p.request_id.as_str()).collect();
-    let accounts = store.request_accounts(&ids)?;
-    for prepared in new {
-        crate::collect::keep_rows(rows, prepared, &accounts, received_at)?;
-    }
-    Ok(())
-}
-
 /// One commit for the group's callbacks, one for its job updates; each sender gets its answer.
-fn commit_group<S: Store>(
+fn commit_group<S: Store, P: Journalable>(
     store: &mut S,
-    group: Vec<Op>,
-    rows: &mut Option<RowSet>,
+    group: Vec<Op<P>>,
+    after: Option<&mut AfterCommit<P>>,
     last_received_at: &mut i64,
 ) {
     let mut updates = Vec::new();
@@ -225,16 +195,20 @@ fn commit_group<S: Store>(
             .max(*last_received_at);
         *last_received_at = received_at;
         let batch: Vec<NewCallback<'_>> = journal.iter().map(|(p, _)| p.as_new()).collect();
-        match store.journal(&batch, received_at) {
+        let journaled = store.journal(&batch, received_at);
+        drop(batch);
+        match journaled {
             Ok(outcomes) => {
-                if let Some(set) = rows.as_mut()
-                    && let Err(e) = add_rows(store, set, &journal, &outcomes, received_at)
-                {
-                    tracing::warn!(error = %e, "keeping rows failed; partitions will be rebuilt from the journal");
-                    *rows = None;
+                for (reply, outcome) in journal_replies.into_iter().zip(&outcomes) {
+                    let _ = reply.send(Ok(*outcome));
                 }
-                for (reply, outcome) in journal_replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
+                if let Some(after) = after {
+                    let done: Vec<(P, Journaled)> = journal
+                        .into_iter()
+                        .map(|(p, _)| p)
+                        .zip(outcomes)
+                        .collect();
+                    after(&*store, &done, received_at);
                 }
             }
             Err(e) => {

@@ -29,7 +29,7 @@ pub use client::{ApiClient, ApiError};
 
 use crate::config::{ApiConfig, MIN_RETRY_BUDGET};
 use crate::plan::Job;
-use crate::state::{JobUpdate, StateError, StateWriter, Store};
+use crate::state::{JobUpdate, Journalable, StateError, StateWriter, Store};
 
 /// How to submit, from `[api]`.
 #[derive(Debug, Clone)]
@@ -295,9 +295,9 @@ impl Shared {
 ///
 /// Returns an error only when the run cannot go on (credentials rejected, state store failing);
 /// what was recorded until then stays recorded.
-pub async fn submit<S: Store + Send + 'static>(
+pub async fn submit<S: Store + Send + 'static, P: Journalable>(
     client: Arc<ApiClient>,
-    writer: Arc<StateWriter<S>>,
+    writer: Arc<StateWriter<S, P>>,
     jobs: Vec<Job>,
     options: &SubmitOptions,
 ) -> Result<SubmitReport, SubmitError> {
@@ -433,9 +433,9 @@ pub async fn submit<S: Store + Send + 'static>(
 const MAX_RENEWALS_PER_JOB: u32 = 3;
 
 /// One job to its end: submitted, failed, or given up for this run. `Ok(Some(_))` is a refusal.
-async fn submit_job<S: Store + Send + 'static>(
+async fn submit_job<S: Store + Send + 'static, P: Journalable>(
     client: &ApiClient,
-    writer: &StateWriter<S>,
+    writer: &StateWriter<S, P>,
     shared: &Shared,
     options: &SubmitOptions,
     rng: &mut Jitter,

@@ -297,14 +297,17 @@ fn rebuild<S: Store + ?Sized>(
     let mut archived = archived_callbacks(config, partition, archives)?
         .into_iter()
         .peekable();
-    store.callbacks_for_partition(partition, through_id, &mut |cb| {
-        while let Some(older) =
-            archived.next_if(|a| (a.received_at, a.id) < (cb.received_at, cb.id))
-        {
-            add(&mut set, older.stored()?)?;
-        }
-        add(&mut set, cb)
-    })?;
+    crate::state::try_each(
+        |each| store.callbacks_for_partition(partition, through_id, each),
+        |cb| {
+            while let Some(older) =
+                archived.next_if(|a| (a.received_at, a.id) < (cb.received_at, cb.id))
+            {
+                add(&mut set, older.stored()?)?;
+            }
+            add(&mut set, cb)
+        },
+    )?;
     for older in archived {
         add(&mut set, older.stored()?)?;
     }

@@ -30,16 +30,6 @@ const LAYERS: &[&[&str]] = &[
 
 /// Imports that break the layering today: (module, module it uses, what fixing it takes).
 const DEBTS: &[(&str, &str, &str)] = &[
-    (
-        "state",
-        "collect",
-        "the state writer keeps output rows: move that to collect",
-    ),
-    (
-        "state",
-        "error",
-        "callbacks_for_partition/archivable callbacks return crate::Error",
-    ),
     ("collect", "error", "collect returns crate::Result"),
     ("write", "error", "write returns crate::Result"),
     (
