@@ -169,7 +169,13 @@ fn bodies(callbacks: usize, records: usize) -> Vec<String> {
 async fn serve<S: Store + Send + 'static>(
     store: S,
     out: &std::path::Path,
-) -> Result<(http_listener::ListenerHandle, Arc<tsusage::collect::Writer<S>>), Box<dyn std::error::Error>> {
+) -> Result<
+    (
+        http_listener::ListenerHandle,
+        Arc<tsusage::collect::Writer<S>>,
+    ),
+    Box<dyn std::error::Error>,
+> {
     let config = CallbacksConfig {
         listen_addr: "127.0.0.1:0".parse()?,
         public_url: "http://127.0.0.1/callbacks".into(),

@@ -53,11 +53,37 @@ impl Error {
             _ => crate::report::EXIT_FAILED,
         }
     }
+}
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
+impl From<crate::collect::CollectError> for Error {
+    fn from(e: crate::collect::CollectError) -> Self {
+        use crate::collect::CollectError as C;
+        match e {
+            C::State(e) => Error::State(e),
+            C::Output(e) => Error::Write(e),
+            C::Listener(e) => Error::Listener(e),
+            C::Io { path, source } => Error::Io { path, source },
+        }
+    }
+}
+
+impl From<crate::write::publish::PublishError> for Error {
+    fn from(e: crate::write::publish::PublishError) -> Self {
+        use crate::write::publish::PublishError as P;
+        match e {
+            P::State(e) => Error::State(e),
+            P::Output(e) => Error::Write(e),
+            P::Archive(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::report::stored::ReportError> for Error {
+    fn from(e: crate::report::stored::ReportError) -> Self {
+        use crate::report::stored::ReportError as R;
+        match e {
+            R::Usage(message) => Error::Usage(message),
+            R::Io { path, source } => Error::Io { path, source },
         }
     }
 }

@@ -19,12 +19,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::{CollectError, Result};
 use super::{Intake, Prepared, now_micros};
 use crate::normalize::collapse::RowSet;
 use crate::output::rejects::RecordRejects;
 use crate::output::sync_dir;
 use crate::state::{ArchiveFile, ArchivedCallback, Store};
-use crate::{Error, Result};
 
 /// What journaling archive files back did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -114,11 +114,11 @@ impl ArchiveWriter {
         let month = month_of(cb);
         if !self.open.contains_key(&month) {
             let dir = self.root.join(&month);
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            std::fs::create_dir_all(&dir).map_err(|e| CollectError::io(&dir, e))?;
             let tmp = dir.join(format!(".journal-{}.tmp", std::process::id()));
-            let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let file = File::create(&tmp).map_err(|e| CollectError::io(&tmp, e))?;
             let encoder = zstd::Encoder::new(BufWriter::new(file), ZSTD_LEVEL)
-                .map_err(|e| Error::io(&tmp, e))?;
+                .map_err(|e| CollectError::io(&tmp, e))?;
             let meta = ArchiveFile {
                 file: String::new(),
                 callbacks: 0,
@@ -134,7 +134,7 @@ impl ArchiveWriter {
             return Ok(());
         };
         let body = RawValue::from_string(cb.body.clone()).map_err(|e| {
-            Error::io(
+            CollectError::io(
                 &open.tmp,
                 std::io::Error::other(format!("callback {} is not JSON: {e}", cb.id)),
             )
@@ -153,7 +153,7 @@ impl ArchiveWriter {
             serde_json::to_writer(&mut *encoder, &line).map_err(std::io::Error::other)?;
             encoder.write_all(b"\n")
         };
-        write(&mut open.encoder).map_err(|e| Error::io(&open.tmp, e))?;
+        write(&mut open.encoder).map_err(|e| CollectError::io(&open.tmp, e))?;
         let meta = &mut open.meta;
         meta.callbacks += 1;
         meta.first_id = meta.first_id.min(cb.id);
@@ -173,19 +173,22 @@ impl ArchiveWriter {
                 encoder,
                 mut meta,
             } = open;
-            let writer = encoder.finish().map_err(|e| Error::io(&tmp, e))?;
+            let writer = encoder.finish().map_err(|e| CollectError::io(&tmp, e))?;
             let file = writer
                 .into_inner()
-                .map_err(|e| Error::io(&tmp, e.into_error()))?;
-            file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-            meta.bytes = file.metadata().map_err(|e| Error::io(&tmp, e))?.len();
+                .map_err(|e| CollectError::io(&tmp, e.into_error()))?;
+            file.sync_all().map_err(|e| CollectError::io(&tmp, e))?;
+            meta.bytes = file
+                .metadata()
+                .map_err(|e| CollectError::io(&tmp, e))?
+                .len();
             let name = format!(
                 "journal-{:012}-{:012}{EXTENSION}",
                 meta.first_id, meta.last_id
             );
             let dir = self.root.join(&month);
             let path = dir.join(&name);
-            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| CollectError::io(&path, e))?;
             sync_dir(&dir)?;
             meta.file = format!("{month}/{name}");
             files.push(meta);
@@ -212,7 +215,7 @@ pub fn clean_orphans(out_dir: &Path, recorded: &BTreeSet<String>) -> Result<u64>
         let unrecorded = relative.ends_with(EXTENSION) && !recorded.contains(&relative);
         if temporary || unrecorded {
             tracing::info!(file = %path.display(), "removing what an interrupted prune left");
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            std::fs::remove_file(&path).map_err(|e| CollectError::io(&path, e))?;
             removed += 1;
         }
     }
@@ -235,11 +238,13 @@ fn files_in(dir: &Path, dotfiles: bool) -> Result<Vec<PathBuf>> {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(dir, e)),
+            Err(e) => return Err(CollectError::io(dir, e)),
         };
         for entry in entries {
-            let entry = entry.map_err(|e| Error::io(dir, e))?;
-            let kind = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+            let entry = entry.map_err(|e| CollectError::io(dir, e))?;
+            let kind = entry
+                .file_type()
+                .map_err(|e| CollectError::io(entry.path(), e))?;
             let hidden = entry.file_name().to_string_lossy().starts_with('.');
             if kind.is_dir() && !hidden {
                 subdirs.push(entry.path());
@@ -262,8 +267,8 @@ fn files_in(dir: &Path, dotfiles: bool) -> Result<Vec<PathBuf>> {
 /// stops it with an error naming the file and line: archives are written by tsusage, so a bad
 /// line is damage, not input to skip.
 pub fn read(path: &Path, each: &mut dyn FnMut(ArchivedCallback) -> Result<()>) -> Result<()> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let decoder = zstd::Decoder::new(file).map_err(|e| Error::io(path, e))?;
+    let file = File::open(path).map_err(|e| CollectError::io(path, e))?;
+    let decoder = zstd::Decoder::new(file).map_err(|e| CollectError::io(path, e))?;
     let mut reader = BufReader::new(decoder);
     let mut text = String::new();
     let mut number = 0u64;
@@ -272,7 +277,7 @@ pub fn read(path: &Path, each: &mut dyn FnMut(ArchivedCallback) -> Result<()>) -
         number += 1;
         if reader
             .read_line(&mut text)
-            .map_err(|e| Error::io(path, e))?
+            .map_err(|e| CollectError::io(path, e))?
             == 0
         {
             return Ok(());
@@ -281,7 +286,7 @@ pub fn read(path: &Path, each: &mut dyn FnMut(ArchivedCallback) -> Result<()>) -
             continue;
         }
         let line: Line<'_> = serde_json::from_str(&text).map_err(|e| {
-            Error::io(
+            CollectError::io(
                 path,
                 std::io::Error::other(format!("line {number}: not an archive line: {e}")),
             )

@@ -15,12 +15,12 @@ use std::sync::mpsc;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use super::{CollectError, Result};
 use super::{Intake, Prepared, now_micros};
 use crate::normalize::collapse::RowSet;
 use crate::output::rejects::{RecordReject, RecordRejects};
 use crate::output::sync_dir;
 use crate::state::Store;
-use crate::{Error, Result};
 
 /// Files whose callbacks are journaled before the batch is committed and the files moved.
 const BATCH_FILES: usize = 4096;
@@ -98,8 +98,8 @@ pub fn collect<S: Store + ?Sized>(
 ) -> Result<DropDirStats> {
     let mut stats = DropDirStats::default();
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
+    for entry in std::fs::read_dir(dir).map_err(|e| CollectError::io(dir, e))? {
+        let entry = entry.map_err(|e| CollectError::io(dir, e))?;
         names.push(entry.file_name());
     }
     names.sort();
@@ -229,13 +229,13 @@ pub fn collect<S: Store + ?Sized>(
         drop(mover);
         moved
             .join()
-            .map_err(|_| Error::io(dir, std::io::Error::other("moving files panicked")))??;
+            .map_err(|_| CollectError::io(dir, std::io::Error::other("moving files panicked")))??;
         drop(outputs);
         for handle in handles {
             // A worker that panicked hung up early: the files after it were neither journaled nor
             // moved (they are read next time), but this run must not look complete.
             let worker = handle.join().map_err(|_| {
-                Error::io(
+                CollectError::io(
                     dir,
                     std::io::Error::other("a parsing thread failed; unread files stay in place"),
                 )
@@ -514,10 +514,10 @@ fn move_files(dir: &Path, files: Vec<(PathBuf, &'static str)>) -> Result<()> {
     for (path, sub) in files {
         let target_dir = dir.join(sub);
         if !touched.contains(&target_dir) {
-            std::fs::create_dir_all(&target_dir).map_err(|e| Error::io(&target_dir, e))?;
+            std::fs::create_dir_all(&target_dir).map_err(|e| CollectError::io(&target_dir, e))?;
         }
         let target = free_name(&target_dir, &path);
-        std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
+        std::fs::rename(&path, &target).map_err(|e| CollectError::io(&path, e))?;
         touched.insert(target_dir);
     }
     if !touched.is_empty() {
@@ -535,7 +535,7 @@ fn candidate(
     name: &std::ffi::OsStr,
     stats: &mut DropDirStats,
 ) -> Result<Option<Format>> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| CollectError::io(path, e))?;
     if meta.is_dir() {
         return Ok(None); // processed/, rejected/ and anything else: not ours to read
     }

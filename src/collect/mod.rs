@@ -72,6 +72,35 @@ impl std::ops::AddAssign for CallbackStats {
     }
 }
 
+/// What stops collecting. Per-callback problems are not errors: they are rejects.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Output(#[from] crate::output::WriteError),
+    #[error(transparent)]
+    Listener(#[from] http_listener::ListenerError),
+    /// A file or directory of a drop directory or the archive, with its path.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CollectError {
+    pub(crate) fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+        CollectError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = CollectError> = std::result::Result<T, E>;
+
 /// A callback ready to journal.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -319,7 +348,7 @@ impl Intake {
         batch: &[Prepared],
         received_at: i64,
         mut rows: Option<&mut RowSet>,
-    ) -> crate::Result<()> {
+    ) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }

@@ -10,10 +10,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Result;
 use super::drop_dir::{self, DropDirOptions, DropDirStats};
 use super::http_listener::{self, ListenerCounts, ListenerHandle, ListenerState};
 use super::{CallbackStats, Intake};
-use crate::Result;
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::normalize::RecordStats;
 use crate::output::rejects::RecordRejects;

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use super::{Outcome, conclude, rejects_dir};
 use crate::Result;
+use crate::collect::Writer;
 use crate::collect::source::{CallbackSource, Listener};
 use crate::config::Config;
 use crate::report::{RunReport, new_run_id};
-use crate::collect::Writer;
 use crate::state::Store;
 
 /// How long in-flight requests get to finish after SIGTERM or Ctrl-C.

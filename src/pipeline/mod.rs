@@ -11,6 +11,7 @@ use std::sync::Arc;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::collect::Intake;
+use crate::collect::Writer;
 use crate::collect::archive;
 use crate::collect::drop_dir::{self, DropDirOptions};
 use crate::config::Config;
@@ -18,7 +19,6 @@ use crate::ingest::{self, Iccid, IngestOptions};
 use crate::output::rejects::{IccidRejects, RecordRejects};
 use crate::plan::{self, DateRange};
 use crate::report::{RunReport, new_run_id};
-use crate::collect::Writer;
 use crate::state::Store;
 use crate::submit::{self, ApiClient, SubmitOptions};
 use crate::write::publish;

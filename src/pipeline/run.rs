@@ -10,10 +10,10 @@ use super::{Outcome, conclude, read_iccids, simulate};
 use crate::collect::http_listener;
 use crate::collect::source::CallbackSource;
 use crate::collect::tracker::Tracker;
+use crate::collect::{RowKeeper, Writer};
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::plan::{self, DateRange, Job};
 use crate::report::{CollectReport, RunReport, new_run_id};
-use crate::collect::{RowKeeper, Writer};
 use crate::state::{StateError, Store};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 use crate::{Error, Result};
@@ -110,7 +110,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
         complete = tracker.stats.complete,
         "collection over; writing the partitions"
     );
-    let collected = source.finish().await;
+    let collected = source.finish().await.map_err(crate::Error::from);
     let submitted = match (outcome, collected) {
         (Ok(submitted), Ok(collected)) => {
             report.collected(collected, tracker.stats.unmatched_callbacks);

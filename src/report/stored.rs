@@ -2,7 +2,30 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{Error, Result};
+/// A stored report that cannot be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The run id asked for is not one, or has no report (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ReportError {
+    fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ReportError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = ReportError> = std::result::Result<T, E>;
 
 /// The report of `run_id` (or of the most recent run for `latest`) under `out_dir/runs/`: its path
 /// and its JSON.
@@ -12,20 +35,20 @@ pub fn load(out_dir: &Path, run_id: &str) -> Result<(PathBuf, serde_json::Value)
         latest(&runs)?
     } else {
         if run_id.is_empty() || run_id.contains(['/', '\\']) || run_id.starts_with('.') {
-            return Err(Error::Usage(format!("{run_id:?} is not a run id")));
+            return Err(ReportError::Usage(format!("{run_id:?} is not a run id")));
         }
         let path = runs.join(format!("{run_id}.json"));
         if !path.is_file() {
-            return Err(Error::Usage(format!(
+            return Err(ReportError::Usage(format!(
                 "no report for run {run_id}: {} does not exist (`tsusage report latest` shows the last one)",
                 path.display()
             )));
         }
         path
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| ReportError::io(&path, e))?;
     let value = serde_json::from_str(&text)
-        .map_err(|e| Error::Usage(format!("{}: not a run report: {e}", path.display())))?;
+        .map_err(|e| ReportError::Usage(format!("{}: not a run report: {e}", path.display())))?;
     Ok((path, value))
 }
 
@@ -33,7 +56,7 @@ pub fn load(out_dir: &Path, run_id: &str) -> Result<(PathBuf, serde_json::Value)
 /// the latest run.
 fn latest(runs: &Path) -> Result<PathBuf> {
     let none = || {
-        Error::Usage(format!(
+        ReportError::Usage(format!(
             "no run report in {}: no command has finished with this output.dir yet",
             runs.display()
         ))
@@ -41,11 +64,11 @@ fn latest(runs: &Path) -> Result<PathBuf> {
     let entries = match std::fs::read_dir(runs) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(none()),
-        Err(e) => return Err(Error::io(runs, e)),
+        Err(e) => return Err(ReportError::io(runs, e)),
     };
     let mut newest: Option<PathBuf> = None;
     for entry in entries {
-        let path = entry.map_err(|e| Error::io(runs, e))?.path();
+        let path = entry.map_err(|e| ReportError::io(runs, e))?.path();
         let is_report = path.extension().is_some_and(|e| e == "json")
             && path
                 .file_name()

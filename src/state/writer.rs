@@ -124,11 +124,7 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
     }
 
     /// Journals one callback received at `received_at` (µs); returns once it is durable.
-    pub async fn journal(
-        &self,
-        callback: P,
-        received_at: i64,
-    ) -> Result<Journaled, StateError> {
+    pub async fn journal(&self, callback: P, received_at: i64) -> Result<Journaled, StateError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Op::Journal(callback, received_at, reply))
@@ -203,11 +199,8 @@ fn commit_group<S: Store, P: Journalable>(
                     let _ = reply.send(Ok(*outcome));
                 }
                 if let Some(after) = after {
-                    let done: Vec<(P, Journaled)> = journal
-                        .into_iter()
-                        .map(|(p, _)| p)
-                        .zip(outcomes)
-                        .collect();
+                    let done: Vec<(P, Journaled)> =
+                        journal.into_iter().map(|(p, _)| p).zip(outcomes).collect();
                     after(&*store, &done, received_at);
                 }
             }

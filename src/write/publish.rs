@@ -10,9 +10,23 @@ use crate::config::Config;
 use crate::normalize::collapse::{Origin, PartitionRows, RowSet, usage_row};
 use crate::normalize::payload::{CallbackKind, parse_callback};
 use crate::normalize::{partition_key, partition_of};
+use crate::output::WriteError;
 use crate::state::{PendingPartition, Store, StoredCallback};
 use crate::write::parquet::{PartitionWriter, WriterOptions};
-use crate::{Error, Result};
+
+/// What stops publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Output(#[from] WriteError),
+    /// An archive file of a partition being rebuilt cannot be read.
+    #[error(transparent)]
+    Archive(#[from] crate::collect::CollectError),
+}
+
+pub type Result<T, E = PublishError> = std::result::Result<T, E>;
 
 /// One partition written by this run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -52,7 +66,7 @@ pub fn fresh_rows(config: &Config) -> Result<RowSet> {
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(&dir, e)),
+        Err(e) => return Err(WriteError::io(&dir, e).into()),
     }
     Ok(RowSet::new(
         config.output.partition_by,
@@ -328,7 +342,7 @@ impl Archived {
     fn stored(self) -> Result<StoredCallback> {
         let text = if self.encoding == "zstd" {
             zstd::stream::decode_all(self.body.as_slice())
-                .map_err(|e| Error::io(ARCHIVE_MEMORY, e))?
+                .map_err(|e| WriteError::io(std::path::Path::new(ARCHIVE_MEMORY), e))?
         } else {
             self.body
         };
@@ -336,8 +350,12 @@ impl Archived {
             id: self.id,
             request_id: self.request_id,
             received_at: self.received_at,
-            body: String::from_utf8(text)
-                .map_err(|e| Error::io(ARCHIVE_MEMORY, std::io::Error::other(e)))?,
+            body: String::from_utf8(text).map_err(|e| {
+                WriteError::io(
+                    std::path::Path::new(ARCHIVE_MEMORY),
+                    std::io::Error::other(e),
+                )
+            })?,
             account_name: self.account_name,
         })
     }

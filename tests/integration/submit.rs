@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tsusage::collect::Writer;
 use tsusage::config::Config;
 use tsusage::pipeline;
 use tsusage::plan::{self, DateRange};
 use tsusage::sim::{self, SimConfig, SimHandle};
-use tsusage::collect::Writer;
 use tsusage::state::{SqliteStore, Store};
 use tsusage::submit::{self, ApiClient, SubmitOptions};
 
