@@ -15,15 +15,18 @@
 //! - [`ingest`]: ICCID lists from CSV → validated, deduplicated [`ingest::Iccid`]s; bad rows rejected.
 //! - [`collect`]: callback bodies from a source ([`collect::source`]: the listener, a drop directory,
 //!   an external `tsusage listen`) → stripped of credentials → journaled durably; the tracker
-//!   ([`collect::tracker`]) says which jobs are complete; the archive format ([`collect::archive`]).
+//!   ([`collect::tracker`]) says which jobs are complete; a run's collection while it submits
+//!   ([`collect::session`]) and its live display ([`collect::progress`]); the archive format
+//!   ([`collect::archive`]); the rows of what a run journals are kept by [`collect::RowKeeper`].
 //! - [`state`]: the state store, reached through its trait from [`state::open`]: callback journal,
 //!   jobs, requests, runs, written partitions, archive files; SQLite is the embedded implementation.
+//!   Async code reaches it through the writer thread ([`state::StateWriter`]) or
+//!   [`state::AsyncStore`] (calls on the blocking pool).
 //! - [`normalize`]: the one payload parser and the value policy → typed [`normalize::UsageRow`]s.
 //! - [`write`]: Parquet partitions published atomically ([`write::publish`]); rejects and completeness
 //!   files.
 //! - [`report`]: the run report, exit codes, the `status` text.
 //! - [`logging`]: log lines on stderr, as text or JSON, each with the run id.
-//! - [`progress`]: the live display of a run on a terminal.
 //! - [`pipeline`]: each command's wiring, in the order above.
 //! - [`config`]: the TOML configuration with environment overrides.
 //! - [`plan`]: date range and ICCIDs → jobs, and which to send ([`plan::select`]); [`submit`]: jobs →
@@ -39,7 +42,7 @@
 //!
 //! `failpoint` < `sim` (shares no code with the client) < `config` < `output` < `ingest` < `plan` <
 //! `normalize` < `state` < `submit` < `collect` < `write` < `report` < `fuzzing` < `error` <
-//! `logging`, `progress` < `pipeline`.
+//! `logging` < `pipeline`.
 
 pub mod collect;
 pub mod config;
@@ -52,7 +55,6 @@ pub mod normalize;
 pub mod output;
 pub mod pipeline;
 pub mod plan;
-pub mod progress;
 pub mod report;
 pub mod sim;
 pub mod state;

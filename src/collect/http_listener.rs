@@ -456,6 +456,87 @@ mod tests {
         assert!(listen_path("no-scheme").is_err());
     }
 
+    /// The router called without a socket: the answers and the journal, over a real SQLite file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_router_journals_good_callbacks_once_and_refuses_the_rest() {
+        use axum::body::Body as HttpBody;
+        use axum::http::Request;
+        use tower::ServiceExt;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = crate::config::Config::from_toml_str(
+            "account_name = \"0000123456-00001\"\n[output]\ndir = \"out\"\n[state]\npath = \"s.db\"\n\
+             [callbacks]\npublic_url = \"http://127.0.0.1:1/cb\"\n",
+            Path::new("test.toml"),
+            [
+                ("TSUSAGE_CALLBACKS__USERNAME".to_owned(), "cb-user".to_owned()),
+                ("TSUSAGE_CALLBACKS__PASSWORD".to_owned(), "cb-secret".to_owned()),
+            ],
+        )
+        .expect("config");
+        let store = crate::state::SqliteStore::open(&dir.path().join("s.db")).expect("store");
+        let writer = Arc::new(super::super::Writer::spawn(store, "s.db".into()));
+        let state = Arc::new(
+            ListenerState::new(
+                &config.callbacks,
+                writer.clone(),
+                Intake::new(false, config.output.partition_by),
+                RecordRejects::new(dir.path().join("rejects.jsonl")),
+            )
+            .expect("state"),
+        );
+        let router = app("/cb", state.clone(), 1 << 20, Duration::from_secs(5));
+        let vendor = include_str!("../../data/vendor/callback_usage.json");
+        let ours = vendor
+            .replacen("\"username\":\"null\"", "\"username\":\"cb-user\"", 1)
+            .replacen("\"password\":\"null\"", "\"password\":\"cb-secret\"", 1);
+        let post = |path: &str, content_type: &str, body: String| {
+            Request::post(path)
+                .header(header::CONTENT_TYPE, content_type)
+                .body(HttpBody::from(body))
+                .expect("request")
+        };
+        let status = |request: Request<HttpBody>| {
+            let router = router.clone();
+            async move { router.oneshot(request).await.expect("answer").status() }
+        };
+        assert_eq!(
+            status(post("/cb", "application/json", ours.clone())).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(post("/cb", "application/json", ours.clone())).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(post("/cb", "application/json", vendor.to_owned())).await,
+            StatusCode::UNAUTHORIZED,
+            "the vendor's example carries no credentials of ours"
+        );
+        assert_eq!(
+            status(post("/cb", "text/plain", ours.clone())).await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        assert_eq!(
+            status(post("/other", "application/json", ours)).await,
+            StatusCode::NOT_FOUND
+        );
+        let counts = state.counts.lock().expect("counts").clone();
+        assert_eq!(
+            (
+                counts.acknowledged,
+                counts.journaled,
+                counts.already_journaled
+            ),
+            (2, 1, 1),
+            "{counts:?}"
+        );
+        drop(router);
+        drop(state);
+        let store = super::super::Writer::finish_shared(writer).expect("writer");
+        assert_eq!(store.journal_len().expect("journal"), 1);
+    }
+
     #[test]
     fn secrets_compare_by_value() {
         let s = Secret::new("p@ss");

@@ -8,6 +8,8 @@ pub use crate::config::allow_list;
 pub mod archive;
 pub mod drop_dir;
 pub mod http_listener;
+pub mod progress;
+pub mod session;
 pub mod source;
 pub mod tracker;
 
@@ -81,6 +83,9 @@ pub enum CollectError {
     Output(#[from] crate::output::WriteError),
     #[error(transparent)]
     Listener(#[from] http_listener::ListenerError),
+    /// The vendor API cannot be used: credentials rejected or missing.
+    #[error(transparent)]
+    Api(#[from] crate::submit::ApiError),
     /// A file or directory of a drop directory or the archive, with its path.
     #[error("{path}: {source}")]
     Io {

@@ -67,16 +67,10 @@ impl IccidRejects {
 
     /// Flushes and syncs; returns the file's path if anything was rejected.
     pub fn finish(self) -> Result<Option<PathBuf>, WriteError> {
-        match self.out {
-            None => Ok(None),
-            Some(out) => {
-                let file = out
-                    .into_inner()
-                    .map_err(|e| WriteError::io(&self.path, e.into_error()))?;
-                file.sync_all().map_err(|e| WriteError::io(&self.path, e))?;
-                Ok(Some(self.path))
-            }
-        }
+        let file = self
+            .out
+            .map(|out| out.into_inner().map_err(|e| e.into_error()));
+        synced(self.path, file)
     }
 }
 
@@ -143,16 +137,10 @@ impl RecordRejects {
 
     /// Flushes and syncs; returns the file's path if anything was rejected.
     pub fn finish(self) -> Result<Option<PathBuf>, WriteError> {
-        match self.out {
-            None => Ok(None),
-            Some(out) => {
-                let file = out
-                    .into_inner()
-                    .map_err(|e| WriteError::io(&self.path, e.into_error()))?;
-                file.sync_all().map_err(|e| WriteError::io(&self.path, e))?;
-                Ok(Some(self.path))
-            }
-        }
+        let file = self
+            .out
+            .map(|out| out.into_inner().map_err(|e| e.into_error()));
+        synced(self.path, file)
     }
 }
 
@@ -169,4 +157,18 @@ pub fn shorten(raw: &str) -> String {
         None => raw.to_owned(),
         Some((cut, _)) => format!("{}… ({} bytes in all)", &raw[..cut], raw.len()),
     }
+}
+
+/// The path of a rejects file once `file` (closed from its writer; `None` when nothing was
+/// rejected) is on disk.
+fn synced(
+    path: PathBuf,
+    file: Option<Result<File, std::io::Error>>,
+) -> Result<Option<PathBuf>, WriteError> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let file = file.map_err(|e| WriteError::io(&path, e))?;
+    file.sync_all().map_err(|e| WriteError::io(&path, e))?;
+    Ok(Some(path))
 }

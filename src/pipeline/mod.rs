@@ -166,28 +166,13 @@ pub(crate) fn plan_jobs(
 /// `tsusage callbacks register`: registers `callbacks.public_url` for `callbacks.service_name`.
 pub async fn register_callback(config: &Config) -> Result<String> {
     let client = ApiClient::new(&config.api)?;
-    register_ours(&client, config).await?;
+    crate::submit::registration::register_ours(&client, config).await?;
     client.logout().await;
     let c = &config.callbacks;
     Ok(format!(
         "registered {} for {} on account {}",
         c.public_url, c.service_name, config.account_name
     ))
-}
-
-/// Registers `callbacks.public_url` for `callbacks.service_name`, with the callback credentials.
-pub(crate) async fn register_ours(client: &ApiClient, config: &Config) -> Result<()> {
-    let c = &config.callbacks;
-    client
-        .register_callback(
-            &config.account_name,
-            &c.service_name,
-            &c.public_url,
-            c.username.as_ref(),
-            c.password.as_ref(),
-        )
-        .await?;
-    Ok(())
 }
 
 /// `tsusage callbacks list`: one line per registered callback, `service<TAB>url` (none: no line).

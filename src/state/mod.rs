@@ -5,6 +5,7 @@
 //! second implementation of the same trait, with the same tables.
 
 mod lock;
+mod shared;
 mod sqlite;
 mod writer;
 
@@ -12,6 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::ops::ControlFlow;
 
 pub use lock::RunLock;
+pub use shared::AsyncStore;
 pub use sqlite::{SqliteStore, encode_body};
 pub use writer::{AfterCommit, Journalable, StateWriter};
 

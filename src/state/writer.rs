@@ -89,17 +89,31 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
         }
     }
 
-    /// Commits `update`; returns once it is durable.
-    pub async fn apply(&self, update: JobUpdate) -> Result<(), StateError> {
+    /// Sends the operation `op` makes with its reply channel; returns where its answer comes.
+    async fn send<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Op<P>,
+    ) -> Result<oneshot::Receiver<Result<T, String>>, StateError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Op::Job(update, reply))
-            .await
-            .map_err(|_| self.gone())?;
+        self.tx.send(op(reply)).await.map_err(|_| self.gone())?;
+        Ok(answer)
+    }
+
+    /// Waits for an operation's answer: once it is committed, or failed.
+    async fn answer<T>(
+        &self,
+        answer: oneshot::Receiver<Result<T, String>>,
+    ) -> Result<T, StateError> {
         answer
             .await
             .map_err(|_| self.gone())?
             .map_err(|m| self.failed(m))
+    }
+
+    /// Commits `update`; returns once it is durable.
+    pub async fn apply(&self, update: JobUpdate) -> Result<(), StateError> {
+        let answer = self.send(|reply| Op::Job(update, reply)).await?;
+        self.answer(answer).await
     }
 
     /// Commits every update (in as few commits as the writer groups them); returns once all are
@@ -107,33 +121,20 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
     pub async fn apply_all(&self, updates: Vec<JobUpdate>) -> Result<(), StateError> {
         let mut answers = Vec::with_capacity(updates.len());
         for update in updates {
-            let (reply, answer) = oneshot::channel();
-            self.tx
-                .send(Op::Job(update, reply))
-                .await
-                .map_err(|_| self.gone())?;
-            answers.push(answer);
+            answers.push(self.send(|reply| Op::Job(update, reply)).await?);
         }
         for answer in answers {
-            answer
-                .await
-                .map_err(|_| self.gone())?
-                .map_err(|m| self.failed(m))?;
+            self.answer(answer).await?;
         }
         Ok(())
     }
 
     /// Journals one callback received at `received_at` (µs); returns once it is durable.
     pub async fn journal(&self, callback: P, received_at: i64) -> Result<Journaled, StateError> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Op::Journal(callback, received_at, reply))
-            .await
-            .map_err(|_| self.gone())?;
-        answer
-            .await
-            .map_err(|_| self.gone())?
-            .map_err(|m| self.failed(m))
+        let answer = self
+            .send(|reply| Op::Journal(callback, received_at, reply))
+            .await?;
+        self.answer(answer).await
     }
 
     /// [`StateWriter::finish`] for a writer shared with tasks that have all ended.

@@ -12,6 +12,7 @@
 //! [`client`] holds the HTTP side and the two tokens; [`wire`] the vendor's field names.
 
 pub mod client;
+pub mod registration;
 pub mod wire;
 
 use std::collections::VecDeque;

@@ -24,7 +24,7 @@ const LAYERS: &[&[&str]] = &[
     &["report"],
     &["fuzzing"],
     &["error"],
-    &["logging", "progress"],
+    &["logging"],
     &["pipeline"],
 ];
 
@@ -185,6 +185,8 @@ fn backend_types_stay_in_their_backend_file() {
             .display()
             .to_string();
         let text = std::fs::read_to_string(&file).expect("read");
+        // Test modules may use a backend to exercise what they test.
+        let text = text.split("#[cfg(test)]").next().unwrap_or_default();
         for (name, home) in confined {
             if text.contains(name) && !relative.starts_with(home) {
                 wrong.push(format!("{name} in {relative}"));

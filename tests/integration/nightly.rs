@@ -121,17 +121,37 @@ fn ten_nights_on_one_store_are_each_complete_exact_and_read_only_their_own_callb
         let day = first_night() + Days::new(night);
         // Every ICCID-day is usage or no usage, none failed, missing or "not submitted".
         let (report, expected) = complete_night(&ws, &env, &iccids, day);
-        assert_eq!(report["submit"]["submitted"].as_u64(), Some(50), "{day}");
+        // This night's 50 jobs, and nothing of earlier nights. A job whose callbacks are slower
+        // than the simulated deadline (30 s, on a loaded machine) is asked again: that is counted
+        // as a re-request, and is not a job of another night.
+        let submitted = report["submit"]["submitted"].as_u64().expect("submitted");
+        let resubmitted = report["collect"]["resubmitted"]
+            .as_u64()
+            .expect("resubmitted");
+        assert_eq!(
+            submitted - resubmitted,
+            50,
+            "{day}: {submitted} sent, {resubmitted} again"
+        );
 
         // The tracker read this night's callbacks and nothing older: each journaled this night.
         let tracking = &report["collect"];
         let journaled = report["listener"]["journaled"].as_u64().expect("journaled");
         assert!(journaled >= 50, "night {day}: {journaled} callbacks");
-        assert_eq!(
-            tracking["callbacks_read"].as_u64(),
-            Some(journaled),
-            "night {day}: the tracker reads what this night journaled, not the history"
-        );
+        let read = tracking["callbacks_read"].as_u64().expect("callbacks_read");
+        if resubmitted == 0 {
+            assert_eq!(
+                read, journaled,
+                "night {day}: the tracker reads what this night journaled, not the history"
+            );
+        } else {
+            // The answers to a request asked again may still come after every job is complete:
+            // they are journaled (and written) but the tracker, done, no longer reads them.
+            assert!(
+                read <= journaled,
+                "night {day}: the tracker read {read} callbacks, more than this night's {journaled}"
+            );
+        }
         assert_eq!(
             tracking["unmatched_callbacks"].as_u64(),
             Some(0),

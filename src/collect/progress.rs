@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::collect::tracker::TrackerStats;
+use super::tracker::TrackerStats;
 
 /// How often the spinners move while nothing else changes.
 const TICK: Duration = Duration::from_millis(120);

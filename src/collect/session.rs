@@ -1,0 +1,236 @@
+//! A run's collection: submits the jobs to send and collects their callbacks from the source until
+//! every tracked job has ended (complete, failed, missing) or cannot be sent, re-requesting overdue
+//! ones (DESIGN §1, steps 3-4).
+//!
+//! Each look, in this order: the source is polled; ended submissions are taken; the requestIds
+//! recorded so far are handed to the tracker; the journal is read from the cursor on. Collection
+//! stops only on durable facts: nothing is being sent, every requestId sent is tracked, and no job
+//! still waits for a callback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use std::borrow::Cow;
+
+use super::http_listener;
+use super::source::{CallbackSource, SourceReport};
+use super::tracker::Tracker;
+use super::{CollectError, Result, Writer};
+use crate::config::{CallbackSource as SourceKind, Config};
+use crate::plan::Job;
+use crate::state::{AsyncStore, StateError, Store};
+use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
+
+/// How often the run looks at the journal and the clock.
+const TICK: Duration = Duration::from_millis(200);
+/// Journal rows read per look.
+const JOURNAL_PAGE: usize = 10_000;
+
+/// Opens the callback source `callbacks.source` names, submits `to_send` and collects until every
+/// tracked job has ended or cannot be sent, then stops the source and records how each job ended.
+/// Returns what the submissions and the source report.
+pub async fn collect<S: Store + Send + 'static>(
+    config: &Config,
+    run_id: &str,
+    writer: &Arc<Writer<S>>,
+    tracker: &mut Tracker,
+    to_send: Vec<Job>,
+) -> Result<(SubmitReport, SourceReport)> {
+    // The source is up before the first request goes out.
+    let mut source = super::source::open(config, run_id, writer).await?;
+    let mut config = Cow::Borrowed(config);
+    if let Some(addr) = source.bound_addr()
+        && config.callbacks.listen_addr.port() == 0
+    {
+        // --simulate: tell the vendor the port we got.
+        let path = http_listener::listen_path(&config.callbacks.public_url)?;
+        config.to_mut().callbacks.public_url = format!("http://{addr}{path}");
+    }
+    let outcome = submit_and_collect(&config, writer, tracker, to_send, &mut *source).await;
+    tracing::info!(
+        complete = tracker.stats.complete,
+        "collection over; writing the partitions"
+    );
+    let collected = source.finish().await;
+    let (submitted, collected) = (outcome?, collected?);
+    tracker.finish();
+    writer.apply_all(tracker.job_updates()).await?;
+    Ok((submitted, collected))
+}
+
+/// Submits `to_send` and collects from `source` until every tracked job has ended or cannot be
+/// sent; re-requests overdue jobs. Returns the merged submission report.
+async fn submit_and_collect<S: Store + Send + 'static>(
+    config: &Config,
+    writer: &Arc<Writer<S>>,
+    tracker: &mut Tracker,
+    to_send: Vec<Job>,
+    source: &mut dyn CallbackSource,
+) -> Result<SubmitReport> {
+    let client = Arc::new(ApiClient::new(&config.api).map_err(SubmitError::Api)?);
+    let needs_api = !to_send.is_empty() || tracker.waiting() > 0;
+    if needs_api {
+        client.authenticate().await.map_err(SubmitError::Api)?;
+        if config.callbacks.source != SourceKind::DropDir {
+            submit::registration::ensure_registered(&client, config)
+                .await
+                .map_err(SubmitError::Api)?;
+        }
+    }
+    let name = config.state.path.display().to_string();
+    let reader = AsyncStore::new(crate::state::open(&config.state)?, name.clone());
+    let mut cursor = read_earlier(&reader, tracker).await?;
+
+    // The submission tells the collector each requestId once it is durable, and every one before
+    // it returns: when a submission has ended, what it recorded is in `recorded`.
+    let (recorded_tx, mut recorded) = tokio::sync::mpsc::unbounded_channel();
+    let progress = super::progress::RunProgress::new(tracker.stats.jobs);
+    let mut submissions: JoinSet<std::result::Result<SubmitReport, SubmitError>> = JoinSet::new();
+    let spawn = |submissions: &mut JoinSet<_>, jobs: Vec<Job>| {
+        if jobs.is_empty() {
+            return;
+        }
+        let mut options = SubmitOptions::new(&config.api, jobs.len());
+        options.recorded = Some(recorded_tx.clone());
+        options.progress = Some(progress.gauge());
+        let (client, writer) = (client.clone(), writer.clone());
+        submissions.spawn(async move { submit::submit(client, writer, jobs, &options).await });
+    };
+    spawn(&mut submissions, to_send);
+
+    let mut merged = SubmitReport::default();
+    let mut last_log = Instant::now();
+    loop {
+        let now = Instant::now();
+        source.poll()?;
+        // Ended submissions first, then the requestIds: every id an ended submission recorded is
+        // then known to the tracker (invariant 8), whatever the timing of the tasks.
+        let mut ended = Vec::new();
+        while let Some(joined) = submissions.try_join_next() {
+            ended.push(joined.map_err(|e| StateError::Invalid {
+                path: name.clone(),
+                message: format!("the submission task failed: {e}"),
+            })??);
+        }
+        while let Ok((job_id, request_id)) = recorded.try_recv() {
+            tracker.request_recorded(request_id, &job_id, now);
+        }
+        loop {
+            let after = cursor;
+            let page = reader
+                .call(move |s| s.callbacks_since(after, JOURNAL_PAGE))
+                .await?;
+            let full = page.len() == JOURNAL_PAGE;
+            for (id, request_id, _kind, body) in page {
+                cursor = id;
+                tracker.callback(request_id, body, now);
+            }
+            if !full {
+                break;
+            }
+        }
+        crate::failpoint::pause_async(crate::failpoint::COLLECT_LOOK).await;
+        for done in ended {
+            for failure in &done.failures {
+                tracker.refused(
+                    &failure.job_id,
+                    format!("{}: {}", failure.error_code, failure.error_message),
+                );
+            }
+            for (job_id, why) in &done.unsent {
+                tracker.not_submitted(job_id, why.clone());
+            }
+            merged += done;
+        }
+        let resubmit = tracker.tick(now);
+        if !resubmit.is_empty() {
+            tracing::info!(jobs = resubmit.len(), "re-requesting overdue jobs");
+            spawn(&mut submissions, resubmit);
+        }
+        let s = &tracker.stats;
+        progress.update(s);
+        if progress.is_hidden() && last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            tracing::info!(
+                jobs = s.jobs,
+                complete = s.complete,
+                waiting = tracker.waiting(),
+                callbacks = s.callbacks,
+                resubmitted = s.resubmitted,
+                "collecting"
+            );
+        }
+        // Nothing is being sent, every requestId sent is tracked, and no job waits for a callback
+        // (a job still waiting without a requestId was not sent: nothing will come for it).
+        if submissions.is_empty() && tracker.waiting() == tracker.unsent() {
+            break;
+        }
+        tokio::time::sleep(TICK).await;
+    }
+    count_unmatched(&reader, tracker).await?;
+    progress.finish_and_clear();
+    if needs_api {
+        client.logout().await;
+    }
+    Ok(merged)
+}
+
+/// What concerns this run, and nothing older (invariant 7): the requests earlier runs recorded for
+/// its jobs and their callbacks up to the journal's high-water mark, which is returned as the
+/// cursor to read on from. It is taken before anything is sent, so no callback of this run's
+/// requests is below it.
+async fn read_earlier(reader: &AsyncStore, tracker: &mut Tracker) -> Result<i64> {
+    let job_ids: Vec<String> = tracker.job_ids().map(str::to_owned).collect();
+    let (cursor, earlier, callbacks) = reader
+        .call(move |s| {
+            let cursor = s.journal_high_water()?;
+            let ids: Vec<&str> = job_ids.iter().map(String::as_str).collect();
+            let earlier = s.requests_of_jobs(&ids)?;
+            let request_ids: Vec<&str> = earlier.iter().map(|(r, _)| r.as_str()).collect();
+            let mut callbacks = Vec::new();
+            s.callbacks_of_requests(&request_ids, cursor, &mut |_, request_id, body| {
+                callbacks.push((request_id, body));
+            })?;
+            Ok((cursor, earlier, callbacks))
+        })
+        .await?;
+    let now = Instant::now();
+    for (request_id, job_id) in earlier {
+        tracker.request_recorded(request_id, &job_id, now);
+    }
+    for (request_id, body) in callbacks {
+        tracker.callback(request_id, body, now);
+    }
+    Ok(cursor)
+}
+
+/// Unmatched: journaled during this run, for no request the store knows (an earlier night's late
+/// redelivery is not unmatched).
+async fn count_unmatched(reader: &AsyncStore, tracker: &mut Tracker) -> Result<()> {
+    let parked: Vec<(String, usize)> = tracker.parked().map(|(id, n)| (id.to_owned(), n)).collect();
+    let ids: Vec<String> = parked.iter().map(|(id, _)| id.clone()).collect();
+    let known = reader
+        .call(move |s| {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            s.request_accounts(&ids)
+        })
+        .await?;
+    tracker.stats.unmatched_callbacks = parked
+        .iter()
+        .filter(|(id, _)| !known.contains_key(id))
+        .map(|(_, n)| *n as u64)
+        .sum();
+    Ok(())
+}
+
+impl From<SubmitError> for CollectError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Api(e) => CollectError::Api(e),
+            SubmitError::State(e) => CollectError::State(e),
+        }
+    }
+}
