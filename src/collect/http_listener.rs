@@ -414,11 +414,20 @@ async fn receive<S: Store + Send + 'static>(
         state.write_rejects(&rejects);
         prepared
     };
+    let mut prepared = prepared;
+    let heard = prepared.take_heard();
     match state.writer.journal(prepared, now_micros()).await {
         Ok(outcome) => {
             count(|c| c.acknowledged += 1);
             match outcome {
-                Journaled::New(_) => count(|c| c.journaled += 1),
+                Journaled::New(_) => {
+                    count(|c| c.journaled += 1);
+                    state
+                        .intake
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .journaled(heard);
+                }
                 Journaled::AlreadyJournaled => count(|c| c.already_journaled += 1),
             }
             answer(StatusCode::OK, "journaled")

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use crate::config::PartitionBy;
+use crate::ingest::Iccid;
 use crate::normalize::collapse::RowSet;
 use crate::normalize::payload::{Body, BodyError, CallbackKind};
 use crate::normalize::record::ParsedRecord;
@@ -122,6 +123,8 @@ pub struct Prepared {
     pub partitions: BTreeSet<String>,
     /// Its accepted usage records, typed.
     pub records: Vec<ParsedRecord>,
+    /// What it tells the tracker about its job.
+    pub news: tracker::News,
     /// When it was first received (µs), for a callback restored from the archive; `None` for one
     /// received now.
     pub received_at: Option<i64>,
@@ -199,6 +202,14 @@ impl Prepared {
         }
     }
 
+    /// What it tells the tracker, taken out of it (the journal does not need it).
+    pub fn take_heard(&mut self) -> tracker::Heard {
+        tracker::Heard {
+            request_id: self.request_id.clone(),
+            news: std::mem::take(&mut self.news),
+        }
+    }
+
     /// Accepted usage records in it.
     pub fn accepted_records(&self) -> u64 {
         self.records.len() as u64
@@ -215,6 +226,9 @@ pub struct Intake {
     last_received_at: i64,
     pub callbacks: CallbackStats,
     pub records: RecordStats,
+    /// What the callbacks newly journaled by [`Intake::commit`] tell the tracker, when it listens
+    /// ([`Intake::tell_tracker`]); taken with [`Intake::take_heard`].
+    heard: Option<Vec<tracker::Heard>>,
 }
 
 impl Intake {
@@ -225,7 +239,27 @@ impl Intake {
             last_received_at: 0,
             callbacks: CallbackStats::default(),
             records: RecordStats::default(),
+            heard: None,
         }
+    }
+
+    /// Keeps what newly journaled callbacks tell the tracker, for a run's collection.
+    pub fn tell_tracker(mut self) -> Self {
+        self.heard = Some(Vec::new());
+        self
+    }
+
+    /// Keeps what a callback newly journaled elsewhere (through the writer thread) tells the
+    /// tracker, if it listens.
+    pub fn journaled(&mut self, heard: tracker::Heard) {
+        if let Some(kept) = self.heard.as_mut() {
+            kept.push(heard);
+        }
+    }
+
+    /// What the callbacks journaled since the last call tell the tracker.
+    pub fn take_heard(&mut self) -> Vec<tracker::Heard> {
+        self.heard.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// An intake with the same settings and no counts, for a worker thread; see [`Intake::absorb`].
@@ -263,6 +297,7 @@ impl Intake {
             let cb = parsed.callback()?;
             let stripped = parsed.stripped();
             let mut record_stats = RecordStats::default();
+            let first_reject = rejects.len();
             let (partitions, records) = normalize::inspect(
                 &cb,
                 &source,
@@ -273,6 +308,23 @@ impl Intake {
             );
             let kind = cb.kind.name();
             let request_id = cb.request_id.to_string();
+            let news = match &cb.kind {
+                CallbackKind::Completion => tracker::News::Completion,
+                CallbackKind::Fault { code, message } => {
+                    tracker::News::fault(code.as_deref(), message.as_deref())
+                }
+                CallbackKind::Usage(_) => tracker::News::Usage {
+                    accepted: records.iter().map(|r| r.iccid).collect(),
+                    rejected: rejects[first_reject..]
+                        .iter()
+                        .filter_map(|r| {
+                            let iccid = Iccid::parse(r.iccid.as_deref()?).ok()?;
+                            let field = r.field.as_deref().unwrap_or_default();
+                            Some((iccid, format!("{field}: {}", r.reason)))
+                        })
+                        .collect(),
+                },
+            };
             if let CallbackKind::Fault { code, message } = &cb.kind {
                 // Not a bad input, but a request whose usage will not come: listed with the rejects
                 // so that the gap is visible, and the run is partial.
@@ -302,16 +354,19 @@ impl Intake {
                 request_id,
                 partitions,
                 records,
+                news,
                 record_stats,
                 stripped,
             ))
         });
         match checked {
-            Ok((kind, request_id, partitions, records, record_stats, body)) => {
-                match kind {
-                    "usage" => self.callbacks.usage += 1,
-                    "completion" => self.callbacks.completion += 1,
-                    _ => self.callbacks.fault += 1,
+            Ok((kind, request_id, partitions, records, news, record_stats, body)) => {
+                match &news {
+                    tracker::News::Usage { .. } => self.callbacks.usage += 1,
+                    tracker::News::Completion => self.callbacks.completion += 1,
+                    tracker::News::Fault(_) | tracker::News::Unreadable => {
+                        self.callbacks.fault += 1
+                    }
                 }
                 self.records += record_stats;
                 let digest = Sha256::digest(body.as_bytes()).into();
@@ -326,6 +381,7 @@ impl Intake {
                     digest,
                     partitions,
                     records,
+                    news,
                     received_at: None,
                 })
             }
@@ -370,7 +426,15 @@ impl Intake {
                 self.callbacks.unmatched_records += prepared.accepted_records();
             }
             match outcome {
-                Journaled::New(_) => self.callbacks.journaled += 1,
+                Journaled::New(_) => {
+                    self.callbacks.journaled += 1;
+                    if let Some(heard) = self.heard.as_mut() {
+                        heard.push(tracker::Heard {
+                            request_id: prepared.request_id.clone(),
+                            news: prepared.news.clone(),
+                        });
+                    }
+                }
                 Journaled::AlreadyJournaled => {
                     self.callbacks.already_journaled += 1;
                     continue;

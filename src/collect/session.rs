@@ -2,10 +2,10 @@
 //! every tracked job has ended (complete, failed, missing) or cannot be sent, re-requesting overdue
 //! ones (DESIGN §1, steps 3-4).
 //!
-//! Each look, in this order: the source is polled; ended submissions are taken; the requestIds
-//! recorded so far are handed to the tracker; the journal is read from the cursor on. Collection
-//! stops only on durable facts: nothing is being sent, every requestId sent is tracked, and no job
-//! still waits for a callback.
+//! Each look, in this order: the source is polled for what the callbacks it journaled since the
+//! last look say; ended submissions are taken; the requestIds recorded so far are handed to the
+//! tracker; then what the source heard. Collection stops only on durable facts: nothing is being
+//! sent, every requestId sent is tracked, and no job still waits for a callback.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +26,6 @@ use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 
 /// How often the run looks at the journal and the clock.
 const TICK: Duration = Duration::from_millis(200);
-/// Journal rows read per look.
-const JOURNAL_PAGE: usize = 10_000;
 
 /// Opens the callback source `callbacks.source` names, submits `to_send` and collects until every
 /// tracked job has ended or cannot be sent, then stops the source and records how each job ended.
@@ -39,8 +37,14 @@ pub async fn collect<S: Store + Send + 'static>(
     tracker: &mut Tracker,
     to_send: Vec<Job>,
 ) -> Result<(SubmitReport, SourceReport)> {
+    // What concerns this run, and nothing older (invariant 7): the journal's high-water mark is
+    // taken before anything is sent, so no callback of this run's requests is below it.
+    let name = config.state.path.display().to_string();
+    let reader = AsyncStore::new(crate::state::open(&config.state)?, name);
+    let cursor = reader.call(|s| s.journal_high_water()).await?;
+    read_earlier(&reader, tracker, cursor).await?;
     // The source is up before the first request goes out.
-    let mut source = super::source::open(config, run_id, writer).await?;
+    let mut source = super::source::open(config, run_id, writer, &reader, cursor).await?;
     let mut config = Cow::Borrowed(config);
     if let Some(addr) = source.bound_addr()
         && config.callbacks.listen_addr.port() == 0
@@ -50,6 +54,10 @@ pub async fn collect<S: Store + Send + 'static>(
         config.to_mut().callbacks.public_url = format!("http://{addr}{path}");
     }
     let outcome = submit_and_collect(&config, writer, tracker, to_send, &mut *source).await;
+    let outcome = match outcome {
+        Ok(submitted) => count_unmatched(&reader, tracker).await.map(|()| submitted),
+        Err(e) => Err(e),
+    };
     tracing::info!(
         complete = tracker.stats.complete,
         "collection over; writing the partitions"
@@ -81,8 +89,6 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         }
     }
     let name = config.state.path.display().to_string();
-    let reader = AsyncStore::new(crate::state::open(&config.state)?, name.clone());
-    let mut cursor = read_earlier(&reader, tracker).await?;
 
     // The submission tells the collector each requestId once it is durable, and every one before
     // it returns: when a submission has ended, what it recorded is in `recorded`.
@@ -105,7 +111,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     let mut last_log = Instant::now();
     loop {
         let now = Instant::now();
-        source.poll()?;
+        let heard = source.poll().await?;
         // Ended submissions first, then the requestIds: every id an ended submission recorded is
         // then known to the tracker (invariant 8), whatever the timing of the tasks.
         let mut ended = Vec::new();
@@ -118,19 +124,8 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         while let Ok((job_id, request_id)) = recorded.try_recv() {
             tracker.request_recorded(request_id, &job_id, now);
         }
-        loop {
-            let after = cursor;
-            let page = reader
-                .call(move |s| s.callbacks_since(after, JOURNAL_PAGE))
-                .await?;
-            let full = page.len() == JOURNAL_PAGE;
-            for (id, request_id, _kind, body) in page {
-                cursor = id;
-                tracker.callback(request_id, body, now);
-            }
-            if !full {
-                break;
-            }
+        for heard in heard {
+            tracker.heard(heard, now);
         }
         crate::failpoint::pause_async(crate::failpoint::COLLECT_LOOK).await;
         for done in ended {
@@ -170,7 +165,6 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         }
         tokio::time::sleep(TICK).await;
     }
-    count_unmatched(&reader, tracker).await?;
     progress.finish_and_clear();
     if needs_api {
         client.logout().await;
@@ -178,15 +172,12 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     Ok(merged)
 }
 
-/// What concerns this run, and nothing older (invariant 7): the requests earlier runs recorded for
-/// its jobs and their callbacks up to the journal's high-water mark, which is returned as the
-/// cursor to read on from. It is taken before anything is sent, so no callback of this run's
-/// requests is below it.
-async fn read_earlier(reader: &AsyncStore, tracker: &mut Tracker) -> Result<i64> {
+/// The requests earlier runs recorded for the tracker's jobs, and their callbacks journaled up to
+/// `cursor`.
+async fn read_earlier(reader: &AsyncStore, tracker: &mut Tracker, cursor: i64) -> Result<()> {
     let job_ids: Vec<String> = tracker.job_ids().map(str::to_owned).collect();
-    let (cursor, earlier, callbacks) = reader
+    let (earlier, callbacks) = reader
         .call(move |s| {
-            let cursor = s.journal_high_water()?;
             let ids: Vec<&str> = job_ids.iter().map(String::as_str).collect();
             let earlier = s.requests_of_jobs(&ids)?;
             let request_ids: Vec<&str> = earlier.iter().map(|(r, _)| r.as_str()).collect();
@@ -194,7 +185,7 @@ async fn read_earlier(reader: &AsyncStore, tracker: &mut Tracker) -> Result<i64>
             s.callbacks_of_requests(&request_ids, cursor, &mut |_, request_id, body| {
                 callbacks.push((request_id, body));
             })?;
-            Ok((cursor, earlier, callbacks))
+            Ok((earlier, callbacks))
         })
         .await?;
     let now = Instant::now();
@@ -204,7 +195,7 @@ async fn read_earlier(reader: &AsyncStore, tracker: &mut Tracker) -> Result<i64>
     for (request_id, body) in callbacks {
         tracker.callback(request_id, body, now);
     }
-    Ok(cursor)
+    Ok(())
 }
 
 /// Unmatched: journaled during this run, for no request the store knows (an earlier night's late

@@ -1,7 +1,9 @@
 //! Where a run's callbacks come from: the in-process HTTP listener, a drop directory, or a separate
-//! `tsusage listen` (external). Every source journals what it receives; the collect loop reads the
-//! journal, so it uses a source through [`CallbackSource`] without knowing which one it is. A new
-//! source (say, an object-store prefix) is one more implementation and one more arm in [`open`].
+//! `tsusage listen` (external). Every source journals what it receives and tells the collect loop
+//! what each callback it journaled says ([`Heard`]): the in-process sources from the parse they did
+//! to journal it (a callback is parsed once), the external one by reading the journal. The loop
+//! uses a source through [`CallbackSource`] without knowing which one it is. A new source (say, an
+//! object-store prefix) is one more implementation and one more arm in [`open`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,11 +15,12 @@ use std::time::Duration;
 use super::Result;
 use super::drop_dir::{self, DropDirOptions, DropDirStats};
 use super::http_listener::{self, ListenerCounts, ListenerHandle, ListenerState};
+use super::tracker::Heard;
 use super::{CallbackStats, Intake};
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::normalize::RecordStats;
 use crate::output::rejects::RecordRejects;
-use crate::state::Store;
+use crate::state::{AsyncStore, Store};
 
 /// How long in-flight callbacks get to finish when a listener stops.
 pub const LISTENER_GRACE: Duration = Duration::from_secs(10);
@@ -38,6 +41,9 @@ pub struct SourceReport {
 /// A future a source finishes with.
 pub type Finishing = Pin<Box<dyn Future<Output = Result<SourceReport>> + Send>>;
 
+/// A future a source's poll ends with: what the callbacks journaled since the last poll say.
+pub type Polling<'a> = Pin<Box<dyn Future<Output = Result<Vec<Heard>>> + Send + 'a>>;
+
 /// A source of callbacks for a run.
 pub trait CallbackSource: Send {
     /// Where it accepts callbacks over HTTP, if it does (to tell the vendor a port picked at start).
@@ -45,19 +51,23 @@ pub trait CallbackSource: Send {
         None
     }
 
-    /// Brings in what has arrived since the last call (sources that journal as callbacks arrive
-    /// have nothing to do).
-    fn poll(&mut self) -> Result<()>;
+    /// Brings in what has arrived since the last call, and says what each callback journaled since
+    /// then tells the tracker.
+    fn poll(&mut self) -> Polling<'_>;
 
     /// Stops taking callbacks once those accepted are journaled, and reports.
     fn finish(self: Box<Self>) -> Finishing;
 }
 
 /// The source `callbacks.source` names, journaling through `writer` (or its own connection).
+/// `journal` and `cursor` (the journal's high-water mark before anything was sent) are where the
+/// external source reads what another process journals.
 pub async fn open<S: Store + Send + 'static>(
     config: &Config,
     run_id: &str,
     writer: &Arc<super::Writer<S>>,
+    journal: &AsyncStore,
+    cursor: i64,
 ) -> Result<Box<dyn CallbackSource>> {
     let rejects_file = |kind: &str| {
         config
@@ -76,12 +86,17 @@ pub async fn open<S: Store + Send + 'static>(
                 keep_files: false,
                 max_file_bytes: config.callbacks.max_file_bytes,
             },
-            intake: Intake::new(config.input.strict_luhn, config.output.partition_by),
+            intake: Intake::new(config.input.strict_luhn, config.output.partition_by)
+                .tell_tracker(),
             store: crate::state::open(&config.state)?,
             rejects: RecordRejects::new(rejects_file("dropdir")),
             stats: DropDirStats::default(),
         }),
-        SourceKind::External => Box::new(External),
+        SourceKind::External => Box::new(External {
+            journal: journal.clone(),
+            cursor,
+            strict_luhn: config.input.strict_luhn,
+        }),
     })
 }
 
@@ -98,7 +113,8 @@ impl<S: Store + Send + 'static> Listener<S> {
         writer: Arc<super::Writer<S>>,
         rejects_file: PathBuf,
     ) -> Result<Self> {
-        let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
+        let intake =
+            Intake::new(config.input.strict_luhn, config.output.partition_by).tell_tracker();
         let state = Arc::new(ListenerState::new(
             &config.callbacks,
             writer,
@@ -146,8 +162,14 @@ impl<S: Store + Send + 'static> CallbackSource for Listener<S> {
         Some(self.handle.addr)
     }
 
-    fn poll(&mut self) -> Result<()> {
-        Ok(())
+    fn poll(&mut self) -> Polling<'_> {
+        let heard = self
+            .state
+            .intake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_heard();
+        Box::pin(std::future::ready(Ok(heard)))
     }
 
     fn finish(self: Box<Self>) -> Finishing {
@@ -166,9 +188,9 @@ struct DropDir {
 }
 
 impl CallbackSource for DropDir {
-    fn poll(&mut self) -> Result<()> {
+    fn poll(&mut self) -> Polling<'_> {
         let hidden = indicatif::ProgressBar::hidden();
-        let stats = drop_dir::collect(
+        let polled = drop_dir::collect(
             &self.dir,
             self.options,
             &mut self.intake,
@@ -176,9 +198,12 @@ impl CallbackSource for DropDir {
             &mut self.rejects,
             &hidden,
             None,
-        )?;
-        self.stats += stats;
-        Ok(())
+        )
+        .map(|stats| {
+            self.stats += stats;
+            self.intake.take_heard()
+        });
+        Box::pin(std::future::ready(polled))
     }
 
     fn finish(self: Box<Self>) -> Finishing {
@@ -200,12 +225,37 @@ impl CallbackSource for DropDir {
     }
 }
 
-/// A separate `tsusage listen` journals into the same store: nothing to do here.
-struct External;
+/// A separate `tsusage listen` journals into the same store: what it journaled is read back.
+struct External {
+    journal: AsyncStore,
+    /// The last journal id read.
+    cursor: i64,
+    strict_luhn: bool,
+}
+
+/// Journal rows read per call.
+const JOURNAL_PAGE: usize = 10_000;
 
 impl CallbackSource for External {
-    fn poll(&mut self) -> Result<()> {
-        Ok(())
+    fn poll(&mut self) -> Polling<'_> {
+        Box::pin(async move {
+            let mut heard = Vec::new();
+            loop {
+                let after = self.cursor;
+                let page = self
+                    .journal
+                    .call(move |s| s.callbacks_since(after, JOURNAL_PAGE))
+                    .await?;
+                let full = page.len() == JOURNAL_PAGE;
+                for (id, request_id, _kind, body) in page {
+                    self.cursor = id;
+                    heard.push(Heard::from_body(request_id, &body, self.strict_luhn));
+                }
+                if !full {
+                    return Ok(heard);
+                }
+            }
+        })
     }
 
     fn finish(self: Box<Self>) -> Finishing {

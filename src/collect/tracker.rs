@@ -2,9 +2,9 @@
 //!
 //! The tracker is handed what concerns this run only (invariant 7): the requests of its jobs (those
 //! earlier runs recorded, read by job id, and those this run's submission reports as it records
-//! them) and their callbacks (those journaled before the run, read by requestId, then everything
-//! journaled during the run, whatever wrote it: the in-process listener, a separate `tsusage
-//! listen`, the drop directory). It keeps per job: the ICCIDs asked for, those with usage, those
+//! them) and their callbacks (those journaled before the run, read by requestId, then what the
+//! run's callback source journals: the in-process listener and the drop directory say it from the
+//! parse they did to journal it, a separate `tsusage listen`'s are read back from the journal). It keeps per job: the ICCIDs asked for, those with usage, those
 //! whose record was rejected, and whether the "Request Completed Processing" message has come.
 //! Callbacks arrive in any order and twice; a callback may even arrive before its requestId is
 //! recorded (it is parked under its requestId until then).
@@ -24,6 +24,79 @@ use tokio::time::Instant;
 use crate::ingest::Iccid;
 use crate::normalize::payload::{CallbackKind, parse_callback};
 use crate::plan::Job;
+
+/// What the tracker learns from one callback. The intake derives it from the parse it does anyway
+/// ([`super::Prepared::heard`]), so a callback this process journals is parsed once; one that
+/// another process journaled is read back and parsed ([`Heard::from_body`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heard {
+    pub request_id: String,
+    pub news: News,
+}
+
+/// What a callback says about its job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum News {
+    /// "Request Completed Processing".
+    Completion,
+    /// The vendor reports the request failed, with why.
+    Fault(String),
+    /// Usage: the ICCIDs with an accepted record, and those whose record was rejected (with the
+    /// field and reason), in record order.
+    Usage {
+        accepted: Vec<Iccid>,
+        rejected: Vec<(Iccid, String)>,
+    },
+    /// Journaled, but not readable as a callback.
+    #[default]
+    Unreadable,
+}
+
+impl News {
+    /// The fault text the tracker reports.
+    pub fn fault(code: Option<&str>, message: Option<&str>) -> News {
+        News::Fault(format!(
+            "fault callback: {}: {}",
+            code.unwrap_or("(no faultcode)"),
+            message.unwrap_or("(no faultstring)")
+        ))
+    }
+}
+
+impl Heard {
+    /// Parses a journaled body (the same policy as the intake, `strict_luhn` for ICCIDs).
+    pub fn from_body(request_id: String, body: &str, strict_luhn: bool) -> Heard {
+        let Ok(cb) = parse_callback(body) else {
+            return Heard {
+                request_id,
+                news: News::Unreadable,
+            };
+        };
+        let news = match &cb.kind {
+            CallbackKind::Completion => News::Completion,
+            CallbackKind::Fault { code, message } => {
+                News::fault(code.as_deref(), message.as_deref())
+            }
+            CallbackKind::Usage(records) => {
+                let (mut accepted, mut rejected) = (Vec::new(), Vec::new());
+                for parsed in records.parsed(strict_luhn) {
+                    match parsed {
+                        Ok(r) => accepted.push(r.iccid),
+                        Err(e) => {
+                            if let Some(iccid) =
+                                e.iccid.as_deref().and_then(|t| Iccid::parse(t).ok())
+                            {
+                                rejected.push((iccid, format!("{}: {}", e.field, e.reason)));
+                            }
+                        }
+                    }
+                }
+                News::Usage { accepted, rejected }
+            }
+        };
+        Heard { request_id, news }
+    }
+}
 
 /// Where one planned (ICCID, window) pair ended (DESIGN invariant 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -156,7 +229,7 @@ pub struct Tracker {
     by_job: HashMap<String, usize>,
     by_request: HashMap<String, usize>,
     /// Callbacks whose requestId is not (yet) known, by requestId.
-    parked: HashMap<String, Vec<String>>,
+    parked: HashMap<String, Vec<News>>,
     strict_luhn: bool,
     settle: Duration,
     deadline: Duration,
@@ -232,17 +305,27 @@ impl Tracker {
             track.requested_at = Some(now);
         }
         // Callbacks that came before their requestId was recorded.
-        for body in self.parked.remove(&request_id).unwrap_or_default() {
-            self.apply(i, &body, now);
+        for news in self.parked.remove(&request_id).unwrap_or_default() {
+            self.apply(i, news, now);
         }
     }
 
-    /// A journaled callback.
+    /// A journaled callback's body.
     pub fn callback(&mut self, request_id: String, body: String, now: Instant) {
+        let heard = Heard::from_body(request_id, &body, self.strict_luhn);
+        self.heard(heard, now);
+    }
+
+    /// What a journaled callback says.
+    pub fn heard(&mut self, heard: Heard, now: Instant) {
         self.stats.callbacks_read += 1;
-        match self.by_request.get(&request_id) {
-            Some(&i) => self.apply(i, &body, now),
-            None => self.parked.entry(request_id).or_default().push(body),
+        match self.by_request.get(&heard.request_id) {
+            Some(&i) => self.apply(i, heard.news, now),
+            None => self
+                .parked
+                .entry(heard.request_id)
+                .or_default()
+                .push(heard.news),
         }
     }
 
@@ -254,49 +337,34 @@ impl Tracker {
             .map(|(id, bodies)| (id.as_str(), bodies.len()))
     }
 
-    fn apply(&mut self, i: usize, body: &str, now: Instant) {
+    fn apply(&mut self, i: usize, news: News, now: Instant) {
         self.stats.callbacks += 1;
-        let strict = self.strict_luhn;
         let track = &mut self.tracks[i];
         track.last_callback_at = Some(now);
-        let Ok(cb) = parse_callback(body) else {
-            return;
-        };
-        match &cb.kind {
-            CallbackKind::Completion => track.completion_seen = true,
-            CallbackKind::Fault { code, message } => {
+        match news {
+            News::Unreadable => {}
+            News::Completion => track.completion_seen = true,
+            News::Fault(why) => {
                 if track.state == JobState::Waiting {
-                    track.state = JobState::Failed(format!(
-                        "fault callback: {}: {}",
-                        code.as_deref().unwrap_or("(no faultcode)"),
-                        message.as_deref().unwrap_or("(no faultstring)")
-                    ));
+                    track.state = JobState::Failed(why);
                 }
             }
-            CallbackKind::Usage(records) => {
-                for parsed in records.parsed(strict) {
-                    match parsed {
-                        Ok(r) => {
-                            if let Ok(pos) = track.job.iccids.binary_search(&r.iccid) {
-                                track.rejected.remove(&r.iccid);
-                                track.with_data.insert(pos);
-                            }
-                        }
-                        Err(e) => {
-                            let iccid = e.iccid.as_deref().and_then(|t| Iccid::parse(t).ok());
-                            let pending = |i: &Iccid| {
-                                track
-                                    .job
-                                    .iccids
-                                    .binary_search(i)
-                                    .is_ok_and(|pos| !track.with_data.contains(pos))
-                            };
-                            if let Some(iccid) = iccid.filter(pending) {
-                                track
-                                    .rejected
-                                    .insert(iccid, format!("{}: {}", e.field, e.reason));
-                            }
-                        }
+            News::Usage { accepted, rejected } => {
+                // An accepted record wins over a rejected one for the same ICCID, in any order.
+                for iccid in accepted {
+                    if let Ok(pos) = track.job.iccids.binary_search(&iccid) {
+                        track.rejected.remove(&iccid);
+                        track.with_data.insert(pos);
+                    }
+                }
+                for (iccid, why) in rejected {
+                    let pending = track
+                        .job
+                        .iccids
+                        .binary_search(&iccid)
+                        .is_ok_and(|pos| !track.with_data.contains(pos));
+                    if pending {
+                        track.rejected.insert(iccid, why);
                     }
                 }
             }
@@ -573,6 +641,48 @@ mod tests {
         format!(
             r#"{{"requestId":"{request_id}","deviceResponse":{{}},"comment":"Request Completed Processing","callbackCount":1,"maxCallbackThreshold":4}}"#
         )
+    }
+
+    /// A callback journaled by this process tells the tracker, from the intake's one parse, exactly
+    /// what reading it back from the journal would.
+    #[test]
+    fn the_intake_hears_what_the_journal_would_tell() {
+        let ids = iccids(3);
+        let good = usage("r-1", &[&ids[0], &ids[1]]);
+        // The second record's count is not a number: rejected, for a known ICCID.
+        let mixed = usage("r-2", &[&ids[1], &ids[2]]);
+        let second = mixed.rfind(r#""dataUsage":"10""#).expect("a second record");
+        let mixed = format!(
+            "{}\"dataUsage\":\"ten\"{}",
+            &mixed[..second],
+            &mixed[second + 16..]
+        );
+        let fault = r#"{"requestId":"r-3","faultResponse":{"faultcode":"E1","faultstring":"no such device"}}"#;
+        let bodies = [good, mixed, completion("r-4"), fault.to_owned()];
+        let mut intake = super::super::Intake::new(false, crate::config::PartitionBy::Day);
+        let mut heard = Vec::new();
+        for body in &bodies {
+            let mut rejects = Vec::new();
+            let mut prepared = intake
+                .prepare(body, "test".into(), &mut rejects)
+                .expect("a callback");
+            let from_intake = prepared.take_heard();
+            let from_journal = Heard::from_body(prepared.request_id.clone(), body, false);
+            assert_eq!(from_intake, from_journal, "{body}");
+            heard.push(from_intake.news);
+        }
+        let News::Usage { accepted, rejected } = &heard[1] else {
+            panic!("usage: {:?}", heard[1]);
+        };
+        assert_eq!(accepted, &[ids[1]]);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].0, ids[2]);
+        assert!(rejected[0].1.starts_with("dataUsage: "), "{rejected:?}");
+        assert_eq!(heard[2], News::Completion);
+        assert_eq!(
+            heard[3],
+            News::Fault("fault callback: E1: no such device".into())
+        );
     }
 
     #[test]
