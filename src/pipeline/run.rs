@@ -87,7 +87,7 @@ async fn run_inner(config: &mut Config, options: RunOptions) -> Result<Outcome> 
     let mut tracker = Tracker::for_run(tracked, config);
 
     // 3. collect: the listener is up before the first request goes out.
-    let path = config.state.path.display().to_string();
+    let path = config.state.name();
     // The writer keeps the rows of what it journals: partitions only this run fed are written from
     // them, without parsing the callbacks again.
     let writer = Arc::new(StateWriter::spawn_with_rows(
@@ -216,7 +216,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         while let Some(joined) = submissions.try_join_next() {
             ended.push(joined.map_err(|e| {
                 Error::State(StateError::Invalid {
-                    path: config.state.path.display().to_string(),
+                    path: config.state.name(),
                     message: format!("the submission task failed: {e}"),
                 })
             })??);
