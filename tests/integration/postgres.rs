@@ -653,7 +653,7 @@ fn three_listeners_on_one_store_journal_every_acknowledged_callback_exactly_once
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     // One in five is delivered again, to another replica.
-                    if i % 5 == 0 {
+                    if i.is_multiple_of(5) {
                         let other = (target + 1) % 3;
                         if other as u64 != dead.load(Ordering::SeqCst)
                             && post(ports[other], "application/json", body.as_bytes()) == 200
@@ -716,4 +716,52 @@ fn three_listeners_on_one_store_journal_every_acknowledged_callback_exactly_once
     // Nothing but what was sent (a callback being sent when the replica died may be in the
     // journal unacknowledged; it is one of ours).
     assert!(copies.keys().all(|r| r.starts_with("multi-")));
+}
+
+/// Durable journal commits on PostgreSQL from `writers` concurrent stores, `per_batch` callbacks of
+/// ~1 KB each per commit: prints callbacks/s. `cargo test --release --test integration
+/// postgres::journal_throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn journal_throughput() {
+    let Some(admin) = pg_url() else { return };
+    for (writers, per_batch) in [(1, 1), (1, 16), (1, 64), (3, 16), (3, 64)] {
+        let db = TestDb::new(&admin);
+        drop(PgStore::open(&db.url).expect("migrate"));
+        let batches = 2000 / per_batch.max(1) + 20;
+        let started = Instant::now();
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let url = db.url.clone();
+                std::thread::spawn(move || {
+                    let mut store = PgStore::open(&url).expect("writer");
+                    for b in 0..batches {
+                        let batch: Vec<Cb> = (0..per_batch)
+                            .map(|i| {
+                                let r = format!("w{w}-b{b}-{i}");
+                                let pad = "x".repeat(1000);
+                                cb(
+                                    &r,
+                                    &format!("{{\"requestId\":\"{r}\",\"p\":\"{pad}\"}}"),
+                                    &["usage_date=2021-08-15"],
+                                    None,
+                                )
+                            })
+                            .collect();
+                        journal(&mut store, &batch, DAY0);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("writer");
+        }
+        let n = writers * batches * per_batch;
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "journal_throughput: {writers} writers x {per_batch} per commit: {n} callbacks in {secs:.2} s = {:.0}/s, {:.2} ms per commit",
+            n as f64 / secs,
+            secs * 1000.0 / (writers * batches) as f64 * writers as f64
+        );
+    }
 }
