@@ -1,5 +1,7 @@
 //! Listener throughput: durable callbacks/s (journaled with group commit, 2xx after the commit)
-//! against the same server with journaling switched off (a store that keeps nothing).
+//! against the same server with journaling switched off (a store that keeps nothing); with
+//! `TSUSAGE_TEST_PG_URL` set, also on PostgreSQL with one and with three listeners (its database's
+//! `public` schema is emptied before each run).
 //!
 //!   cargo run --release --example listener_load -- [CALLBACKS] [CONCURRENCY] [RECORDS]
 //!
@@ -195,25 +197,39 @@ async fn serve<S: Store + Send + 'static>(
 
 /// Posts every body with `concurrency` connections; returns (seconds, callbacks answered 200).
 async fn load(addr: SocketAddr, bodies: Arc<Vec<String>>, concurrency: usize) -> (f64, usize) {
+    load_spread(&[addr], bodies, concurrency).await
+}
+
+/// [`load`] over several listeners: callback `i` goes to listener `i % addrs.len()`.
+async fn load_spread(
+    addrs: &[SocketAddr],
+    bodies: Arc<Vec<String>>,
+    concurrency: usize,
+) -> (f64, usize) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
         .unwrap_or_default();
-    let url = format!("http://{addr}/callbacks");
+    let urls: Arc<Vec<String>> = Arc::new(
+        addrs
+            .iter()
+            .map(|a| format!("http://{a}/callbacks"))
+            .collect(),
+    );
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
-        let (client, url, next, bodies) =
-            (client.clone(), url.clone(), next.clone(), bodies.clone());
+        let (client, urls, next, bodies) =
+            (client.clone(), urls.clone(), next.clone(), bodies.clone());
         tasks.spawn(async move {
             let mut ok = 0usize;
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(body) = bodies.get(i) else { break };
                 let sent = client
-                    .post(&url)
+                    .post(&urls[i % urls.len()])
                     .header("content-type", "application/json")
                     .body(body.clone())
                     .send()
@@ -261,5 +277,44 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         store.journal_len()?
     );
     println!("durable / off = {:.2}", on / off);
+
+    // The same on PostgreSQL (`TSUSAGE_TEST_PG_URL`, emptied before each run): one listener, then
+    // three listeners (each its own store and writer, as three replicas) sharing the load.
+    let Ok(url) = std::env::var("TSUSAGE_TEST_PG_URL") else {
+        println!("PostgreSQL: set TSUSAGE_TEST_PG_URL to measure it too");
+        return Ok(());
+    };
+    for replicas in [1usize, 3] {
+        empty_database(&url).await?;
+        let mut handles = Vec::new();
+        for _ in 0..replicas {
+            let store = tsusage::state::PgStore::open(&url)?;
+            handles.push(serve(store, dir.path()).await?);
+        }
+        let addrs: Vec<SocketAddr> = handles.iter().map(|(h, _)| h.addr).collect();
+        let (secs, ok) = load_spread(&addrs, bodies.clone(), concurrency).await;
+        let mut journaled = 0;
+        for (handle, writer) in handles {
+            handle.shutdown(Duration::from_secs(5)).await;
+            journaled = tsusage::collect::Writer::finish_shared(writer)?.journal_len()?;
+        }
+        let pg = ok as f64 / secs;
+        println!(
+            "PostgreSQL, {replicas} listener(s): {ok} answered 200 in {secs:.2} s: {pg:.0} callbacks/s ({journaled} in the journal); vs SQLite {:.2}",
+            pg / on
+        );
+    }
+    Ok(())
+}
+
+/// Drops everything in the database's `public` schema.
+async fn empty_database(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    client
+        .batch_execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        .await?;
+    drop(client);
+    let _ = conn.await;
     Ok(())
 }

@@ -39,7 +39,7 @@ pub async fn collect<S: Store + Send + 'static>(
 ) -> Result<(SubmitReport, SourceReport)> {
     // What concerns this run, and nothing older (invariant 7): the journal's high-water mark is
     // taken before anything is sent, so no callback of this run's requests is below it.
-    let name = config.state.path.display().to_string();
+    let name = config.state.name();
     let reader = AsyncStore::new(crate::state::open(&config.state)?, name);
     let cursor = reader.call(|s| s.journal_high_water()).await?;
     read_earlier(&reader, tracker, cursor).await?;
@@ -88,7 +88,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
                 .map_err(SubmitError::Api)?;
         }
     }
-    let name = config.state.path.display().to_string();
+    let name = config.state.name();
 
     // The submission tells the collector each requestId once it is durable, and every one before
     // it returns: when a submission has ended, what it recorded is in `recorded`.

@@ -34,6 +34,10 @@ pub const ENV_RESERVED: &[&str] = &[
     "TSUSAGE_CRASH_SEED",
 ];
 
+/// Environment variables for the test harness (`TSUSAGE_TEST_PG_URL`, injected pauses): never
+/// configuration keys, so a process started by a test that has them set still loads its config.
+pub const ENV_TEST_PREFIX: &str = "TSUSAGE_TEST_";
+
 /// Default `plan.window_days`: one request per UTC day.
 pub const DEFAULT_WINDOW_DAYS: u32 = 1;
 /// Default `plan.chunk_size`: related vendor endpoints fail above 200 devices per request.
@@ -415,16 +419,68 @@ fn default_zstd_level() -> i32 {
     DEFAULT_ZSTD_LEVEL
 }
 
-/// `[state]`: the SQLite state store.
+/// `[state]`: the state store, one SQLite file (`path`) or a PostgreSQL database (`url`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
+    /// The SQLite file (the embedded default). Give this or `url`, not both.
+    #[serde(default)]
     pub path: PathBuf,
+    /// A PostgreSQL store, `postgres://user:password@host:port/db[?sslmode=require]` (several
+    /// listeners and workers sharing one store). Give this or `path`, not both. It may hold a
+    /// password: never printed (see [`StateConfig::name`]), never serialized.
+    #[serde(default, skip_serializing)]
+    pub url: Option<Secret>,
     /// Days of callbacks the journal keeps (by when they were received); older ones whose partitions
     /// are written move to the archive under `output.dir/archive/` at the end of each `run` (or with
     /// `tsusage prune`). 0, the default, keeps everything in the store.
     #[serde(default)]
     pub retain_days: u32,
+}
+
+impl StateConfig {
+    /// The store as logs and errors name it: the file's path, or the URL with its password
+    /// replaced by `***`.
+    pub fn name(&self) -> String {
+        match &self.url {
+            Some(url) => redact_url(url.expose()),
+            None => self.path.display().to_string(),
+        }
+    }
+}
+
+/// `url` with the password of its user info and any `password=` parameter replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{user_info}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{authority}{tail}"),
+        None => format!("{authority}{tail}"),
+    }
 }
 
 use crate::sim::parse_default_addr;
@@ -526,6 +582,33 @@ impl Config {
                 ),
             ));
         }
+        match (&self.state.url, self.state.path.as_os_str().is_empty()) {
+            (Some(_), false) => {
+                return Err(bad(
+                    "state.url",
+                    "give state.path (SQLite) or state.url (PostgreSQL), not both".into(),
+                ));
+            }
+            (None, true) => {
+                return Err(bad(
+                    "state.path",
+                    "give state.path (a SQLite file) or state.url (postgres://...)".into(),
+                ));
+            }
+            (Some(url), true) => {
+                let url = url.expose();
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(bad(
+                        "state.url",
+                        format!(
+                            "{:?} is not a postgres:// or postgresql:// URL",
+                            redact_url(url)
+                        ),
+                    ));
+                }
+            }
+            (None, false) => {}
+        }
         if !(1..=MAX_CHUNK_SIZE).contains(&self.plan.chunk_size) {
             return Err(bad(
                 "plan.chunk_size",
@@ -605,7 +688,11 @@ fn apply_env(
     let defaults = default_table();
     let mut vars: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.starts_with(ENV_PREFIX)
+                && !ENV_RESERVED.contains(&k.as_str())
+                && !k.starts_with(ENV_TEST_PREFIX)
+        })
         .collect();
     vars.sort();
     let mut overridden = Vec::new();
@@ -694,6 +781,7 @@ fn default_table() -> toml::Table {
         },
         state: StateConfig {
             path: PathBuf::from(DEFAULT_STATE_PATH),
+            url: None,
             retain_days: 0,
         },
         sim: SimConfig::default(),

@@ -21,7 +21,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     let mut report = RunReport::new(&run_id, "listen");
     let mut store = crate::state::open(&config.state)?;
     store.begin_run(&run_id, "listen")?;
-    let path = config.state.path.display().to_string();
+    let path = config.state.name();
     let writer = Arc::new(Writer::spawn(store, path));
     let rejects = rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl"));
     let listener = Listener::start(config, writer.clone(), rejects).await?;

@@ -122,7 +122,7 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
     if !todo.is_empty() {
         client.authenticate().await?;
     }
-    let path = config.state.path.display().to_string();
+    let path = config.state.name();
     let writer = Arc::new(Writer::spawn(store, path));
     let submitted = submit::submit(client.clone(), writer.clone(), todo, &options).await;
     client.logout().await;

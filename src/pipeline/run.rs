@@ -77,7 +77,7 @@ async fn run_inner(config: &Config, options: RunOptions) -> Result<Outcome> {
 
     // 3-4. submit while collecting; the rows of what is journaled are kept for the write.
     let kept = RowKeeper::new(crate::write::publish::fresh_rows(config)?);
-    let name = config.state.path.display().to_string();
+    let name = config.state.name();
     let writer = Arc::new(Writer::spawn_with(store, name, Some(kept.after_commit())));
     let collected = session::collect(config, &run_id, &writer, &mut tracker, to_send).await;
     let (submitted, source_report) = match collected {

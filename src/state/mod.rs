@@ -1,10 +1,11 @@
 //! The state store: the durable truth (callback journal, jobs, requests, runs, written partitions).
 //!
 //! [`Store`] is the small surface the pipeline needs; [`SqliteStore`] is the embedded implementation
-//! (one SQLite file in WAL mode). A PostgreSQL store for several listeners behind a load balancer is a
-//! second implementation of the same trait, with the same tables.
+//! (one SQLite file in WAL mode, `state.path`); [`PgStore`] is the same tables on PostgreSQL
+//! (`state.url`), for several listeners and workers sharing one store.
 
 mod lock;
+mod postgres;
 mod shared;
 mod sqlite;
 mod writer;
@@ -13,6 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::ops::ControlFlow;
 
 pub use lock::RunLock;
+pub use postgres::PgStore;
 pub use shared::AsyncStore;
 pub use sqlite::{SqliteStore, encode_body};
 pub use writer::{AfterCommit, Journalable, StateWriter};
@@ -179,7 +181,10 @@ impl RunGuard {
 
 /// The store named by `[state]`: the one way the stages reach one.
 pub fn open(config: &crate::config::StateConfig) -> Result<Box<dyn Store + Send>, StateError> {
-    Ok(Box::new(SqliteStore::open(&config.path)?))
+    match &config.url {
+        Some(url) => Ok(Box::new(PgStore::open(url.expose())?)),
+        None => Ok(Box::new(SqliteStore::open(&config.path)?)),
+    }
 }
 
 /// The durable state the pipeline needs.
