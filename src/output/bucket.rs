@@ -275,6 +275,10 @@ impl Bucket {
             let listed = store.list_with_delimiter(Some(&dir)).await?;
             let mut deleted = 0u64;
             for object in listed.objects {
+                // Some servers (SeaweedFS) list an emptied directory as an object of its own name.
+                if object.location == dir {
+                    continue;
+                }
                 let name = object.location.filename().unwrap_or_default().to_owned();
                 if !keep.contains(&name) {
                     store.delete(&object.location).await?;
