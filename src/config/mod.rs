@@ -34,6 +34,10 @@ pub const ENV_RESERVED: &[&str] = &[
     "TSUSAGE_CRASH_SEED",
 ];
 
+/// Variables with this prefix belong to the test suites (`TSUSAGE_TEST_S3_ENDPOINT`,
+/// `TSUSAGE_TEST_PG_URL`, ...), not to the configuration: a process that inherits them still runs.
+pub const ENV_TEST_PREFIX: &str = "TSUSAGE_TEST_";
+
 /// Default `plan.window_days`: one request per UTC day.
 pub const DEFAULT_WINDOW_DAYS: u32 = 1;
 /// Default `plan.chunk_size`: related vendor endpoints fail above 200 devices per request.
@@ -404,7 +408,7 @@ pub struct OutputConfig {
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
     /// Parquet, rejects, run reports and completeness files on object storage instead of `dir`:
-    /// `s3://bucket/prefix` (see [`crate::output::bucket`]). `dir` still holds the journal archive
+    /// `s3://bucket/prefix` (see the `output::bucket` module). `dir` still holds the journal archive
     /// and the scratch files. Credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and
     /// `AWS_SESSION_TOKEN`) only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -697,7 +701,11 @@ fn apply_env(
     let defaults = default_table();
     let mut vars: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.starts_with(ENV_PREFIX)
+                && !k.starts_with(ENV_TEST_PREFIX)
+                && !ENV_RESERVED.contains(&k.as_str())
+        })
         .collect();
     vars.sort();
     let mut overridden = Vec::new();
@@ -839,12 +847,13 @@ path = "state/tsusage.db"
     }
 
     #[test]
-    fn the_config_and_log_format_variables_are_not_config_keys() {
+    fn the_config_log_format_and_test_variables_are_not_config_keys() {
         let config = load(
             MINIMAL,
             &[
                 ("TSUSAGE_CONFIG", "elsewhere.toml"),
                 ("TSUSAGE_LOG_FORMAT", "json"),
+                ("TSUSAGE_TEST_S3_ENDPOINT", "http://127.0.0.1:1"),
             ],
         )
         .expect("reserved variables are ignored");
