@@ -25,6 +25,8 @@
 //! - [`normalize`]: the one payload parser and the value policy → typed [`normalize::UsageRow`]s.
 //! - [`write`]: Parquet partitions published atomically ([`write::publish`]); rejects and completeness
 //!   files.
+//! - [`output`]: what every stage writes besides Parquet (rejects, atomic files), and object storage
+//!   when `output.url` is set ([`output::bucket`]: one object per partition, reports beside it).
 //! - [`report`]: the run report, exit codes, the `status` text.
 //! - [`logging`]: log lines on stderr, as text or JSON, each with the run id.
 //! - [`pipeline`]: each command's wiring, in the order above.

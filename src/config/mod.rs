@@ -34,8 +34,8 @@ pub const ENV_RESERVED: &[&str] = &[
     "TSUSAGE_CRASH_SEED",
 ];
 
-/// Environment variables for the test harness (`TSUSAGE_TEST_PG_URL`, injected pauses): never
-/// configuration keys, so a process started by a test that has them set still loads its config.
+/// Variables with this prefix belong to the test suites (`TSUSAGE_TEST_S3_ENDPOINT`,
+/// `TSUSAGE_TEST_PG_URL`, ...), not to the configuration: a process that inherits them still runs.
 pub const ENV_TEST_PREFIX: &str = "TSUSAGE_TEST_";
 
 /// Default `plan.window_days`: one request per UTC day.
@@ -407,6 +407,74 @@ pub struct OutputConfig {
     pub max_rows_per_file: u64,
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
+    /// Parquet, rejects, run reports and completeness files on object storage instead of `dir`:
+    /// `s3://bucket/prefix` (see the `output::bucket` module). `dir` still holds the journal archive
+    /// and the scratch files. Credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and
+    /// `AWS_SESSION_TOKEN`) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The S3 endpoint, for servers other than AWS (`http://127.0.0.1:8333`); default: AWS's for
+    /// `region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The bucket's region; default `$AWS_REGION`, else `us-east-1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), which SeaweedFS, MinIO and Ceph want; default
+    /// false: virtual-hosted style (`bucket.endpoint/key`), which AWS wants.
+    #[serde(default)]
+    pub path_style: bool,
+}
+
+/// `output.url` parsed: `s3://bucket/prefix` (the prefix may be empty; no trailing slash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectUrl {
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`, e.g. `tsusage/prod`; empty for the bucket's root.
+    pub prefix: String,
+}
+
+impl ObjectUrl {
+    /// Parses `s3://bucket[/prefix]`; the bucket must be a valid S3 bucket name.
+    pub fn parse(url: &str) -> Result<ObjectUrl, String> {
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return Err(format!("{url:?} is not an s3://bucket/prefix URL"));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !bucket.starts_with(['-', '.'])
+            && !bucket.ends_with(['-', '.']);
+        if !valid_bucket {
+            return Err(format!(
+                "{url:?}: {bucket:?} is not an S3 bucket name (3 to 63 of a-z, 0-9, '-', '.')"
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|p| p == "." || p == "..")
+            || prefix.contains("//")
+            || prefix.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "{url:?}: the prefix must not hold empty, '.' or '..' parts"
+            ));
+        }
+        Ok(ObjectUrl {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ObjectUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.prefix.is_empty() {
+            true => write!(f, "s3://{}", self.bucket),
+            false => write!(f, "s3://{}/{}", self.bucket, self.prefix),
+        }
+    }
 }
 
 fn default_partition_by() -> PartitionBy {
@@ -664,6 +732,30 @@ impl Config {
         if self.output.max_rows_per_file == 0 {
             return Err(bad("output.max_rows_per_file", "must be at least 1".into()));
         }
+        if let Some(url) = &self.output.url {
+            ObjectUrl::parse(url).map_err(|e| bad("output.url", e))?;
+        }
+        if let Some(endpoint) = &self.output.endpoint {
+            if self.output.url.is_none() {
+                return Err(bad(
+                    "output.endpoint",
+                    "is only used with output.url = \"s3://bucket/prefix\"".into(),
+                ));
+            }
+            let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+            let host = endpoint.split_once("://").map_or("", |(_, rest)| rest);
+            if !scheme_ok || host.is_empty() || host.trim_end_matches('/').contains('/') {
+                return Err(bad(
+                    "output.endpoint",
+                    format!(
+                        "{endpoint:?} is not an http:// or https:// URL with a host and no path"
+                    ),
+                ));
+            }
+        }
+        if self.output.region.as_deref().is_some_and(str::is_empty) {
+            return Err(bad("output.region", "must not be empty".into()));
+        }
         if !(1..=22).contains(&self.output.zstd_level) {
             return Err(bad(
                 "output.zstd_level",
@@ -778,6 +870,10 @@ fn default_table() -> toml::Table {
             partition_by: default_partition_by(),
             max_rows_per_file: DEFAULT_MAX_ROWS_PER_FILE,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            url: None,
+            endpoint: None,
+            region: None,
+            path_style: false,
         },
         state: StateConfig {
             path: PathBuf::from(DEFAULT_STATE_PATH),
@@ -831,12 +927,13 @@ path = "state/tsusage.db"
     }
 
     #[test]
-    fn the_config_and_log_format_variables_are_not_config_keys() {
+    fn the_config_log_format_and_test_variables_are_not_config_keys() {
         let config = load(
             MINIMAL,
             &[
                 ("TSUSAGE_CONFIG", "elsewhere.toml"),
                 ("TSUSAGE_LOG_FORMAT", "json"),
+                ("TSUSAGE_TEST_S3_ENDPOINT", "http://127.0.0.1:1"),
             ],
         )
         .expect("reserved variables are ignored");
@@ -948,6 +1045,68 @@ path = "state/tsusage.db"
             err.contains("api.password is a secret") && err.contains("TSUSAGE_API__PASSWORD"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn output_on_object_storage_is_checked_key_by_key() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("TSUSAGE_OUTPUT__URL", "s3://tsusage-test/nightly/prod/"),
+                ("TSUSAGE_OUTPUT__ENDPOINT", "http://127.0.0.1:8333"),
+                ("TSUSAGE_OUTPUT__PATH_STYLE", "true"),
+            ],
+        )
+        .expect("valid object storage output");
+        assert!(c.output.path_style);
+        let url = ObjectUrl::parse(c.output.url.as_deref().unwrap_or_default()).expect("url");
+        assert_eq!(
+            (url.bucket.as_str(), url.prefix.as_str()),
+            ("tsusage-test", "nightly/prod")
+        );
+        assert_eq!(url.to_string(), "s3://tsusage-test/nightly/prod");
+        assert_eq!(
+            ObjectUrl::parse("s3://b12").map(|u| u.prefix),
+            Ok(String::new())
+        );
+        for (env, key, needle) in [
+            (
+                ("TSUSAGE_OUTPUT__URL", "https://b/x"),
+                "output.url",
+                "not an s3://",
+            ),
+            (
+                ("TSUSAGE_OUTPUT__URL", "s3://B/x"),
+                "output.url",
+                "bucket name",
+            ),
+            (
+                ("TSUSAGE_OUTPUT__URL", "s3://bkt/a/../b"),
+                "output.url",
+                "'..'",
+            ),
+            (
+                ("TSUSAGE_OUTPUT__ENDPOINT", "http://h:1"),
+                "output.endpoint",
+                "only used with",
+            ),
+        ] {
+            let err = load(MINIMAL, &[env]).expect_err(env.1).to_string();
+            assert!(
+                err.starts_with(&format!("config t.toml: {key}: ")) && err.contains(needle),
+                "{err}"
+            );
+        }
+        let err = load(
+            MINIMAL,
+            &[
+                ("TSUSAGE_OUTPUT__URL", "s3://bkt/x"),
+                ("TSUSAGE_OUTPUT__ENDPOINT", "127.0.0.1:8333"),
+            ],
+        )
+        .expect_err("no scheme")
+        .to_string();
+        assert!(err.contains("output.endpoint: \"127.0.0.1:8333\""), "{err}");
     }
 
     #[test]

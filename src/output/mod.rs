@@ -1,7 +1,9 @@
 //! Files the stages write besides Parquet, and the durability helpers they share: the rejects files
-//! ([`rejects`]), the output error ([`WriteError`]), atomic whole-file writes and directory fsyncs.
+//! ([`rejects`]), the output error ([`WriteError`]), atomic whole-file writes and directory fsyncs,
+//! and object storage when `output.url` is set ([`bucket`]).
 //! Below every stage, so that each one can reject input and write durably.
 
+pub mod bucket;
 pub mod rejects;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +21,9 @@ pub enum WriteError {
     Parquet { path: PathBuf, message: String },
     #[error("{path}: writing CSV: {message}")]
     Csv { path: PathBuf, message: String },
+    /// Object storage (`output.url`): `url` is the `s3://` URL concerned, never a credential.
+    #[error("{url}: {message}")]
+    Bucket { url: String, message: String },
 }
 
 impl WriteError {

@@ -17,6 +17,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Serves callbacks until SIGTERM or Ctrl-C, then finishes in-flight requests and reports.
 pub async fn listen(config: &Config) -> Result<Outcome> {
+    super::check_output(config)?;
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "listen");
     let mut store = crate::state::open(&config.state)?;
@@ -37,7 +38,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     report.records = Some(served.records);
     report.listener = served.listener;
     let mut store = Writer::finish_shared(writer)?;
-    conclude(report, &mut store, &config.output.dir)
+    conclude(report, &mut store, &config.output)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -14,8 +14,9 @@ use crate::collect::Intake;
 use crate::collect::Writer;
 use crate::collect::archive;
 use crate::collect::drop_dir::{self, DropDirOptions};
-use crate::config::Config;
+use crate::config::{Config, OutputConfig};
 use crate::ingest::{self, Iccid, IngestOptions};
+use crate::output::bucket::Bucket;
 use crate::output::rejects::{IccidRejects, RecordRejects};
 use crate::plan::{self, DateRange};
 use crate::report::{RunReport, new_run_id};
@@ -55,13 +56,31 @@ pub fn validate(config: &Config, files: &[PathBuf]) -> Result<Outcome> {
 
 /// Ends a command: sets the exit code from the counts, saves the report (its path is printed last)
 /// and records it in the store's `runs` table.
+///
+/// With `output.url`, the files of the report (rejects, completeness, the report's page, then the
+/// report itself) are uploaded beside the Parquet; the local copies stay in `output.dir`.
 pub(crate) fn conclude<S: Store + ?Sized>(
     mut report: RunReport,
     store: &mut S,
-    out_dir: &Path,
+    output: &OutputConfig,
 ) -> Result<Outcome> {
     report.finish();
-    let report_path = report.save(out_dir)?;
+    let report_path = report.save(&output.dir)?;
+    if let Some(bucket) = Bucket::open(output)? {
+        let mut files: Vec<PathBuf> = report.rejects_files.clone();
+        files.extend(report.collect.as_ref().map(|c| c.completeness_file.clone()));
+        files.push(crate::report::summary::html_path(&report_path));
+        files.push(report_path.clone());
+        for file in files.iter().filter(|f| f.is_file()) {
+            let url = bucket.upload_beside(&output.dir, file)?;
+            tracing::debug!(url, "uploaded");
+        }
+        tracing::info!(
+            files = files.len(),
+            url = %bucket.url(),
+            "run report, rejects and completeness uploaded"
+        );
+    }
     let json = serde_json::to_string(&report).unwrap_or_default();
     store.finish_run(&report.run_id, report.exit_code, &json)?;
     Ok(Outcome {
@@ -128,7 +147,7 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
     client.logout().await;
     let mut store = Writer::finish_shared(writer)?;
     report.submit = Some(submitted?);
-    conclude(report, &mut store, &config.output.dir)
+    conclude(report, &mut store, &config.output)
 }
 
 /// Stage 2 for `run` and `submit`: the jobs of `range` (with the `plan.lookback_days` before it)
@@ -213,6 +232,7 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
     if !dir.is_dir() {
         return Err(Error::Usage(format!("{}: not a directory", dir.display())));
     }
+    check_output(config)?;
     let run_id = new_run_id();
     let mut report = RunReport::new(&run_id, "ingest");
     let mut store = crate::state::open(&config.state)?;
@@ -262,7 +282,17 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
     report.output = Some(publish::publish(config, &mut store, &run_id, Some(rows))?);
     report.callbacks = Some(intake.callbacks);
     report.records = Some(intake.records);
-    conclude(report, &mut store, out)
+    conclude(report, &mut store, &config.output)
+}
+
+/// With `output.url`, checks that the bucket answers and takes the credentials before a command
+/// does any work (so a bad endpoint or key fails in seconds, not after the vendor was asked).
+pub(crate) fn check_output(config: &Config) -> Result<()> {
+    if let Some(bucket) = Bucket::open(&config.output)? {
+        bucket.check()?;
+        tracing::info!(url = %bucket.url(), "output on object storage");
+    }
+    Ok(())
 }
 
 pub(crate) fn rejects_dir(out: &Path) -> PathBuf {

@@ -40,6 +40,7 @@ impl RunOptions {
 
 /// `tsusage run`: the whole pipeline for a date range, resumable (see [`RunOptions`]).
 pub async fn run(config: &Config, options: RunOptions) -> Result<Outcome> {
+    super::check_output(config)?;
     let mut config = config.clone();
     let sim = if options.simulate {
         Some(simulate::start(&mut config).await?)
@@ -115,5 +116,5 @@ async fn run_inner(config: &Config, options: RunOptions) -> Result<Outcome> {
         completeness_file,
     });
     report.submit = Some(submitted);
-    conclude(report, &mut store, &config.output.dir)
+    conclude(report, &mut store, &config.output)
 }

@@ -159,7 +159,10 @@ pub fn block(report: &Value, report_path: &Path) -> Vec<String> {
         ]
         .join("  ");
         if partitions > 0 {
-            text.push_str(&format!("  in {}/", usage_dir(report_path).display()));
+            match o["location"].as_str() {
+                Some(url) => text.push_str(&format!("  in {url}")),
+                None => text.push_str(&format!("  in {}/", usage_dir(report_path).display())),
+            }
         }
         stage("output", text);
     }

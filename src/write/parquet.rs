@@ -5,6 +5,8 @@
 //! when the partition is new), then the directory is fsynced. A reader lists either the old partition
 //! or the new one, never a mix, never a half-written file. File names are deterministic:
 //! `part-00000.parquet`, `part-00001.parquet`, ... (a new file past `output.max_rows_per_file` rows).
+//! With `output.url` the same bytes are uploaded instead, one object per partition
+//! ([`crate::output::bucket`] says why).
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -46,6 +48,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use super::{WriteError, sync_dir};
 use crate::normalize::UsageRow;
+use crate::output::bucket::Bucket;
 
 /// Version of the output schema, stored in each file's key-value metadata.
 pub const SCHEMA_VERSION: &str = "1";
@@ -102,12 +105,14 @@ pub struct Written {
     pub files: u64,
 }
 
-/// Writes whole partitions under `{out}/usage/`.
+/// Writes whole partitions under `{out}/usage/`, or, with a bucket, under `{prefix}/usage/` on
+/// object storage (one object per partition, see [`crate::output::bucket`]).
 #[derive(Debug)]
 pub struct PartitionWriter {
     usage_dir: PathBuf,
     staging_dir: PathBuf,
     options: WriterOptions,
+    bucket: Option<Arc<Bucket>>,
 }
 
 impl PartitionWriter {
@@ -116,7 +121,14 @@ impl PartitionWriter {
             usage_dir: out_dir.join("usage"),
             staging_dir: out_dir.join(".staging"),
             options,
+            bucket: None,
         }
+    }
+
+    /// Publishes to `bucket` instead of `{out}/usage/`; files are still encoded in `{out}/.staging/`.
+    pub fn with_bucket(mut self, bucket: Option<Arc<Bucket>>) -> Self {
+        self.bucket = bucket;
+        self
     }
 
     /// Removes what an interrupted write left in the staging area (never visible to readers).
@@ -147,7 +159,11 @@ impl PartitionWriter {
             std::fs::remove_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
         }
         std::fs::create_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
-        let per_file = self.options.max_rows_per_file.max(1);
+        // On object storage a partition is one object (the atomic unit there).
+        let per_file = match self.bucket {
+            Some(_) => u64::MAX,
+            None => self.options.max_rows_per_file.max(1),
+        };
         let schema = schema();
         let (mut files, mut total) = (0u64, 0u64);
         let mut rows = rows.peekable();
@@ -184,6 +200,14 @@ impl PartitionWriter {
         }
         sync_dir(&stage)?;
         crate::failpoint::pause(crate::failpoint::PARQUET_PUBLISH);
+        if let Some(bucket) = &self.bucket {
+            let staged: Vec<PathBuf> = (0..files)
+                .map(|i| stage.join(format!("part-{i:05}.parquet")))
+                .collect();
+            bucket.replace_partition(name, &staged)?;
+            std::fs::remove_dir_all(&stage).map_err(|e| WriteError::io(&stage, e))?;
+            return Ok(Written { rows: total, files });
+        }
         std::fs::create_dir_all(&self.usage_dir).map_err(|e| WriteError::io(&self.usage_dir, e))?;
         let target = self.usage_dir.join(name);
         publish(&stage, &target)?;

@@ -49,6 +49,9 @@ pub struct OutputReport {
     pub rows_written: u64,
     pub files_written: u64,
     pub collapsed: u64,
+    /// Where the partitions are when not below `output.dir`: `s3://bucket/prefix/usage/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// Memory for usage rows while partitions are built; past it, rows are sorted and spilled to disk.
@@ -87,6 +90,7 @@ pub fn publish<S: Store + ?Sized>(
     run_id: &str,
     mut fresh: Option<RowSet>,
 ) -> Result<OutputReport> {
+    let bucket = crate::output::bucket::Bucket::open(&config.output)?.map(Arc::new);
     let writer = PartitionWriter::new(
         &config.output.dir,
         WriterOptions {
@@ -94,7 +98,8 @@ pub fn publish<S: Store + ?Sized>(
             zstd_level: config.output.zstd_level,
             max_rows_per_file: config.output.max_rows_per_file,
         },
-    );
+    )
+    .with_bucket(bucket.clone());
     writer.clean_staging()?;
     // Partitions whose every journaled callback this command holds the rows of are written from
     // them; the others are rebuilt from the journal (each writer thread with its own connection).
@@ -117,7 +122,12 @@ pub fn publish<S: Store + ?Sized>(
     let fresh_origins = fresh.as_ref().map_or(&[][..], RowSet::origins);
     let plan = std::sync::Mutex::new(plan);
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut output = OutputReport::default();
+    let mut output = OutputReport {
+        location: bucket
+            .as_ref()
+            .map(|b| b.url_of(&format!("{}/", crate::output::bucket::USAGE_DIR))),
+        ..OutputReport::default()
+    };
     std::thread::scope(|scope| -> Result<()> {
         // Two partitions at a time: one's fsyncs and renames overlap the other's encoding.
         let (done_tx, done) = std::sync::mpsc::channel::<Result<PartitionDone>>();

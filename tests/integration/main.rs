@@ -15,6 +15,7 @@ mod properties;
 mod prune;
 mod report_page;
 mod run;
+mod s3;
 mod secrets;
 mod sim;
 mod submit;
