@@ -898,6 +898,53 @@ path = "state/tsusage.db"
 "#;
 
     #[test]
+    fn state_is_a_path_or_a_url_and_the_url_password_is_redacted() {
+        let path = Path::new("t.toml");
+        let parse = |text: &str, env: &[(&str, &str)]| {
+            Config::from_toml_str(
+                text,
+                path,
+                env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            )
+        };
+        let url = "postgres://u:s3cret@127.0.0.1:5432/db?sslmode=require&password=p2";
+        let both = parse(MINIMAL, &[("TSUSAGE_STATE__URL", url)])
+            .expect_err("both")
+            .to_string();
+        assert!(
+            both.contains("state.path") && both.contains("state.url"),
+            "{both}"
+        );
+        assert!(!both.contains("s3cret"), "{both}");
+        let pg = parse(
+            MINIMAL,
+            &[("TSUSAGE_STATE__URL", url), ("TSUSAGE_STATE__PATH", "")],
+        )
+        .expect("url");
+        assert_eq!(
+            pg.state.name(),
+            "postgres://u:***@127.0.0.1:5432/db?sslmode=require&password=***"
+        );
+        assert!(!format!("{pg:?}").contains("s3cret"));
+        let neither = parse(MINIMAL, &[("TSUSAGE_STATE__PATH", "")])
+            .expect_err("neither")
+            .to_string();
+        assert!(neither.contains("state.path"), "{neither}");
+        let not_pg = parse(
+            MINIMAL,
+            &[
+                ("TSUSAGE_STATE__URL", "mysql://x"),
+                ("TSUSAGE_STATE__PATH", ""),
+            ],
+        )
+        .expect_err("scheme")
+        .to_string();
+        assert!(not_pg.contains("postgres://"), "{not_pg}");
+        // Test-harness variables are not keys.
+        assert!(parse(MINIMAL, &[("TSUSAGE_TEST_PG_URL", url)]).is_ok());
+    }
+
+    #[test]
     fn locate_prefers_the_flag_then_the_environment_then_the_working_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
         let flag = Path::new("a.toml");
