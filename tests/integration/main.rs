@@ -10,6 +10,7 @@ mod fuzz_corpus;
 mod ingest_dir;
 mod listener;
 mod nightly;
+mod operations;
 mod properties;
 mod prune;
 mod report_page;
