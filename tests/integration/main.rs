@@ -5,6 +5,7 @@ mod architecture;
 mod cli;
 mod corpus;
 mod crash;
+mod deploy;
 mod faults;
 mod fuzz_corpus;
 mod ingest_dir;
