@@ -134,14 +134,34 @@ start() {
   chmod 755 "$dir"
 
   # PostgreSQL
-  local initdb pg_ctl pg_port pg_data
+  local initdb pg_ctl pg_port pg_data s3_port
   initdb="$(pg_bin initdb)"
   pg_ctl="$(pg_bin pg_ctl)"
   read -r -a ports <<<"$(free_ports 11)"
   pg_port="${SERVICES_PG_PORT:-${ports[0]}}"
+  s3_port="${SERVICES_S3_PORT:-${ports[1]}}"
   pg_data="$dir/pg"
   mkdir -p "$pg_data"
-  [ "$(id -u)" = 0 ] && chown postgres "$pg_data"
+  if [ "$(id -u)" = 0 ]; then
+    # The postgres user must reach its directory: where $dir is below a private one (mktemp -d),
+    # the cluster goes to a directory of its own under /tmp.
+    if ! su postgres -s /bin/sh -c "test -x $(printf %q "$pg_data")"; then
+      rmdir "$pg_data"
+      pg_data="$(mktemp -d /tmp/tsusage-pg.XXXXXX)"
+      chmod 755 "$pg_data"
+    fi
+    chown postgres "$pg_data"
+  fi
+  # Written before anything starts, so that stop cleans up after a failed start too.
+  cat >"$state" <<EOF
+PG_PORT=$pg_port
+PG_ROOT=$pg_data
+PG_DATA=$pg_data/data
+PG_CTL=$pg_ctl
+S3_PORT=$s3_port
+BUCKET=$bucket
+WEED_PID=
+EOF
   as_pg "$initdb" -D "$pg_data/data" -A trust -U postgres >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
   as_pg "$pg_ctl" -D "$pg_data/data" -l "$pg_data/log" -w -t 30 \
@@ -151,24 +171,14 @@ start() {
 
   # SeaweedFS: every port explicit and on loopback; WebDAV, Iceberg and Lance off (the admin server
   # stays: its plugin worker retries it forever when it is off).
-  local weed s3_port weed_dir
+  local weed weed_dir
   weed="$(weed_bin)"
-  s3_port="${SERVICES_S3_PORT:-${ports[1]}}"
   weed_dir="$dir/weed"
   mkdir -p "$weed_dir/data"
   cat >"$weed_dir/s3.json" <<EOF
 {"identities": [{"name": "tsusage-test",
   "credentials": [{"accessKey": "$access_key", "secretKey": "$secret_key"}],
   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
-EOF
-  # Written before weed starts, so that a failed start is still cleaned up by stop.
-  cat >"$state" <<EOF
-PG_PORT=$pg_port
-PG_DATA=$pg_data/data
-PG_CTL=$pg_ctl
-S3_PORT=$s3_port
-BUCKET=$bucket
-WEED_PID=
 EOF
   setsid "$weed" mini -dir="$weed_dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.telemetry=false -s3.config="$weed_dir/s3.json" -bucket="$bucket" \
@@ -209,6 +219,7 @@ stop() {
     for _ in $(seq 1 50); do alive "$WEED_PID" || break; sleep 0.2; done
     alive "$WEED_PID" && kill -KILL "$WEED_PID" 2>/dev/null
   fi
+  case "${PG_ROOT:-}" in /tmp/tsusage-pg.*) rm -rf "$PG_ROOT" ;; esac
   rm -rf "$dir"
   say "stopped; removed $dir"
 }

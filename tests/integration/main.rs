@@ -17,6 +17,7 @@ mod prune;
 mod report_page;
 mod run;
 mod secrets;
+mod servers;
 mod sim;
 mod submit;
 mod util;
