@@ -102,6 +102,9 @@ impl Store for NullStore {
     fn partition_callbacks(&self, _: &str, _: i64) -> Result<u64, StateError> {
         Ok(0)
     }
+    fn ping(&self) -> Result<(), StateError> {
+        Ok(())
+    }
     fn journal_len(&self) -> Result<u64, StateError> {
         Ok(0)
     }

@@ -11,6 +11,10 @@
 //! - Connections are capped (`callbacks.max_connections`), headers must arrive within
 //!   `callbacks.header_timeout_secs`, a request must finish within `callbacks.request_timeout_secs`.
 //! - Shutdown is graceful: the accept loop stops and in-flight requests finish.
+//! - `GET /healthz`: 200 when the store answers through the journal writer (so the writer thread is
+//!   alive too), 503 otherwise: the readiness probe of a replica behind a load balancer.
+//! - `GET /metrics`: Prometheus metrics ([`super::listener_metrics`]). Neither of the two needs the
+//!   callback credentials, and neither shows anything a caller sent.
 //! - Bodies and credentials are never logged.
 
 use std::net::SocketAddr;
@@ -23,7 +27,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -32,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use super::allow_list::AllowList;
+use super::listener_metrics::{self, Acknowledged, ListenerMetrics, Rejected};
 use super::{Intake, now_micros};
 use crate::config::{CallbacksConfig, Secret};
 use crate::normalize::payload::Body;
@@ -48,7 +53,14 @@ pub struct ListenerState<S> {
     /// Record-level and body-level rejects, written as they come (memory stays flat).
     rejects: Mutex<Option<RecordRejects>>,
     pub counts: Mutex<ListenerCounts>,
+    /// What `GET /metrics` shows.
+    pub metrics: ListenerMetrics,
 }
+
+/// How long `GET /healthz` waits for the store's answer before it says 503.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Paths the listener serves itself; `callbacks.public_url` cannot use them.
+pub const RESERVED_PATHS: [&str; 2] = ["/healthz", "/metrics"];
 
 /// What the listener answered, for the run report.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -74,6 +86,10 @@ pub enum ListenerError {
     NoCredentials,
     #[error("callbacks.public_url {0:?} has no path to listen on")]
     BadUrl(String),
+    #[error(
+        "callbacks.public_url {0:?}: its path is the listener's own (/healthz and /metrics are reserved)"
+    )]
+    ReservedPath(String),
     #[error("callbacks.allow_from: {0}")]
     AllowList(String),
     #[error("callbacks TLS: {0}")]
@@ -108,9 +124,8 @@ pub fn app<S: Store + Send + 'static>(
     max_body_bytes: usize,
     request_timeout: Duration,
 ) -> Router {
-    Router::new()
-        .route(path, post(receive::<S>))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+    let tracked = state.clone();
+    let callbacks = post(receive::<S>)
         .layer(axum::middleware::from_fn(
             move |req, next: axum::middleware::Next| async move {
                 match tokio::time::timeout(request_timeout, next.run(req)).await {
@@ -119,6 +134,30 @@ pub fn app<S: Store + Send + 'static>(
                 }
             },
         ))
+        // Outermost: in flight until the answer (or the cut), and the refusals made before the
+        // handler runs (body limit) or around it (timeout).
+        .layer(axum::middleware::from_fn(
+            move |req, next: axum::middleware::Next| {
+                let state = tracked.clone();
+                async move {
+                    let _in_flight = state.metrics.in_flight();
+                    let response = next.run(req).await;
+                    match response.status() {
+                        StatusCode::PAYLOAD_TOO_LARGE => {
+                            state.metrics.rejected(Rejected::too_large)
+                        }
+                        StatusCode::REQUEST_TIMEOUT => state.metrics.rejected(Rejected::timed_out),
+                        _ => {}
+                    }
+                    response
+                }
+            },
+        ));
+    Router::new()
+        .route(path, callbacks)
+        .route("/healthz", get(healthz::<S>))
+        .route("/metrics", get(metrics::<S>))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
@@ -198,6 +237,7 @@ impl<S: Store + Send + 'static> ListenerState<S> {
             intake: Mutex::new(intake),
             rejects: Mutex::new(Some(rejects)),
             counts: Mutex::new(ListenerCounts::default()),
+            metrics: ListenerMetrics::new(),
         })
     }
 }
@@ -208,6 +248,9 @@ pub async fn start<S: Store + Send + 'static>(
     state: Arc<ListenerState<S>>,
 ) -> Result<ListenerHandle, ListenerError> {
     let path = listen_path(&config.public_url)?;
+    if RESERVED_PATHS.contains(&path.as_str()) {
+        return Err(ListenerError::ReservedPath(config.public_url.clone()));
+    }
     let addr = config.listen_addr;
     let listener = TcpListener::bind(addr)
         .await
@@ -348,6 +391,41 @@ fn answer(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
+/// `GET /healthz`: 200 once the store answered through the writer thread, 503 otherwise.
+async fn healthz<S: Store + Send + 'static>(
+    State(state): State<Arc<ListenerState<S>>>,
+) -> Response {
+    match tokio::time::timeout(HEALTH_TIMEOUT, state.writer.ping()).await {
+        Ok(Ok(())) => answer(StatusCode::OK, "ok"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "health check: the store does not answer");
+            answer(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?HEALTH_TIMEOUT, "health check: the store did not answer in time");
+            answer(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+    }
+}
+
+/// `GET /metrics`: the Prometheus exposition.
+async fn metrics<S: Store + Send + 'static>(
+    State(state): State<Arc<ListenerState<S>>>,
+) -> Response {
+    match state.metrics.encode() {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, listener_metrics::CONTENT_TYPE)],
+            text,
+        )
+            .into_response(),
+        Err(_) => answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics",
+        ),
+    }
+}
+
 async fn receive<S: Store + Send + 'static>(
     State(state): State<Arc<ListenerState<S>>>,
     headers: HeaderMap,
@@ -358,6 +436,7 @@ async fn receive<S: Store + Send + 'static>(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
     if !is_json {
+        state.metrics.rejected(Rejected::unsupported_media_type);
         return answer(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "expected application/json",
@@ -367,6 +446,7 @@ async fn receive<S: Store + Send + 'static>(
         |f: fn(&mut ListenerCounts)| f(&mut state.counts.lock().unwrap_or_else(|e| e.into_inner()));
     let Ok(text) = std::str::from_utf8(&body) else {
         count(|c| c.malformed += 1);
+        state.metrics.rejected(Rejected::malformed);
         return answer(StatusCode::BAD_REQUEST, "body is not UTF-8");
     };
     let parsed = Body::parse(text);
@@ -385,6 +465,7 @@ async fn receive<S: Store + Send + 'static>(
         // A body that does not parse cannot carry the credentials either: 401 before 400, so an
         // unauthenticated client learns nothing about what we accept.
         count(|c| c.unauthorized += 1);
+        state.metrics.rejected(Rejected::unauthorized);
         tracing::warn!("callback refused: wrong or missing credentials");
         return answer(StatusCode::UNAUTHORIZED, "unauthorized");
     }
@@ -408,6 +489,7 @@ async fn receive<S: Store + Send + 'static>(
             Err(reject) => {
                 state.write_rejects(&[*reject]);
                 count(|c| c.malformed += 1);
+                state.metrics.rejected(Rejected::malformed);
                 return answer(StatusCode::BAD_REQUEST, "not a callback");
             }
         };
@@ -416,24 +498,32 @@ async fn receive<S: Store + Send + 'static>(
     };
     let mut prepared = prepared;
     let heard = prepared.take_heard();
-    match state.writer.journal(prepared, now_micros()).await {
+    let handed = std::time::Instant::now();
+    let journaled = state.writer.journal(prepared, now_micros()).await;
+    state.metrics.journal_committed(handed.elapsed());
+    match journaled {
         Ok(outcome) => {
             count(|c| c.acknowledged += 1);
             match outcome {
                 Journaled::New(_) => {
                     count(|c| c.journaled += 1);
+                    state.metrics.acknowledged(Acknowledged::journaled);
                     state
                         .intake
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .journaled(heard);
                 }
-                Journaled::AlreadyJournaled => count(|c| c.already_journaled += 1),
+                Journaled::AlreadyJournaled => {
+                    count(|c| c.already_journaled += 1);
+                    state.metrics.acknowledged(Acknowledged::already_journaled);
+                }
             }
             answer(StatusCode::OK, "journaled")
         }
         Err(e) => {
             count(|c| c.journal_failures += 1);
+            state.metrics.rejected(Rejected::journal_unavailable);
             tracing::error!(error = %e, "journal commit failed: answering 503");
             let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, "journal unavailable");
             response.headers_mut().insert(

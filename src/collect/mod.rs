@@ -8,6 +8,7 @@ pub use crate::config::allow_list;
 pub mod archive;
 pub mod drop_dir;
 pub mod http_listener;
+pub mod listener_metrics;
 pub mod progress;
 pub mod session;
 pub mod source;

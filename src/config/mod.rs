@@ -33,9 +33,9 @@ pub const ENV_RESERVED: &[&str] = &[
     crate::failpoint::ENV_DAYS_LATER,
     "TSUSAGE_CRASH_SEED",
 ];
-
-/// Variables with this prefix belong to the test suites (`TSUSAGE_TEST_S3_ENDPOINT`,
-/// `TSUSAGE_TEST_PG_URL`, ...), not to the configuration: a process that inherits them still runs.
+/// Variables with this prefix name the test servers (`TSUSAGE_TEST_PG_URL`, `TSUSAGE_TEST_S3_*`,
+/// exported by `scripts/services.sh`): not configuration keys either, so that the `tsusage`
+/// processes a test starts with them in its environment still load their configuration.
 pub const ENV_TEST_PREFIX: &str = "TSUSAGE_TEST_";
 
 /// Default `plan.window_days`: one request per UTC day.
@@ -985,6 +985,27 @@ path = "state/tsusage.db"
         )
         .expect("reserved variables are ignored");
         assert_eq!(config.output.dir, Path::new("out"));
+    }
+
+    #[test]
+    fn the_test_server_variables_are_not_config_keys() {
+        let config = load(
+            MINIMAL,
+            &[
+                (
+                    "TSUSAGE_TEST_PG_URL",
+                    "postgres://postgres@127.0.0.1:5432/postgres",
+                ),
+                ("TSUSAGE_TEST_S3_BUCKET", "tsusage-test"),
+            ],
+        )
+        .expect("test server variables are ignored");
+        assert_eq!(config.state.path, Path::new("state/tsusage.db"));
+        // Only the TSUSAGE_TEST_ prefix: a near miss is still an unknown key.
+        let err = load(MINIMAL, &[("TSUSAGE_TESTS_PG_URL", "x")])
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("TSUSAGE_TESTS_PG_URL"), "{err}");
     }
 
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {

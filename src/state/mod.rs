@@ -276,6 +276,10 @@ pub trait Store {
     /// How many journaled callbacks with id ≤ `through_id` touch `partition`.
     fn partition_callbacks(&self, partition: &str, through_id: i64) -> Result<u64, StateError>;
 
+    /// Answers when the store does (SQLite: `SELECT 1` on its connection): the listener's
+    /// readiness (`GET /healthz`, asked through the writer thread so that it proves that alive too).
+    fn ping(&self) -> Result<(), StateError>;
+
     /// How many callbacks the journal holds.
     fn journal_len(&self) -> Result<u64, StateError>;
 
@@ -408,6 +412,9 @@ impl Store for Box<dyn Store + Send> {
     }
     fn partition_callbacks(&self, partition: &str, through_id: i64) -> Result<u64, StateError> {
         (**self).partition_callbacks(partition, through_id)
+    }
+    fn ping(&self) -> Result<(), StateError> {
+        (**self).ping()
     }
     fn journal_len(&self) -> Result<u64, StateError> {
         (**self).journal_len()

@@ -1159,6 +1159,14 @@ impl Store for PgStore {
         })
     }
 
+    fn ping(&self) -> Result<(), StateError> {
+        self.call(|pool| async move {
+            let client = pool.get().await?;
+            client.query_one("SELECT 1", &[]).await?;
+            Ok(())
+        })
+    }
+
     fn journal_high_water(&self) -> Result<i64, StateError> {
         self.call(|pool| async move {
             let client = pool.get().await?;

@@ -703,6 +703,13 @@ impl Store for SqliteStore {
             .map_err(self.err())
     }
 
+    fn ping(&self) -> Result<(), StateError> {
+        self.conn
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map(drop)
+            .map_err(self.err())
+    }
+
     fn journal_len(&self) -> Result<u64, StateError> {
         self.conn
             .query_row("SELECT COUNT(*) FROM callbacks", [], |r| r.get::<_, i64>(0))

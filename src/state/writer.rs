@@ -30,6 +30,8 @@ pub type AfterCommit<P> = Box<dyn FnMut(&dyn Store, &[(P, Journaled)], i64) + Se
 enum Op<P> {
     Job(JobUpdate, oneshot::Sender<Result<(), String>>),
     Journal(P, i64, oneshot::Sender<Result<Journaled, String>>),
+    /// Asks the store whether it answers ([`Store::ping`]), after the group's commits.
+    Ping(oneshot::Sender<Result<(), String>>),
 }
 
 /// A handle for async tasks to the store's writer thread, journaling callbacks of type `P`.
@@ -45,6 +47,7 @@ impl<P> std::fmt::Debug for Op<P> {
         match self {
             Op::Job(u, _) => write!(f, "Job({u:?})"),
             Op::Journal(..) => write!(f, "Journal"),
+            Op::Ping(_) => write!(f, "Ping"),
         }
     }
 }
@@ -137,6 +140,13 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
         self.answer(answer).await
     }
 
+    /// Whether the writer thread is alive and its store answers ([`Store::ping`]). It waits behind
+    /// what is queued before it, as a callback would: a writer stuck on a slow disk is not ready.
+    pub async fn ping(&self) -> Result<(), StateError> {
+        let answer = self.send(Op::Ping).await?;
+        self.answer(answer).await
+    }
+
     /// [`StateWriter::finish`] for a writer shared with tasks that have all ended.
     pub fn finish_shared(writer: std::sync::Arc<Self>) -> Result<S, StateError> {
         match std::sync::Arc::try_unwrap(writer) {
@@ -169,6 +179,7 @@ fn commit_group<S: Store, P: Journalable>(
     let mut update_replies = Vec::new();
     let mut journal = Vec::new();
     let mut journal_replies = Vec::new();
+    let mut pings = Vec::new();
     for op in group {
         match op {
             Op::Job(update, reply) => {
@@ -179,6 +190,7 @@ fn commit_group<S: Store, P: Journalable>(
                 journal.push((prepared, received_at));
                 journal_replies.push(reply);
             }
+            Op::Ping(reply) => pings.push(reply),
         }
     }
     if !journal.is_empty() {
@@ -216,6 +228,12 @@ fn commit_group<S: Store, P: Journalable>(
     if !updates.is_empty() {
         let result = store.apply_job_updates(&updates).map_err(|e| e.to_string());
         for reply in update_replies {
+            let _ = reply.send(result.clone());
+        }
+    }
+    if !pings.is_empty() {
+        let result = store.ping().map_err(|e| e.to_string());
+        for reply in pings {
             let _ = reply.send(result.clone());
         }
     }
