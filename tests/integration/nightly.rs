@@ -120,9 +120,6 @@ fn ten_nights_on_one_store_are_each_complete_exact_and_read_only_their_own_callb
 }
 
 #[test]
-#[ignore = "fails on the loaded shared 2-core dev VM: its debug run journals ~280 callbacks/s on \
-            PostgreSQL, so night 1's 19,000 callbacks outlast the simulated 30 s deadline and \
-            jobs are re-requested (109 sent for 50); run with --ignored"]
 fn ten_nights_on_one_postgres_store_are_each_complete_exact_and_read_only_their_own_callbacks() {
     let Some(admin) = pg_url() else { return };
     let db = TestDb::new(&admin);

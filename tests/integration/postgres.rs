@@ -18,19 +18,7 @@ use tsusage::state::{
 
 use crate::util::*;
 
-/// The server's URL, or `None` (after saying so loudly) outside CI when there is none.
-pub fn pg_url() -> Option<String> {
-    match std::env::var("TSUSAGE_TEST_PG_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => panic!("CI must provide TSUSAGE_TEST_PG_URL"),
-        _ => {
-            eprintln!(
-                "SKIPPED (no PostgreSQL): set TSUSAGE_TEST_PG_URL, see README \"Scaling out\""
-            );
-            None
-        }
-    }
-}
+pub use crate::servers::pg_url;
 
 /// A database of its own for one test, dropped (with its connections) when this is.
 pub struct TestDb {

@@ -39,32 +39,15 @@ struct S3Env {
 /// The server from the environment; `None` (after a loud message) when it is not configured,
 /// outside CI. Under CI a missing variable fails the test.
 fn s3_env() -> Option<S3Env> {
-    let mut values = Vec::new();
-    for var in [
-        "TSUSAGE_TEST_S3_ENDPOINT",
-        "TSUSAGE_TEST_S3_BUCKET",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-    ] {
-        match std::env::var(var) {
-            Ok(v) if !v.is_empty() => values.push(v),
-            _ => {
-                if std::env::var_os("CI").is_some() {
-                    panic!("CI must provide {var}");
-                }
-                eprintln!("SKIPPED (no S3 server): set {var}, see README \"Scaling out\"");
-                return None;
-            }
-        }
-    }
-    let (endpoint, bucket) = (values[0].clone(), values[1].clone());
+    let server = crate::servers::s3()?;
+    let (endpoint, bucket) = (server.endpoint.clone(), server.bucket.clone());
     let _ = rustls::crypto::ring::default_provider().install_default();
     let store = AmazonS3Builder::new()
         .with_endpoint(&endpoint)
         .with_bucket_name(&bucket)
-        .with_region(std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()))
-        .with_access_key_id(&values[2])
-        .with_secret_access_key(&values[3])
+        .with_region(&server.region)
+        .with_access_key_id(&server.access_key_id)
+        .with_secret_access_key(&server.secret_access_key)
         .with_client_options(ClientOptions::new().with_allow_http(true))
         .build()
         .expect("test S3 client");
