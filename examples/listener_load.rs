@@ -58,7 +58,14 @@ impl Store for NullStore {
     fn release_claims(&mut self, _: &str, _: &[&str]) -> Result<(), StateError> {
         Ok(())
     }
-    fn take_tokens(&mut self, _: &str, _: f64, _: f64, want: u32, _: i64) -> Result<u32, StateError> {
+    fn take_tokens(
+        &mut self,
+        _: &str,
+        _: f64,
+        _: f64,
+        want: u32,
+        _: i64,
+    ) -> Result<u32, StateError> {
         Ok(want)
     }
     fn callbacks_since(

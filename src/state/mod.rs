@@ -166,7 +166,13 @@ pub use crate::plan::JobStatus;
 
 /// Refills a token bucket holding `tokens` by `elapsed_ms` at `rate` per second (up to `burst`)
 /// and takes up to `want`: `(granted, tokens left)`. Both backends' `take_tokens` use it.
-pub fn refill_and_take(tokens: f64, elapsed_ms: i64, rate: f64, burst: f64, want: u32) -> (u32, f64) {
+pub fn refill_and_take(
+    tokens: f64,
+    elapsed_ms: i64,
+    rate: f64,
+    burst: f64,
+    want: u32,
+) -> (u32, f64) {
     let refilled = (tokens + rate * elapsed_ms.max(0) as f64 / 1000.0).min(burst);
     let granted = refilled.floor().clamp(0.0, f64::from(want));
     (granted as u32, refilled - granted)

@@ -457,8 +457,7 @@ impl Drop for PgRunLock {
                 } else {
                     "SELECT pg_advisory_unlock($1, hashtext(current_schema()))"
                 };
-                if let Err(e) = client.execute(unlock, &[&key]).await
-                {
+                if let Err(e) = client.execute(unlock, &[&key]).await {
                     tracing::debug!(error = %describe(&e), "unlocking the state store");
                 }
                 drop(client);
@@ -575,7 +574,6 @@ impl PgStore {
             }),
         }
     }
-
 }
 
 impl Store for PgStore {

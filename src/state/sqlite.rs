@@ -351,7 +351,9 @@ impl Store for SqliteStore {
     ) -> Result<u64, StateError> {
         let mut stmt = self
             .conn
-            .prepare_cached("UPDATE jobs SET lease_until = ?3 WHERE job_id = ?1 AND claimed_by = ?2")
+            .prepare_cached(
+                "UPDATE jobs SET lease_until = ?3 WHERE job_id = ?1 AND claimed_by = ?2",
+            )
             .map_err(self.err())?;
         let mut held = 0;
         for id in job_ids {
@@ -402,8 +404,7 @@ impl Store for SqliteStore {
             .optional()
             .map_err(err)?;
         let (tokens, updated_at) = row.unwrap_or((burst, now));
-        let (granted, left) =
-            super::refill_and_take(tokens, now - updated_at, rate, burst, want);
+        let (granted, left) = super::refill_and_take(tokens, now - updated_at, rate, burst, want);
         tx.execute(
             "INSERT INTO rate_budget (account, tokens, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (account) DO UPDATE SET tokens = excluded.tokens,
