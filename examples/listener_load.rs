@@ -32,6 +32,42 @@ impl Store for NullStore {
     fn lock(&self, _: &str, _: &str) -> Result<RunGuard, StateError> {
         Ok(RunGuard::new(()))
     }
+    fn lock_shared(&self, _: &str, _: &str) -> Result<RunGuard, StateError> {
+        Ok(RunGuard::new(()))
+    }
+    fn lock_publish(&self, _: &str) -> Result<Option<RunGuard>, StateError> {
+        Ok(None)
+    }
+    fn shares_work(&self) -> bool {
+        false
+    }
+    fn claim_jobs(
+        &mut self,
+        job_ids: &[&str],
+        _: &str,
+        _: i64,
+        _: i64,
+        _: i64,
+        max: usize,
+    ) -> Result<Vec<String>, StateError> {
+        Ok(job_ids.iter().take(max).map(|s| (*s).to_owned()).collect())
+    }
+    fn renew_claims(&mut self, _: &str, job_ids: &[&str], _: i64) -> Result<u64, StateError> {
+        Ok(job_ids.len() as u64)
+    }
+    fn release_claims(&mut self, _: &str, _: &[&str]) -> Result<(), StateError> {
+        Ok(())
+    }
+    fn take_tokens(
+        &mut self,
+        _: &str,
+        _: f64,
+        _: f64,
+        want: u32,
+        _: i64,
+    ) -> Result<u32, StateError> {
+        Ok(want)
+    }
     fn callbacks_since(
         &self,
         _: i64,

@@ -6,6 +6,7 @@
 
 pub use crate::config::allow_list;
 pub mod archive;
+pub mod claims;
 pub mod drop_dir;
 pub mod http_listener;
 pub mod listener_metrics;

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use std::borrow::Cow;
 
+use super::claims::{CLAIM_RETRY, Claims, Next};
 use super::http_listener;
 use super::source::{CallbackSource, SourceReport};
 use super::tracker::Tracker;
@@ -27,22 +28,37 @@ use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 /// How often the run looks at the journal and the clock.
 const TICK: Duration = Duration::from_millis(200);
 
+/// How a run shares its work with other processes on the same store.
+#[derive(Debug)]
+pub struct Sharing {
+    /// The worker's claims on the range's jobs; the tracker starts empty and takes each batch.
+    pub claims: Claims,
+    /// The account's request budget in the store.
+    pub budget: Arc<submit::budget::SharedBudget>,
+}
+
 /// Opens the callback source `callbacks.source` names, submits `to_send` and collects until every
 /// tracked job has ended or cannot be sent, then stops the source and records how each job ended.
 /// Returns what the submissions and the source report.
+///
+/// With `sharing` (a store several workers share), the jobs come from claims instead: batch after
+/// batch, each sent or tracked, its outcomes recorded and its claims released, until no job of
+/// the range is left to anyone.
 pub async fn collect<S: Store + Send + 'static>(
     config: &Config,
     run_id: &str,
     writer: &Arc<Writer<S>>,
     tracker: &mut Tracker,
     to_send: Vec<Job>,
+    mut sharing: Option<&mut Sharing>,
 ) -> Result<(SubmitReport, SourceReport)> {
     // What concerns this run, and nothing older (invariant 7): the journal's high-water mark is
     // taken before anything is sent, so no callback of this run's requests is below it.
     let name = config.state.name();
     let reader = AsyncStore::new(crate::state::open(&config.state)?, name);
     let cursor = reader.call(|s| s.journal_high_water()).await?;
-    read_earlier(&reader, tracker, cursor).await?;
+    let job_ids: Vec<String> = tracker.job_ids().map(str::to_owned).collect();
+    read_earlier(&reader, tracker, cursor, job_ids).await?;
     // The source is up before the first request goes out.
     let mut source = super::source::open(config, run_id, writer, &reader, cursor).await?;
     let mut config = Cow::Borrowed(config);
@@ -53,7 +69,16 @@ pub async fn collect<S: Store + Send + 'static>(
         let path = http_listener::listen_path(&config.callbacks.public_url)?;
         config.to_mut().callbacks.public_url = format!("http://{addr}{path}");
     }
-    let outcome = submit_and_collect(&config, writer, tracker, to_send, &mut *source).await;
+    let outcome = submit_and_collect(
+        &config,
+        writer,
+        tracker,
+        to_send,
+        &mut *source,
+        (&reader, cursor),
+        sharing.as_deref_mut(),
+    )
+    .await;
     let outcome = match outcome {
         Ok(submitted) => count_unmatched(&reader, tracker).await.map(|()| submitted),
         Err(e) => Err(e),
@@ -66,6 +91,9 @@ pub async fn collect<S: Store + Send + 'static>(
     let (submitted, collected) = (outcome?, collected?);
     tracker.finish();
     writer.apply_all(tracker.job_updates()).await?;
+    if let Some(sharing) = sharing {
+        sharing.claims.release().await?;
+    }
     Ok((submitted, collected))
 }
 
@@ -77,9 +105,13 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     tracker: &mut Tracker,
     to_send: Vec<Job>,
     source: &mut dyn CallbackSource,
+    (reader, cursor): (&AsyncStore, i64),
+    mut sharing: Option<&mut Sharing>,
 ) -> Result<SubmitReport> {
     let client = Arc::new(ApiClient::new(&config.api).map_err(SubmitError::Api)?);
-    let needs_api = !to_send.is_empty() || tracker.waiting() > 0;
+    let needs_api = !to_send.is_empty()
+        || tracker.waiting() > 0
+        || sharing.as_ref().is_some_and(|s| s.claims.has_work());
     if needs_api {
         client.authenticate().await.map_err(SubmitError::Api)?;
         if config.callbacks.source != SourceKind::DropDir {
@@ -94,6 +126,8 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     // it returns: when a submission has ended, what it recorded is in `recorded`.
     let (recorded_tx, mut recorded) = tokio::sync::mpsc::unbounded_channel();
     let progress = super::progress::RunProgress::new(tracker.stats.jobs);
+    let budget = sharing.as_ref().map(|s| s.budget.clone());
+    let mut next_claim = Instant::now();
     let mut submissions: JoinSet<std::result::Result<SubmitReport, SubmitError>> = JoinSet::new();
     let spawn = |submissions: &mut JoinSet<_>, jobs: Vec<Job>| {
         if jobs.is_empty() {
@@ -102,6 +136,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         let mut options = SubmitOptions::new(&config.api, jobs.len());
         options.recorded = Some(recorded_tx.clone());
         options.progress = Some(progress.gauge());
+        options.budget = budget.clone();
         let (client, writer) = (client.clone(), writer.clone());
         submissions.spawn(async move { submit::submit(client, writer, jobs, &options).await });
     };
@@ -160,8 +195,44 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         }
         // Nothing is being sent, every requestId sent is tracked, and no job waits for a callback
         // (a job still waiting without a requestId was not sent: nothing will come for it).
+        if let Some(sharing) = sharing.as_deref_mut() {
+            sharing.claims.renew_if_due().await?;
+        }
         if submissions.is_empty() && tracker.waiting() == tracker.unsent() {
-            break;
+            let Some(sharing) = sharing.as_deref_mut() else {
+                break;
+            };
+            // The batch has ended: its outcomes are durable before its claims are given back.
+            let claims = &mut sharing.claims;
+            if !claims.held().is_empty() {
+                let held: std::collections::HashSet<&str> =
+                    claims.held().iter().map(String::as_str).collect();
+                let updates: Vec<_> = tracker
+                    .job_updates()
+                    .into_iter()
+                    .filter(|u| held.contains(update_job(u)))
+                    .collect();
+                writer.apply_all(updates).await?;
+                claims.release().await?;
+            }
+            if Instant::now() >= next_claim {
+                match claims.next().await? {
+                    Next::Done => break,
+                    Next::Wait => next_claim = Instant::now() + CLAIM_RETRY,
+                    Next::Batch { send, track } => {
+                        let ids: Vec<String> = send
+                            .iter()
+                            .chain(&track)
+                            .map(|j| j.id.to_string())
+                            .collect();
+                        tracing::info!(send = send.len(), track = track.len(), "claimed a batch");
+                        tracker.add_jobs(send.iter().chain(&track).cloned().collect());
+                        read_earlier(reader, tracker, cursor, ids).await?;
+                        spawn(&mut submissions, send);
+                        continue;
+                    }
+                }
+            }
         }
         tokio::time::sleep(TICK).await;
     }
@@ -169,13 +240,20 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     if needs_api {
         client.logout().await;
     }
+    if let Some(budget) = budget {
+        merged.budget = Some(budget.report().await);
+    }
     Ok(merged)
 }
 
 /// The requests earlier runs recorded for the tracker's jobs, and their callbacks journaled up to
 /// `cursor`.
-async fn read_earlier(reader: &AsyncStore, tracker: &mut Tracker, cursor: i64) -> Result<()> {
-    let job_ids: Vec<String> = tracker.job_ids().map(str::to_owned).collect();
+async fn read_earlier(
+    reader: &AsyncStore,
+    tracker: &mut Tracker,
+    cursor: i64,
+    job_ids: Vec<String>,
+) -> Result<()> {
     let (earlier, callbacks) = reader
         .call(move |s| {
             let ids: Vec<&str> = job_ids.iter().map(String::as_str).collect();
@@ -215,6 +293,18 @@ async fn count_unmatched(reader: &AsyncStore, tracker: &mut Tracker) -> Result<(
         .map(|(_, n)| *n as u64)
         .sum();
     Ok(())
+}
+
+/// The job an update is about.
+fn update_job(update: &crate::state::JobUpdate) -> &str {
+    use crate::state::JobUpdate;
+    match update {
+        JobUpdate::Submitted { job_id, .. }
+        | JobUpdate::Failed { job_id, .. }
+        | JobUpdate::GaveUp { job_id, .. }
+        | JobUpdate::Completed { job_id }
+        | JobUpdate::Missing { job_id, .. } => job_id,
+    }
 }
 
 impl From<SubmitError> for CollectError {

@@ -293,6 +293,28 @@ impl Tracker {
         )
     }
 
+    /// Starts tracking `jobs` too (a worker's newly claimed batch); jobs already tracked are kept.
+    pub fn add_jobs(&mut self, jobs: Vec<Job>) {
+        for job in jobs {
+            if self.by_job.contains_key(job.id.as_str()) {
+                continue;
+            }
+            self.by_job.insert(job.id.to_string(), self.tracks.len());
+            self.tracks.push(Track {
+                with_data: Positions::new(job.iccids.len()),
+                job,
+                state: JobState::Waiting,
+                rejected: HashMap::new(),
+                request_ids: Vec::new(),
+                requested_at: None,
+                completion_seen: false,
+                last_callback_at: None,
+                resubmits: 0,
+            });
+        }
+        self.stats.jobs = self.tracks.len() as u64;
+    }
+
     /// A requestId recorded for a job (from the store's `requests` table).
     pub fn request_recorded(&mut self, request_id: String, job_id: &str, now: Instant) {
         let Some(&i) = self.by_job.get(job_id) else {

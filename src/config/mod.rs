@@ -244,7 +244,17 @@ pub struct PlanConfig {
     /// `run` also re-pulls this many days before the range asked for, complete or not: SMS usage
     /// arrives up to 3 days late, and the newest answer replaces the older one.
     pub lookback_days: u32,
+    /// On a store shared by several workers (PostgreSQL): how long a worker's claim on a batch of
+    /// jobs lasts without renewal; a killed worker's jobs return to the others after it.
+    pub lease_secs: u64,
+    /// On a shared store: jobs a worker claims at a time.
+    pub claim_batch: u32,
 }
+
+/// Default `plan.lease_secs`: renewed every third of it while the jobs are tracked.
+pub const DEFAULT_LEASE_SECS: u64 = 300;
+/// Default `plan.claim_batch`.
+pub const DEFAULT_CLAIM_BATCH: u32 = 100;
 
 impl Default for PlanConfig {
     fn default() -> Self {
@@ -252,6 +262,8 @@ impl Default for PlanConfig {
             window_days: DEFAULT_WINDOW_DAYS,
             chunk_size: DEFAULT_CHUNK_SIZE,
             lookback_days: 0,
+            lease_secs: DEFAULT_LEASE_SECS,
+            claim_batch: DEFAULT_CLAIM_BATCH,
         }
     }
 }
@@ -638,6 +650,18 @@ impl Config {
                 "plan.window_days",
                 format!("{} is out of range 1..=366", self.plan.window_days),
             ));
+        }
+        if self.plan.lease_secs < 3 {
+            return Err(bad(
+                "plan.lease_secs",
+                format!(
+                    "{} is too short: a lease is renewed every third of it (at least 3)",
+                    self.plan.lease_secs
+                ),
+            ));
+        }
+        if self.plan.claim_batch == 0 {
+            return Err(bad("plan.claim_batch", "must be at least 1".into()));
         }
         let repulled = self.plan.lookback_days + self.plan.window_days;
         if self.state.retain_days != 0 && self.state.retain_days <= repulled {

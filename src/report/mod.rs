@@ -60,6 +60,9 @@ pub struct RunReport {
     pub plan: Option<PlanReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub submit: Option<SubmitReport>,
+    /// This worker's claims, when several workers share the range (a PostgreSQL store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims: Option<crate::collect::claims::ClaimReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collect: Option<CollectReport>,
     /// What the HTTP listener answered.
@@ -110,6 +113,7 @@ impl RunReport {
             iccids: None,
             plan: None,
             submit: None,
+            claims: None,
             collect: None,
             listener: None,
             drop_dir: None,

@@ -87,6 +87,12 @@ async fn answer(sim: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<String
     }
     sim.check_session(headers)?;
     let request = validate(&sim.config, body)?;
+    sim.counters.promo_accepted_request(
+        u64::try_from(sim.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        request.start.format("%Y-%m-%d").to_string(),
+        request.iccids.first().cloned().unwrap_or_default(),
+        request.iccids.len(),
+    );
     let request_id = uuid_v4(&mut lock(&sim.ids));
     let seq = sim.next_seq.fetch_add(1, Ordering::Relaxed);
     add(

@@ -50,6 +50,10 @@ pub struct SimStats {
     pub promo_arrival_ms: Vec<u64>,
     /// When each 429 was answered, in milliseconds since the simulator started (first 1,000,000).
     pub promo_throttled_ms: Vec<u64>,
+    /// Each accepted promo request: `(ms since start, window start YYYY-MM-DD, first ICCID,
+    /// devices)`, in acceptance order (first 1,000,000): which windows and chunks were asked how
+    /// often.
+    pub promo_accepted_log: Vec<(u64, String, String, usize)>,
     /// Callback messages built for accepted requests (data and completion, before drops and copies).
     pub callback_messages: u64,
     /// Delivery attempts (HTTP POSTs started, redeliveries and duplicate copies included).
@@ -88,6 +92,7 @@ pub struct Counters {
     pub promo_max_in_flight: AtomicU64,
     pub promo_arrival_ms: Mutex<Vec<u64>>,
     pub promo_throttled_ms: Mutex<Vec<u64>>,
+    pub promo_accepted_log: Mutex<Vec<(u64, String, String, usize)>>,
     pub callback_messages: AtomicU64,
     pub callback_attempts: AtomicU64,
     pub callbacks_delivered: AtomicU64,
@@ -126,6 +131,14 @@ impl Counters {
         }
     }
 
+    /// Records an accepted promo request, `ms` after start.
+    pub fn promo_accepted_request(&self, ms: u64, window_start: String, first: String, n: usize) {
+        let mut log = lock(&self.promo_accepted_log);
+        if log.len() < MAX_ARRIVALS_KEPT {
+            log.push((ms, window_start, first, n));
+        }
+    }
+
     /// Marks a promo request in flight until the guard drops.
     pub fn promo_in_flight(&self) -> InFlight<'_> {
         let now = self.promo_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
@@ -154,6 +167,7 @@ impl Counters {
             promo_max_in_flight: get(&self.promo_max_in_flight),
             promo_arrival_ms: lock(&self.promo_arrival_ms).clone(),
             promo_throttled_ms: lock(&self.promo_throttled_ms).clone(),
+            promo_accepted_log: lock(&self.promo_accepted_log).clone(),
             callback_messages: get(&self.callback_messages),
             callback_attempts: get(&self.callback_attempts),
             callbacks_delivered: get(&self.callbacks_delivered),

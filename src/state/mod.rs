@@ -164,6 +164,20 @@ pub enum JobUpdate {
 
 pub use crate::plan::JobStatus;
 
+/// Refills a token bucket holding `tokens` by `elapsed_ms` at `rate` per second (up to `burst`)
+/// and takes up to `want`: `(granted, tokens left)`. Both backends' `take_tokens` use it.
+pub fn refill_and_take(
+    tokens: f64,
+    elapsed_ms: i64,
+    rate: f64,
+    burst: f64,
+    want: u32,
+) -> (u32, f64) {
+    let refilled = (tokens + rate * elapsed_ms.max(0) as f64 / 1000.0).min(burst);
+    let granted = refilled.floor().clamp(0.0, f64::from(want));
+    (granted as u32, refilled - granted)
+}
+
 /// Held for a command's lifetime: one `run`, `submit`, `ingest` or `prune` at a time per store
 /// (for SQLite an `flock` on `<state>.lock`; the kernel drops it when the holder dies).
 #[derive(Debug)]
@@ -191,6 +205,56 @@ pub fn open(config: &crate::config::StateConfig) -> Result<Box<dyn Store + Send>
 pub trait Store {
     /// Takes the store's run lock, or says who holds it.
     fn lock(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError>;
+
+    /// Takes the run lock shared with other workers of the same range (PostgreSQL: a shared
+    /// advisory lock, so that `prune`, which takes the exclusive one, waits for every worker); a
+    /// store that cannot share work (SQLite) takes its exclusive [`Store::lock`].
+    fn lock_shared(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError>;
+
+    /// Waits for the partition writer's lock (one writer of partitions at a time among processes
+    /// that share the store); `None` where the run lock already excludes every other writer.
+    fn lock_publish(&self, run_id: &str) -> Result<Option<RunGuard>, StateError>;
+
+    /// Whether several processes can share a run's work on this store (claims, one rate budget).
+    fn shares_work(&self) -> bool;
+
+    /// Of `job_ids`, claims up to `max` for `worker` until `lease_until` (ms since the epoch) and
+    /// returns them, in job id order. A job is claimable when its lease is free, expired (before
+    /// `now`) or already `worker`'s, and it still needs work: planned or submitted, or (asked
+    /// again: forced, lookback, missing) not claimed by anyone since `since` (ms), the start of
+    /// the claiming run, so that the workers of one range re-pull such a job once between them.
+    fn claim_jobs(
+        &mut self,
+        job_ids: &[&str],
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        since: i64,
+        max: usize,
+    ) -> Result<Vec<String>, StateError>;
+
+    /// Extends `worker`'s leases on `job_ids` to `lease_until` (ms); returns how many it still held.
+    fn renew_claims(
+        &mut self,
+        worker: &str,
+        job_ids: &[&str],
+        lease_until: i64,
+    ) -> Result<u64, StateError>;
+
+    /// Gives `worker`'s claims on `job_ids` back (a final status releases a claim too).
+    fn release_claims(&mut self, worker: &str, job_ids: &[&str]) -> Result<(), StateError>;
+
+    /// Takes up to `want` request tokens from `account`'s bucket (refilled at `rate` per second up
+    /// to `burst`, starting full) in one transaction; returns how many were granted. `now` is ms
+    /// since the epoch (PostgreSQL uses the server's clock instead, one clock for every host).
+    fn take_tokens(
+        &mut self,
+        account: &str,
+        rate: f64,
+        burst: f64,
+        want: u32,
+        now: i64,
+    ) -> Result<u32, StateError>;
 
     /// Up to `limit` journaled callbacks after `id` (exclusive): `(id, request_id, kind, body)`.
     fn callbacks_since(
@@ -332,6 +396,47 @@ pub trait Store {
 impl Store for Box<dyn Store + Send> {
     fn lock(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
         (**self).lock(run_id, command)
+    }
+    fn lock_shared(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
+        (**self).lock_shared(run_id, command)
+    }
+    fn lock_publish(&self, run_id: &str) -> Result<Option<RunGuard>, StateError> {
+        (**self).lock_publish(run_id)
+    }
+    fn shares_work(&self) -> bool {
+        (**self).shares_work()
+    }
+    fn claim_jobs(
+        &mut self,
+        job_ids: &[&str],
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        since: i64,
+        max: usize,
+    ) -> Result<Vec<String>, StateError> {
+        (**self).claim_jobs(job_ids, worker, now, lease_until, since, max)
+    }
+    fn renew_claims(
+        &mut self,
+        worker: &str,
+        job_ids: &[&str],
+        lease_until: i64,
+    ) -> Result<u64, StateError> {
+        (**self).renew_claims(worker, job_ids, lease_until)
+    }
+    fn release_claims(&mut self, worker: &str, job_ids: &[&str]) -> Result<(), StateError> {
+        (**self).release_claims(worker, job_ids)
+    }
+    fn take_tokens(
+        &mut self,
+        account: &str,
+        rate: f64,
+        burst: f64,
+        want: u32,
+        now: i64,
+    ) -> Result<u32, StateError> {
+        (**self).take_tokens(account, rate, burst, want, now)
     }
     fn callbacks_since(
         &self,

@@ -60,6 +60,8 @@ const UNLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 const RUN_LOCK: i32 = 0x7473_7501;
 const JOURNAL_LOCK: i32 = 0x7473_7502;
 const MIGRATE_LOCK: i32 = 0x7473_7503;
+/// One writer of partitions at a time among the workers of a range (session-level, exclusive).
+const PUBLISH_LOCK: i32 = 0x7473_7504;
 
 /// The schema, one entry per version, as [`super::SqliteStore`]'s with PostgreSQL types: BIGINT
 /// for SQLite's INTEGER, BYTEA for its blobs, identity columns for its rowids (`requests.seq` keeps
@@ -142,6 +144,18 @@ const MIGRATIONS: &[&str] = &[
         file      TEXT COLLATE "C" NOT NULL REFERENCES archive_files(file),
         callbacks BIGINT NOT NULL,
         PRIMARY KEY (partition, file)
+    );
+    "#,
+    // v4: several workers on one range (claims with leases, ms since the epoch) and one request
+    // budget per account.
+    r#"
+    ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until BIGINT;
+    ALTER TABLE jobs ADD COLUMN claimed_at BIGINT;
+    CREATE TABLE rate_budget (
+        account    TEXT COLLATE "C" PRIMARY KEY,
+        tokens     DOUBLE PRECISION NOT NULL,
+        updated_at BIGINT NOT NULL
     );
     "#,
 ];
@@ -416,6 +430,9 @@ where
 struct PgRunLock {
     client: Option<deadpool_postgres::ClientWrapper>,
     tasks: mpsc::UnboundedSender<Task>,
+    /// The advisory key, and whether it is held shared.
+    key: i32,
+    shared: bool,
 }
 
 impl std::fmt::Debug for PgRunLock {
@@ -432,15 +449,15 @@ impl Drop for PgRunLock {
         // Unlocked explicitly (then the connection closes), so that the next lock of this process
         // finds it free at once; the answer is awaited a bounded time.
         let (reply, answer) = std::sync::mpsc::sync_channel::<()>(1);
+        let (key, shared) = (self.key, self.shared);
         let task: Task = Box::new(move |_pool| {
             Box::pin(async move {
-                if let Err(e) = client
-                    .execute(
-                        "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
-                        &[&RUN_LOCK],
-                    )
-                    .await
-                {
+                let unlock = if shared {
+                    "SELECT pg_advisory_unlock_shared($1, hashtext(current_schema()))"
+                } else {
+                    "SELECT pg_advisory_unlock($1, hashtext(current_schema()))"
+                };
+                if let Err(e) = client.execute(unlock, &[&key]).await {
                     tracing::debug!(error = %describe(&e), "unlocking the state store");
                 }
                 drop(client);
@@ -498,8 +515,14 @@ type ArchiveRow = (
     Vec<String>,
 );
 
-impl Store for PgStore {
-    fn lock(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
+impl PgStore {
+    /// Takes the run lock, exclusive or shared, on a connection of its own.
+    fn run_lock(&self, run_id: &str, command: &str, shared: bool) -> Result<RunGuard, StateError> {
+        let try_lock = if shared {
+            "SELECT pg_try_advisory_lock_shared($1, hashtext(current_schema()))"
+        } else {
+            "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))"
+        };
         // application_name holds at most 63 bytes: enough for the command, run id and pid.
         let me: String = format!("tsusage {command} {run_id} pid {}", std::process::id())
             .chars()
@@ -508,10 +531,7 @@ impl Store for PgStore {
         let (client, holder) = self.call(move |pool| async move {
             let client = deadpool_postgres::Object::take(pool.get().await?);
             let got: bool = client
-                .query_one(
-                    "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
-                    &[&RUN_LOCK],
-                )
+                .query_one(try_lock, &[&RUN_LOCK])
                 .await?
                 .try_get(0)?;
             if got {
@@ -540,6 +560,8 @@ impl Store for PgStore {
             Some(client) => Ok(RunGuard::new(PgRunLock {
                 client: Some(client),
                 tasks: self.tasks.clone(),
+                key: RUN_LOCK,
+                shared,
             })),
             None => Err(StateError::Invalid {
                 path: self.name.clone(),
@@ -551,6 +573,156 @@ impl Store for PgStore {
                 ),
             }),
         }
+    }
+}
+
+impl Store for PgStore {
+    fn lock(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
+        self.run_lock(run_id, command, false)
+    }
+
+    fn lock_shared(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
+        self.run_lock(run_id, command, true)
+    }
+
+    fn lock_publish(&self, _run_id: &str) -> Result<Option<RunGuard>, StateError> {
+        // Waits (bounded by the other writer's publish) rather than failing: the workers of a
+        // range finish at about the same time and each writes what is pending then.
+        let client = self.call(move |pool| async move {
+            let client = deadpool_postgres::Object::take(pool.get().await?);
+            client
+                .execute(
+                    "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
+                    &[&PUBLISH_LOCK],
+                )
+                .await?;
+            Ok(client)
+        })?;
+        Ok(Some(RunGuard::new(PgRunLock {
+            client: Some(client),
+            tasks: self.tasks.clone(),
+            key: PUBLISH_LOCK,
+            shared: false,
+        })))
+    }
+
+    fn shares_work(&self) -> bool {
+        true
+    }
+
+    fn claim_jobs(
+        &mut self,
+        job_ids: &[&str],
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        since: i64,
+        max: usize,
+    ) -> Result<Vec<String>, StateError> {
+        let (ids, worker) = (owned(job_ids), worker.to_owned());
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut claimed: Vec<String> = self.call(move |pool| async move {
+            let client = pool.get().await?;
+            let rows = client
+                .query(
+                    "UPDATE jobs SET claimed_by = $2, lease_until = $4, claimed_at = $3
+                     WHERE job_id IN (
+                       SELECT job_id FROM jobs
+                       WHERE job_id = ANY($1)
+                         AND (claimed_by IS NULL OR lease_until < $3 OR claimed_by = $2)
+                         AND (status IN ('planned', 'submitted') OR claimed_at IS NULL
+                              OR claimed_at < $5)
+                       ORDER BY job_id LIMIT $6
+                       FOR UPDATE SKIP LOCKED)
+                     RETURNING job_id",
+                    &[&ids, &worker, &now, &lease_until, &since, &max],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?)
+        })?;
+        claimed.sort_unstable();
+        Ok(claimed)
+    }
+
+    fn renew_claims(
+        &mut self,
+        worker: &str,
+        job_ids: &[&str],
+        lease_until: i64,
+    ) -> Result<u64, StateError> {
+        let (ids, worker) = (owned(job_ids), worker.to_owned());
+        self.call(move |pool| async move {
+            let client = pool.get().await?;
+            Ok(client
+                .execute(
+                    "UPDATE jobs SET lease_until = $3 WHERE job_id = ANY($1) AND claimed_by = $2",
+                    &[&ids, &worker, &lease_until],
+                )
+                .await?)
+        })
+    }
+
+    fn release_claims(&mut self, worker: &str, job_ids: &[&str]) -> Result<(), StateError> {
+        let (ids, worker) = (owned(job_ids), worker.to_owned());
+        self.call(move |pool| async move {
+            let client = pool.get().await?;
+            client
+                .execute(
+                    "UPDATE jobs SET claimed_by = NULL, lease_until = NULL
+                     WHERE job_id = ANY($1) AND claimed_by = $2",
+                    &[&ids, &worker],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn take_tokens(
+        &mut self,
+        account: &str,
+        rate: f64,
+        burst: f64,
+        want: u32,
+        _now: i64,
+    ) -> Result<u32, StateError> {
+        let account = account.to_owned();
+        self.call(move |pool| async move {
+            let mut client = pool.get().await?;
+            let tx = client.transaction().await?;
+            // The server's clock, read after the row lock is held: one clock for every worker.
+            const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+            tx.execute(
+                &format!(
+                    "INSERT INTO rate_budget (account, tokens, updated_at)
+                     VALUES ($1, $2, {NOW_MS}) ON CONFLICT DO NOTHING"
+                ),
+                &[&account, &burst],
+            )
+            .await?;
+            let row = tx
+                .query_one(
+                    "SELECT tokens, updated_at FROM rate_budget WHERE account = $1 FOR UPDATE",
+                    &[&account],
+                )
+                .await?;
+            let (tokens, updated_at): (f64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            let now: i64 = tx
+                .query_one(&format!("SELECT {NOW_MS}"), &[])
+                .await?
+                .try_get(0)?;
+            let (granted, left) =
+                super::refill_and_take(tokens, now - updated_at, rate, burst, want);
+            tx.execute(
+                "UPDATE rate_budget SET tokens = $2, updated_at = $3 WHERE account = $1",
+                &[&account, &left, &now.max(updated_at)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(granted)
+        })
     }
 
     fn callbacks_since(
@@ -758,7 +930,7 @@ impl Store for PgStore {
             let failed = tx
                 .prepare_cached(
                     "UPDATE jobs SET status = $2, attempts = attempts + $3, last_error = $4,
-                       updated_at = $5 WHERE job_id = $1",
+                       updated_at = $5, claimed_by = NULL, lease_until = NULL WHERE job_id = $1",
                 )
                 .await?;
             let gave_up = tx
@@ -769,12 +941,14 @@ impl Store for PgStore {
                 .await?;
             let completed = tx
                 .prepare_cached(
-                    "UPDATE jobs SET status = $2, last_error = NULL, updated_at = $3 WHERE job_id = $1",
+                    "UPDATE jobs SET status = $2, last_error = NULL, updated_at = $3,
+                       claimed_by = NULL, lease_until = NULL WHERE job_id = $1",
                 )
                 .await?;
             let missing = tx
                 .prepare_cached(
-                    "UPDATE jobs SET status = $2, last_error = $3, updated_at = $4 WHERE job_id = $1",
+                    "UPDATE jobs SET status = $2, last_error = $3, updated_at = $4,
+                       claimed_by = NULL, lease_until = NULL WHERE job_id = $1",
                 )
                 .await?;
             // Pipelined: every statement is sent before the first answer is read, and runs in

@@ -99,6 +99,19 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (partition, file)
     ) WITHOUT ROWID;
     "#,
+    // v4: several workers on one range (claims with leases, ms since the epoch) and one request
+    // budget per account. SQLite serves one process, so its claims always succeed; the columns
+    // keep the schema the same on both backends.
+    r#"
+    ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until INTEGER;
+    ALTER TABLE jobs ADD COLUMN claimed_at INTEGER;
+    CREATE TABLE rate_budget (
+        account    TEXT PRIMARY KEY,
+        tokens     REAL NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// zstd level for journaled bodies: callbacks compress about 5-10x even at the fastest levels, and
@@ -266,6 +279,141 @@ impl Store for SqliteStore {
             run_id,
             command,
         )?))
+    }
+
+    fn lock_shared(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
+        // One process per SQLite file: the exclusive lock, as before workers existed.
+        self.lock(run_id, command)
+    }
+
+    fn lock_publish(&self, _run_id: &str) -> Result<Option<RunGuard>, StateError> {
+        Ok(None)
+    }
+
+    fn shares_work(&self) -> bool {
+        false
+    }
+
+    fn claim_jobs(
+        &mut self,
+        job_ids: &[&str],
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        since: i64,
+        max: usize,
+    ) -> Result<Vec<String>, StateError> {
+        let path = self.path.clone();
+        let err = |source: rusqlite::Error| StateError::Backend {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        let mut ids: Vec<&str> = job_ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let mut claimed = Vec::new();
+        {
+            let mut claim = tx
+                .prepare_cached(
+                    "UPDATE jobs SET claimed_by = ?2, lease_until = ?4, claimed_at = ?3
+                     WHERE job_id = ?1
+                       AND (claimed_by IS NULL OR lease_until < ?3 OR claimed_by = ?2)
+                       AND (status IN ('planned', 'submitted') OR claimed_at IS NULL
+                            OR claimed_at < ?5)",
+                )
+                .map_err(err)?;
+            for id in ids {
+                if claimed.len() >= max {
+                    break;
+                }
+                if claim
+                    .execute(params![id, worker, now, lease_until, since])
+                    .map_err(err)?
+                    == 1
+                {
+                    claimed.push(id.to_owned());
+                }
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(claimed)
+    }
+
+    fn renew_claims(
+        &mut self,
+        worker: &str,
+        job_ids: &[&str],
+        lease_until: i64,
+    ) -> Result<u64, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "UPDATE jobs SET lease_until = ?3 WHERE job_id = ?1 AND claimed_by = ?2",
+            )
+            .map_err(self.err())?;
+        let mut held = 0;
+        for id in job_ids {
+            held += stmt
+                .execute(params![id, worker, lease_until])
+                .map_err(self.err())? as u64;
+        }
+        Ok(held)
+    }
+
+    fn release_claims(&mut self, worker: &str, job_ids: &[&str]) -> Result<(), StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "UPDATE jobs SET claimed_by = NULL, lease_until = NULL
+                 WHERE job_id = ?1 AND claimed_by = ?2",
+            )
+            .map_err(self.err())?;
+        for id in job_ids {
+            stmt.execute(params![id, worker]).map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    fn take_tokens(
+        &mut self,
+        account: &str,
+        rate: f64,
+        burst: f64,
+        want: u32,
+        now: i64,
+    ) -> Result<u32, StateError> {
+        let path = self.path.clone();
+        let err = |source: rusqlite::Error| StateError::Backend {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let row: Option<(f64, i64)> = tx
+            .query_row(
+                "SELECT tokens, updated_at FROM rate_budget WHERE account = ?1",
+                [account],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        let (tokens, updated_at) = row.unwrap_or((burst, now));
+        let (granted, left) = super::refill_and_take(tokens, now - updated_at, rate, burst, want);
+        tx.execute(
+            "INSERT INTO rate_budget (account, tokens, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (account) DO UPDATE SET tokens = excluded.tokens,
+               updated_at = excluded.updated_at",
+            params![account, left, now.max(updated_at)],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(granted)
     }
 
     /// Up to `limit` journaled callbacks after `id` (exclusive): `(id, request_id, kind, body)`.
@@ -454,7 +602,8 @@ impl Store for SqliteStore {
                     error,
                 } => {
                     tx.execute(
-                        "UPDATE jobs SET status = ?2, attempts = attempts + ?3, last_error = ?4, updated_at = ?5
+                        "UPDATE jobs SET status = ?2, attempts = attempts + ?3, last_error = ?4, updated_at = ?5,
+                           claimed_by = NULL, lease_until = NULL
                          WHERE job_id = ?1",
                         params![job_id, JobStatus::Failed.as_str(), attempts, error, now],
                     )
@@ -474,14 +623,16 @@ impl Store for SqliteStore {
                 }
                 JobUpdate::Completed { job_id } => {
                     tx.execute(
-                        "UPDATE jobs SET status = ?2, last_error = NULL, updated_at = ?3 WHERE job_id = ?1",
+                        "UPDATE jobs SET status = ?2, last_error = NULL, updated_at = ?3,
+                           claimed_by = NULL, lease_until = NULL WHERE job_id = ?1",
                         params![job_id, JobStatus::Complete.as_str(), now],
                     )
                     .map_err(err)?;
                 }
                 JobUpdate::Missing { job_id, error } => {
                     tx.execute(
-                        "UPDATE jobs SET status = ?2, last_error = ?3, updated_at = ?4 WHERE job_id = ?1",
+                        "UPDATE jobs SET status = ?2, last_error = ?3, updated_at = ?4,
+                           claimed_by = NULL, lease_until = NULL WHERE job_id = ?1",
                         params![job_id, JobStatus::Missing.as_str(), error, now],
                     )
                     .map_err(err)?;

@@ -11,6 +11,7 @@
 //!
 //! [`client`] holds the HTTP side and the two tokens; [`wire`] the vendor's field names.
 
+pub mod budget;
 pub mod client;
 pub mod registration;
 pub mod wire;
@@ -49,6 +50,9 @@ pub struct SubmitOptions {
     pub recorded: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
     /// Live counts for a progress display (requests sent, accepted, on the wire).
     pub progress: Option<Arc<SubmitGauge>>,
+    /// The account's budget shared with other workers (a store shared by several processes); each
+    /// request is paid from it before it goes out. `None`: the local limiter alone.
+    pub budget: Option<Arc<budget::SharedBudget>>,
 }
 
 impl SubmitOptions {
@@ -66,6 +70,7 @@ impl SubmitOptions {
             backoff_max: Duration::from_secs(api.backoff_max_secs),
             recorded: None,
             progress: None,
+            budget: None,
         }
     }
 }
@@ -129,6 +134,9 @@ pub struct SubmitReport {
     /// Jobs left for a later run, with the reason: `(job_id, reason)`.
     #[serde(skip)]
     pub unsent: Vec<(String, String)>,
+    /// This worker's share of the account's budget, when several workers share it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<budget::BudgetReport>,
 }
 
 impl std::ops::AddAssign for SubmitReport {
@@ -157,6 +165,7 @@ impl std::ops::AddAssign for SubmitReport {
             failures,
             sent_per_second,
             unsent,
+            budget,
         } = other;
         self.jobs += jobs;
         self.submitted += submitted;
@@ -182,6 +191,7 @@ impl std::ops::AddAssign for SubmitReport {
         self.failures.extend(failures);
         self.sent_per_second.extend(sent_per_second);
         self.unsent.extend(unsent);
+        self.budget = self.budget.take().or(budget);
     }
 }
 
@@ -427,6 +437,7 @@ pub async fn submit<S: Store + Send + 'static, P: Journalable>(
             .into_iter()
             .collect(),
         unsent,
+        budget: None,
     })
 }
 
@@ -468,6 +479,9 @@ async fn submit_job<S: Store + Send + 'static, P: Journalable>(
         }
         let result = {
             let _slot = shared.ready().await;
+            if let Some(budget) = &options.budget {
+                budget.take_one().await?;
+            }
             let now = shared.wire_now.fetch_add(1, Ordering::SeqCst) + 1;
             shared.wire_max.fetch_max(now, Ordering::SeqCst);
             attempts += 1;

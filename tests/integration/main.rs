@@ -25,3 +25,4 @@ mod submit;
 mod util;
 mod validate;
 mod vendor;
+mod workers;
