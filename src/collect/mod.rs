@@ -125,7 +125,8 @@ pub struct Prepared {
     pub partitions: BTreeSet<String>,
     /// Its accepted usage records, typed.
     pub records: Vec<ParsedRecord>,
-    /// What it tells the tracker about its job.
+    /// What it tells the tracker about its job (`News::Unreadable` when no tracker listens to
+    /// the intake that prepared it: see [`Intake::tell_tracker`]).
     pub news: tracker::News,
     /// When it was first received (µs), for a callback restored from the archive; `None` for one
     /// received now.
@@ -266,7 +267,12 @@ impl Intake {
 
     /// An intake with the same settings and no counts, for a worker thread; see [`Intake::absorb`].
     pub fn worker(&self) -> Intake {
-        Intake::new(self.strict_luhn, self.partition_by)
+        let worker = Intake::new(self.strict_luhn, self.partition_by);
+        if self.heard.is_some() {
+            worker.tell_tracker()
+        } else {
+            worker
+        }
     }
 
     /// Adds the counts of a worker's intake.
@@ -310,7 +316,14 @@ impl Intake {
             );
             let kind = cb.kind.name();
             let request_id = cb.request_id.to_string();
+            let count: fn(&mut CallbackStats) = match &cb.kind {
+                CallbackKind::Usage(_) => |c| c.usage += 1,
+                CallbackKind::Completion => |c| c.completion += 1,
+                CallbackKind::Fault { .. } => |c| c.fault += 1,
+            };
+            // Only a run's tracker listens (`tsusage listen` journals for others to read).
             let news = match &cb.kind {
+                _ if self.heard.is_none() => tracker::News::default(),
                 CallbackKind::Completion => tracker::News::Completion,
                 CallbackKind::Fault { code, message } => {
                     tracker::News::fault(code.as_deref(), message.as_deref())
@@ -357,19 +370,14 @@ impl Intake {
                 partitions,
                 records,
                 news,
+                count,
                 record_stats,
                 stripped,
             ))
         });
         match checked {
-            Ok((kind, request_id, partitions, records, news, record_stats, body)) => {
-                match &news {
-                    tracker::News::Usage { .. } => self.callbacks.usage += 1,
-                    tracker::News::Completion => self.callbacks.completion += 1,
-                    tracker::News::Fault(_) | tracker::News::Unreadable => {
-                        self.callbacks.fault += 1
-                    }
-                }
+            Ok((kind, request_id, partitions, records, news, count, record_stats, body)) => {
+                count(&mut self.callbacks);
                 self.records += record_stats;
                 let digest = Sha256::digest(body.as_bytes()).into();
                 let (stored, body_encoding) = encode_body(&body);

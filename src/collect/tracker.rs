@@ -681,7 +681,8 @@ mod tests {
         );
         let fault = r#"{"requestId":"r-3","faultResponse":{"faultcode":"E1","faultstring":"no such device"}}"#;
         let bodies = [good, mixed, completion("r-4"), fault.to_owned()];
-        let mut intake = super::super::Intake::new(false, crate::config::PartitionBy::Day);
+        let mut intake =
+            super::super::Intake::new(false, crate::config::PartitionBy::Day).tell_tracker();
         let mut heard = Vec::new();
         for body in &bodies {
             let mut rejects = Vec::new();
