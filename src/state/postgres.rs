@@ -38,7 +38,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{FromSql, ToSql};
 
 use super::{
     ArchiveFile, ArchivedCallback, JobStatus, JobUpdate, Journaled, NewCallback, PendingPartition,
@@ -576,6 +576,34 @@ impl PgStore {
     }
 }
 
+/// A row's columns as a tuple of their types, in column order.
+trait FromRow: Sized {
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error>;
+}
+
+macro_rules! from_row_tuple {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: for<'a> FromSql<'a>),+> FromRow for ($($t,)+) {
+            fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+                Ok(($(row.try_get($i)?,)+))
+            }
+        }
+    };
+}
+from_row_tuple!(A 0, B 1);
+from_row_tuple!(A 0, B 1, C 2);
+from_row_tuple!(A 0, B 1, C 2, D 3);
+from_row_tuple!(A 0, B 1, C 2, D 3, E 4);
+from_row_tuple!(A 0, B 1, C 2, D 3, E 4, F 5);
+from_row_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
+from_row_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
+from_row_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
+
+/// Reads `row` as a tuple ([`FromRow`]): `rows.iter().map(tuple)`.
+fn tuple<T: FromRow>(row: &tokio_postgres::Row) -> Result<T, tokio_postgres::Error> {
+    T::from_row(row)
+}
+
 impl Store for PgStore {
     fn lock(&self, run_id: &str, command: &str) -> Result<RunGuard, StateError> {
         self.run_lock(run_id, command, false)
@@ -744,15 +772,7 @@ impl Store for PgStore {
                     .query(&stmt, &[&id, &limit])
                     .await?
                     .iter()
-                    .map(|r| -> Result<_, tokio_postgres::Error> {
-                        Ok((
-                            r.try_get(0)?,
-                            r.try_get(1)?,
-                            r.try_get(2)?,
-                            r.try_get(3)?,
-                            r.try_get(4)?,
-                        ))
-                    })
+                    .map(tuple)
                     .collect::<Result<_, _>>()?)
             })?;
         rows.into_iter()
@@ -773,9 +793,8 @@ impl Store for PgStore {
                     &[],
                 )
                 .await?
-                .map(|r| -> Result<_, tokio_postgres::Error> {
-                    Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))
-                })
+                .as_ref()
+                .map(tuple)
                 .transpose()?)
         })
     }
@@ -792,9 +811,7 @@ impl Store for PgStore {
                 )
                 .await?
                 .iter()
-                .map(|r| -> Result<_, tokio_postgres::Error> {
-                    Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
-                })
+                .map(tuple)
                 .collect::<Result<_, _>>()?)
         })
     }
@@ -895,7 +912,7 @@ impl Store for PgStore {
                 )
                 .await?
                 .iter()
-                .map(|r| -> Result<_, tokio_postgres::Error> { Ok((r.try_get(0)?, r.try_get(1)?)) })
+                .map(tuple)
                 .collect::<Result<_, _>>()?)
         })?;
         rows.into_iter()
@@ -1225,16 +1242,7 @@ impl Store for PgStore {
                     .query(&stmt, &[&partition, &through_id, &after.0, &after.1, &PAGE])
                     .await?
                     .iter()
-                    .map(|r| -> Result<_, tokio_postgres::Error> {
-                        Ok((
-                            r.try_get(0)?,
-                            r.try_get(1)?,
-                            r.try_get(2)?,
-                            r.try_get(3)?,
-                            r.try_get(4)?,
-                            r.try_get(5)?,
-                        ))
-                    })
+                    .map(tuple)
                     .collect::<Result<_, _>>()?)
             })?;
             let full = page.len() as i64 == PAGE;
@@ -1302,7 +1310,7 @@ impl Store for PgStore {
                 .query(&stmt, &[&ids])
                 .await?
                 .iter()
-                .map(|r| -> Result<_, tokio_postgres::Error> { Ok((r.try_get(0)?, r.try_get(1)?)) })
+                .map(tuple)
                 .collect::<Result<_, _>>()?)
         })
     }
@@ -1364,7 +1372,7 @@ impl Store for PgStore {
                 .query(&stmt, &[&ids])
                 .await?
                 .iter()
-                .map(|r| -> Result<_, tokio_postgres::Error> { Ok((r.try_get(0)?, r.try_get(1)?)) })
+                .map(tuple)
                 .collect::<Result<_, _>>()?)
         })
     }
@@ -1413,19 +1421,7 @@ impl Store for PgStore {
                     )
                     .await?
                     .iter()
-                    .map(|r| -> Result<_, tokio_postgres::Error> { Ok({
-                        (
-                            r.try_get(0)?,
-                            r.try_get(1)?,
-                            r.try_get(2)?,
-                            r.try_get(3)?,
-                            r.try_get(4)?,
-                            r.try_get(5)?,
-                            r.try_get(6)?,
-                            r.try_get(7)?,
-                            r.try_get(8)?,
-                        )
-                    }) })
+                    .map(tuple)
                     .collect::<Result<_, _>>()?)
             })?;
             let full = page.len() as i64 == PAGE;
@@ -1595,9 +1591,7 @@ impl Store for PgStore {
                     .query(&stmt, &[&*ids, &through_id, &after, &PAGE])
                     .await?
                     .iter()
-                    .map(|r| -> Result<_, tokio_postgres::Error> {
-                        Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))
-                    })
+                    .map(tuple)
                     .collect::<Result<_, _>>()?)
             })?;
             let full = page.len() as i64 == PAGE;

@@ -6,7 +6,7 @@
 //! `cargo test --release --test integration crash:: -- --ignored --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -90,25 +90,6 @@ fn run_env(ws: &Workspace, sim: &SimHandle, port: u16) -> Vec<(String, String)> 
     .collect()
 }
 
-fn spawn_run(ws: &Workspace, env: &[(String, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tsusage"))
-        .args([
-            "run",
-            "--from",
-            "2021-08-15",
-            "--to",
-            "2021-08-16",
-            "--config",
-        ])
-        .arg(ws.config())
-        .current_dir(ws.dir.path())
-        .envs(env.iter().cloned())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn run")
-}
-
 /// Reads every Parquet file under `usage/` over and over until told to stop; counts bad reads.
 fn poll_output(
     dir: std::path::PathBuf,
@@ -187,7 +168,7 @@ async fn crash_harness(kills: usize, n: u32) {
     let mut finals = Vec::new();
     let started = Instant::now();
     while killed < kills {
-        let mut child = spawn_run(&ws, &env);
+        let mut child = spawn_run(&ws, "2021-08-15", "2021-08-16", &env);
         let delay = Duration::from_millis(rng.between(100, 700));
         let born = Instant::now();
         let exited = tokio::task::spawn_blocking(move || {
@@ -224,7 +205,7 @@ async fn crash_harness(kills: usize, n: u32) {
         "every kill landed in a run with work left (runs finished early: {finals:?})"
     );
     // The last run, left alone.
-    let child = spawn_run(&ws, &env);
+    let child = spawn_run(&ws, "2021-08-15", "2021-08-16", &env);
     let output = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .expect("join")

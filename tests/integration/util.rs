@@ -329,6 +329,19 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `tsusage run --from FROM --to TO` as a child process in `ws`, with `env` and its output piped.
+pub fn spawn_run(ws: &Workspace, from: &str, to: &str, env: &[(String, String)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tsusage"))
+        .args(["run", "--from", from, "--to", to, "--config"])
+        .arg(ws.config())
+        .current_dir(ws.dir.path())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run")
+}
+
 /// `tsusage listen` as a child process on `port`, with callback credentials `user`/`pass`.
 pub fn spawn_listen(ws: &Workspace, port: u16, extra: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsusage"));

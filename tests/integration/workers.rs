@@ -2,7 +2,7 @@
 //! callbacks journaled by one `tsusage listen`; one worker `kill -9`ed mid-run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
@@ -21,25 +21,6 @@ fn day(i: u64) -> NaiveDate {
 
 fn midnight(d: NaiveDate) -> DateTime<Utc> {
     d.and_hms_opt(0, 0, 0).expect("midnight").and_utc()
-}
-
-fn spawn_worker(ws: &Workspace, env: &[(String, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tsusage"))
-        .args([
-            "run",
-            "--from",
-            "2021-08-15",
-            "--to",
-            "2021-08-17",
-            "--config",
-        ])
-        .arg(ws.config())
-        .current_dir(ws.dir.path())
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn worker")
 }
 
 /// `(window start, first ICCID)` of the jobs `pid` holds claims on now.
@@ -132,7 +113,9 @@ fn three_workers_share_one_range_within_one_budget_and_survive_a_kill() {
         env.push((k.to_owned(), v));
     }
     // The first worker plans and registers the callback; the others join at once.
-    let mut workers: Vec<Child> = (0..3).map(|_| spawn_worker(&ws, &env)).collect();
+    let mut workers: Vec<Child> = (0..3)
+        .map(|_| spawn_run(&ws, "2021-08-15", "2021-08-17", &env))
+        .collect();
 
     // Kill one worker once about a third of the jobs are sent.
     let jobs = u64::from(ICCIDS) * DAYS;
