@@ -94,7 +94,7 @@ pub const DEFAULT_OUTPUT_DIR: &str = "out";
 /// Default `output.max_rows_per_file`: a partition is split into several files past this.
 pub const DEFAULT_MAX_ROWS_PER_FILE: u64 = 1_000_000;
 /// Default `output.zstd_level`.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// Default `state.path`.
 pub const DEFAULT_STATE_PATH: &str = "state/tsusage.db";
 /// Default `sim.listen_addr`.

@@ -45,6 +45,7 @@ use parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowColumnWriter, compute_
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 
 use super::{WriteError, sync_dir};
 use crate::normalize::UsageRow;
@@ -225,6 +226,10 @@ impl PartitionWriter {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_statistics_enabled(EnabledStatistics::Page)
+            // Nearly every value of these is distinct within a row group: a dictionary only costs
+            // time (it is built, then abandoned past its size limit) and bytes.
+            .set_column_dictionary_enabled(ColumnPath::from("iccid"), false)
+            .set_column_dictionary_enabled(ColumnPath::from("request_id"), false)
             .set_created_by(format!("tsusage {}", env!("CARGO_PKG_VERSION")))
             .set_key_value_metadata(Some(vec![
                 KeyValue::new(META_SCHEMA_VERSION.to_owned(), SCHEMA_VERSION.to_owned()),
