@@ -17,6 +17,9 @@ pub const ENV_FAIL: &str = "TSUSAGE_TEST_FAIL";
 pub const AFTER_POST: &str = "after_post";
 /// Inside a journal transaction, before its commit.
 pub const JOURNAL_COMMIT: &str = "journal_commit";
+/// After a journal commit's bodies are written to its segment, before they are fsynced and
+/// their index rows committed.
+pub const JOURNAL_APPEND: &str = "journal_append";
 /// After a partition's files are staged, before they are published.
 pub const PARQUET_PUBLISH: &str = "parquet_publish";
 /// In `run`'s collect loop, after it has read the journal and before it decides whether to go on:

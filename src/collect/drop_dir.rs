@@ -178,7 +178,7 @@ pub fn collect<S: Store + ?Sized>(
                 } = out;
                 open_good += prepared.len() as u64;
                 open_bodies += bodies;
-                batch_bytes += prepared.iter().map(|p| p.body_len).sum::<usize>();
+                batch_bytes += prepared.iter().map(|p| p.body.len()).sum::<usize>();
                 batch.extend(prepared);
                 match read {
                     Read::Done => {}

@@ -15,7 +15,6 @@ pub mod session;
 pub mod source;
 pub mod tracker;
 
-use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
@@ -28,7 +27,7 @@ use crate::normalize::payload::{Body, BodyError, CallbackKind};
 use crate::normalize::record::ParsedRecord;
 use crate::normalize::{self, RecordStats};
 use crate::output::rejects::RecordReject;
-use crate::state::{Journaled, NewCallback, Store, encode_body};
+use crate::state::{Digest, Journaled, NewCallback, Store, body_digest};
 
 /// Callback counts for the run report.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -115,13 +114,10 @@ pub struct Prepared {
     pub request_id: String,
     pub kind: &'static str,
     pub source: String,
-    /// The body without credentials, as the journal stores it (see [`encode_body`]).
-    pub body: Vec<u8>,
-    pub body_encoding: &'static str,
-    /// Bytes of the body's text.
-    pub body_len: usize,
-    /// SHA-256 of the body's text: the journal's identity of a callback.
-    pub digest: [u8; 32],
+    /// The body without credentials: what the journal keeps.
+    pub body: String,
+    /// Its [`crate::state::body_digest`]: the journal's identity of a callback.
+    pub digest: Digest,
     pub partitions: BTreeSet<String>,
     /// Its accepted usage records, typed.
     pub records: Vec<ParsedRecord>,
@@ -198,7 +194,6 @@ impl Prepared {
             kind: self.kind,
             source: &self.source,
             body: &self.body,
-            body_encoding: self.body_encoding,
             digest: &self.digest,
             partitions: &self.partitions,
             received_at: self.received_at,
@@ -379,16 +374,12 @@ impl Intake {
             Ok((kind, request_id, partitions, records, news, count, record_stats, body)) => {
                 count(&mut self.callbacks);
                 self.records += record_stats;
-                let digest = Sha256::digest(body.as_bytes()).into();
-                let (stored, body_encoding) = encode_body(&body);
                 Ok(Prepared {
                     request_id,
                     kind,
                     source,
-                    body_len: body.len(),
-                    body: stored,
-                    body_encoding,
-                    digest,
+                    digest: body_digest(&body),
+                    body,
                     partitions,
                     records,
                     news,

@@ -516,6 +516,22 @@ pub struct StateConfig {
     /// `tsusage prune`). 0, the default, keeps everything in the store.
     #[serde(default)]
     pub retain_days: u32,
+    /// How the SQLite store's journal segments hold callback bodies: `zstd` (level 1, the default:
+    /// about 13x smaller on disk, for little CPU) or `none` (the text itself). PostgreSQL keeps
+    /// bodies in its `callbacks` table, zstd-compressed, whatever this says.
+    #[serde(default)]
+    pub journal_compression: JournalCompression,
+}
+
+/// `state.journal_compression`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalCompression {
+    /// One zstd frame (level 1) per MiB of bodies.
+    #[default]
+    Zstd,
+    /// The bodies' text as received (credentials removed).
+    None,
 }
 
 impl StateConfig {
@@ -903,6 +919,7 @@ fn default_table() -> toml::Table {
             path: PathBuf::from(DEFAULT_STATE_PATH),
             url: None,
             retain_days: 0,
+            journal_compression: JournalCompression::Zstd,
         },
         sim: SimConfig::default(),
     };

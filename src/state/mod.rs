@@ -6,6 +6,7 @@
 
 mod lock;
 mod postgres;
+mod segments;
 mod shared;
 mod sqlite;
 mod writer;
@@ -15,6 +16,7 @@ use std::ops::ControlFlow;
 
 pub use lock::RunLock;
 pub use postgres::PgStore;
+pub use segments::SEGMENT_DIR_EXTENSION;
 pub use shared::AsyncStore;
 pub use sqlite::{SqliteStore, encode_body};
 pub use writer::{AfterCommit, Journalable, StateWriter};
@@ -49,17 +51,30 @@ pub struct NewCallback<'a> {
     pub kind: &'static str,
     /// Where it came from: a file path (with line or index) or `listener`.
     pub source: &'a str,
-    /// The body as the journal stores it ([`encode_body`]).
-    pub body: &'a [u8],
-    /// `zstd` or `json` (the text itself).
-    pub body_encoding: &'static str,
-    /// SHA-256 of the body's text.
-    pub digest: &'a [u8; 32],
+    /// The body's text (credentials removed); each store encodes it its own way.
+    pub body: &'a str,
+    /// [`body_digest`] of the body: the journal's identity of a callback.
+    pub digest: &'a Digest,
     /// Output partitions its usage records fall in (empty for completion and fault callbacks).
     pub partitions: &'a BTreeSet<String>,
     /// When it was first received (µs), for a callback restored from the archive; `None` for one
     /// received now (it takes the commit's time).
     pub received_at: Option<i64>,
+}
+
+/// The journal's identity of a callback body: its XXH3-128 hash.
+pub type Digest = [u8; 16];
+
+/// The [`Digest`] of a body's text.
+///
+/// XXH3-128, not a cryptographic hash: it only tells a redelivered body from a new one. Forging a
+/// collision would take someone who knows, before it arrives, the exact bytes of a callback the
+/// vendor has yet to send, and who holds the callback credentials. That person could send usage
+/// of their own in any case. An accidental collision among 2^64 bodies has a chance of about 2^-64.
+/// Rows journaled before schema v5 keep their 32-byte SHA-256 in the same column, so the two never
+/// meet.
+pub fn body_digest(body: &str) -> Digest {
+    xxhash_rust::xxh3::xxh3_128(body.as_bytes()).to_be_bytes()
 }
 
 /// What the journal did with one callback.
@@ -197,7 +212,10 @@ impl RunGuard {
 pub fn open(config: &crate::config::StateConfig) -> Result<Box<dyn Store + Send>, StateError> {
     match &config.url {
         Some(url) => Ok(Box::new(PgStore::open(url.expose())?)),
-        None => Ok(Box::new(SqliteStore::open(&config.path)?)),
+        None => Ok(Box::new(SqliteStore::open_with(
+            &config.path,
+            config.journal_compression,
+        )?)),
     }
 }
 

@@ -158,6 +158,11 @@ const MIGRATIONS: &[&str] = &[
         updated_at BIGINT NOT NULL
     );
     "#,
+    // v5: the digest is XXH3-128 (the SQLite store's name for the column); older rows keep
+    // their SHA-256 (another length: the two never compare equal).
+    r#"
+    ALTER TABLE callbacks RENAME COLUMN body_sha256 TO body_digest;
+    "#,
 ];
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -1092,15 +1097,18 @@ impl Store for PgStore {
     ) -> Result<Vec<Journaled>, StateError> {
         let batch: Vec<OwnedCallback> = batch
             .iter()
-            .map(|cb| OwnedCallback {
-                request_id: cb.request_id.to_owned(),
-                kind: cb.kind,
-                source: cb.source.to_owned(),
-                body: cb.body.to_vec(),
-                body_encoding: cb.body_encoding,
-                digest: cb.digest.to_vec(),
-                partitions: cb.partitions.iter().cloned().collect(),
-                received_at: cb.received_at.unwrap_or(received_at),
+            .map(|cb| {
+                let (stored, body_encoding) = super::encode_body(cb.body);
+                OwnedCallback {
+                    request_id: cb.request_id.to_owned(),
+                    kind: cb.kind,
+                    source: cb.source.to_owned(),
+                    body: stored,
+                    body_encoding,
+                    digest: cb.digest.to_vec(),
+                    partitions: cb.partitions.iter().cloned().collect(),
+                    received_at: cb.received_at.unwrap_or(received_at),
+                }
             })
             .collect();
         let name = self.name.clone();
@@ -1116,10 +1124,10 @@ impl Store for PgStore {
             let insert = tx
                 .prepare_cached(
                     "INSERT INTO callbacks
-                       (request_id, kind, received_at, source, body_sha256, body, body_encoding)
+                       (request_id, kind, received_at, source, body_digest, body, body_encoding)
                      SELECT $1, $2, $3, $4, $5, $6, $7
-                     WHERE NOT EXISTS (SELECT 1 FROM callbacks WHERE body_sha256 = $5)
-                     ON CONFLICT (body_sha256) DO NOTHING RETURNING id",
+                     WHERE NOT EXISTS (SELECT 1 FROM callbacks WHERE body_digest = $5)
+                     ON CONFLICT (body_digest) DO NOTHING RETURNING id",
                 )
                 .await?;
             // Pipelined, in batch order: ids follow the order of arrival, and a body twice in one

@@ -1,7 +1,7 @@
 //! `SqliteStore`: the state store in one SQLite file (WAL mode, `synchronous=FULL`: a commit is on disk
 //! when it returns), with versioned migrations.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use super::lock::RunLock;
+use super::segments::{self, Appender, BodyRef, Frames, Reader, Recovery};
 use super::{
     ArchiveFile, ArchivedCallback, JobStatus, JobUpdate, Journaled, NewCallback, PendingPartition,
     PruneCounts, RunGuard, StateError, Store, StoredCallback,
 };
+use crate::config::JournalCompression;
 use crate::plan::Job;
 
 /// How long a writer waits for another process (a `tsusage listen`) to finish its commit.
@@ -112,7 +114,33 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     );
     "#,
+    // v5: new bodies live in append-only segment files (see `segments`); their rows are the
+    // index: the segment, the frame, and the place in the decoded frame (`body` is empty, and
+    // `body_encoding` is `segment` or `segment-zstd`). The digest is XXH3-128 from now on; older
+    // rows keep their SHA-256 (another length: the two never compare equal).
+    r#"
+    CREATE TABLE segments (
+        id         INTEGER PRIMARY KEY,
+        file       TEXT NOT NULL UNIQUE,
+        committed  INTEGER NOT NULL,
+        sealed     INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    );
+    ALTER TABLE callbacks RENAME COLUMN body_sha256 TO body_digest;
+    ALTER TABLE callbacks ADD COLUMN segment INTEGER;
+    ALTER TABLE callbacks ADD COLUMN frame_offset INTEGER;
+    ALTER TABLE callbacks ADD COLUMN frame_len INTEGER;
+    ALTER TABLE callbacks ADD COLUMN body_offset INTEGER;
+    ALTER TABLE callbacks ADD COLUMN body_len INTEGER;
+    CREATE INDEX callbacks_by_segment ON callbacks(segment) WHERE segment IS NOT NULL;
+    "#,
 ];
+
+/// The columns a journaled body is read back from (`callbacks c` joined with [`BODY_JOIN`]), in
+/// this order; see [`SqliteStore::body_at`].
+const BODY_COLUMNS: &str = "c.body, c.body_encoding, s.file, c.frame_offset, c.frame_len, \
+                            c.body_offset, c.body_len, c.body_digest";
+const BODY_JOIN: &str = "LEFT JOIN segments s ON s.id = c.segment";
 
 /// zstd level for journaled bodies: callbacks compress about 5-10x even at the fastest levels, and
 /// the journal is written once and read back rarely.
@@ -166,11 +194,37 @@ fn decode_body(value: rusqlite::types::ValueRef<'_>, encoding: &str) -> rusqlite
 pub struct SqliteStore {
     conn: Connection,
     path: String,
+    /// Where the journal's segment files are, and how new frames are written.
+    segment_dir: PathBuf,
+    compression: JournalCompression,
+    /// This process's segment, created by its first journal commit.
+    appender: Option<Appender>,
+    reader: Reader,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Sealed: no one appends to it again (a crash leaves it to the next writer's recovery).
+        if let Some(appender) = self.appender.take() {
+            let _ = self.conn.execute(
+                "UPDATE segments SET sealed = 1 WHERE id = ?1",
+                [appender.id],
+            );
+        }
+    }
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and migrates it to the current schema.
     pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
+        SqliteStore::open_with(path, JournalCompression::default())
+    }
+
+    /// [`SqliteStore::open`], writing new journal frames with `compression`.
+    pub fn open_with(
+        path: &Path,
+        compression: JournalCompression,
+    ) -> Result<SqliteStore, StateError> {
         let display = path.display().to_string();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
@@ -185,6 +239,10 @@ impl SqliteStore {
         let mut store = SqliteStore {
             conn,
             path: display,
+            segment_dir: segments::dir_for(path),
+            compression,
+            appender: None,
+            reader: Reader::default(),
         };
         store.configure()?;
         store.migrate()?;
@@ -265,6 +323,231 @@ impl SqliteStore {
         self.conn
             .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
             .map_err(self.err())
+    }
+
+    /// The directory of the journal's segment files.
+    pub fn segment_dir(&self) -> &Path {
+        &self.segment_dir
+    }
+
+    fn io_err(&self) -> impl Fn(std::io::Error) -> StateError + '_ {
+        |source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The body of a row read with [`BODY_COLUMNS`] starting at column `first`: from its segment
+    /// (checked against its digest), or from the row itself for rows older than segments.
+    fn body_at(&self, row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<String> {
+        let encoding = row.get_ref(first + 1)?.as_str()?;
+        let zstd = match encoding {
+            segments::ENCODING_ZSTD => true,
+            segments::ENCODING_RAW => false,
+            _ => return decode_body(row.get_ref(first)?, encoding),
+        };
+        let at = |i: usize| -> rusqlite::Result<u64> {
+            Ok(u64::try_from(row.get::<_, i64>(first + i)?).unwrap_or(0))
+        };
+        let file: Option<String> = row.get(first + 2)?;
+        let failed = |e: Box<dyn std::error::Error + Send + Sync>| {
+            rusqlite::Error::FromSqlConversionFailure(first, rusqlite::types::Type::Blob, e)
+        };
+        let file =
+            file.ok_or_else(|| failed("a journaled body's segment is not recorded".into()))?;
+        let r = BodyRef {
+            file,
+            frame_offset: at(3)?,
+            frame_len: at(4)?,
+            body_offset: at(5)?,
+            body_len: at(6)?,
+            zstd,
+        };
+        let digest = row.get_ref(first + 7)?.as_blob()?;
+        self.reader
+            .read(&self.segment_dir, &r, digest)
+            .map_err(failed)
+    }
+
+    /// This process's segment, created (after recovering what crashed writers left) on first use.
+    fn appender(&mut self) -> Result<Appender, StateError> {
+        if let Some(appender) = self.appender.take() {
+            if appender.end < segments::ROLL_BYTES {
+                return Ok(appender);
+            }
+            self.conn
+                .execute(
+                    "UPDATE segments SET sealed = 1 WHERE id = ?1",
+                    [appender.id],
+                )
+                .map_err(self.err())?;
+        } else {
+            self.recover_segments()?;
+        }
+        // Created and locked before it is recorded: recovery never sees a row whose file is
+        // not yet held.
+        let (name, file) = Appender::create(&self.segment_dir).map_err(self.io_err())?;
+        self.conn
+            .execute(
+                "INSERT INTO segments (file, committed, created_at) VALUES (?1, 0, ?2)",
+                params![name, now_text()],
+            )
+            .map_err(self.err())?;
+        Ok(Appender::new(self.conn.last_insert_rowid(), name, file))
+    }
+
+    /// Seals the segments of writers that are gone, cutting off the unreferenced tail a crash
+    /// during an append leaves, and removes segment files no row records.
+    fn recover_segments(&mut self) -> Result<(), StateError> {
+        let rows: Vec<(i64, String, i64, bool)> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id, file, committed, sealed FROM segments")
+                .map_err(self.err())?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(self.err())?
+                .collect::<Result<_, _>>()
+                .map_err(self.err())?
+        };
+        for (id, file, committed, _) in rows.iter().filter(|r| !r.3) {
+            let committed = u64::try_from(*committed).unwrap_or(0);
+            match segments::recover(&self.segment_dir, file, committed).map_err(self.io_err())? {
+                Recovery::InUse => {}
+                Recovery::Sealed { truncated } => {
+                    if truncated > 0 {
+                        tracing::warn!(
+                            segment = %file,
+                            bytes = truncated,
+                            "journal segment: removed the unreferenced tail of an interrupted commit"
+                        );
+                    }
+                    self.conn
+                        .execute("UPDATE segments SET sealed = 1 WHERE id = ?1", [id])
+                        .map_err(self.err())?;
+                }
+                Recovery::Missing => {
+                    self.conn
+                        .execute("DELETE FROM segments WHERE id = ?1", [id])
+                        .map_err(self.err())?;
+                }
+            }
+        }
+        let known: Vec<String> = rows.into_iter().map(|r| r.1).collect();
+        for stray in segments::remove_strays(&self.segment_dir, &known).map_err(self.io_err())? {
+            tracing::info!(segment = %stray, "journal segment: removed a file no commit recorded");
+        }
+        Ok(())
+    }
+
+    /// Commits the index rows of the new bodies `fresh` of `batch` (placed at `refs`) and the
+    /// segment's new committed length, in one transaction. Returns their outcomes, in order.
+    fn commit_index(
+        &mut self,
+        batch: &[NewCallback<'_>],
+        fresh: &[usize],
+        refs: &[BodyRef],
+        appender: &Appender,
+        end: u64,
+        received_at: i64,
+    ) -> Result<Vec<Journaled>, StateError> {
+        let path = self.path.clone();
+        let err = |source: rusqlite::Error| StateError::Backend {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        let encoding = match self.compression {
+            JournalCompression::Zstd => segments::ENCODING_ZSTD,
+            JournalCompression::None => segments::ENCODING_RAW,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let mut outcomes = Vec::with_capacity(fresh.len());
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO callbacks
+                       (request_id, kind, received_at, source, body_digest, body, body_encoding,
+                        segment, frame_offset, frame_len, body_offset, body_len)
+                     VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, ?7, ?8, ?9, ?10, ?11)",
+                )
+                .map_err(err)?;
+            let mut index = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO callback_partitions (partition, callback_id) VALUES (?1, ?2)",
+                )
+                .map_err(err)?;
+            let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            for (&i, r) in fresh.iter().zip(refs) {
+                let cb = &batch[i];
+                let inserted = insert
+                    .execute(params![
+                        cb.request_id,
+                        cb.kind,
+                        cb.received_at.unwrap_or(received_at),
+                        cb.source,
+                        &cb.digest[..],
+                        encoding,
+                        appender.id,
+                        int(r.frame_offset),
+                        int(r.frame_len),
+                        int(r.body_offset),
+                        int(r.body_len),
+                    ])
+                    .map_err(err)?;
+                if inserted == 0 {
+                    // Journaled meanwhile by another process: its bytes here stay unreferenced.
+                    outcomes.push(Journaled::AlreadyJournaled);
+                    continue;
+                }
+                let id = tx.last_insert_rowid();
+                for partition in cb.partitions {
+                    index.execute(params![partition, id]).map_err(err)?;
+                }
+                outcomes.push(Journaled::New(id));
+            }
+        }
+        tx.execute(
+            "UPDATE segments SET committed = ?2 WHERE id = ?1",
+            params![appender.id, i64::try_from(end).unwrap_or(i64::MAX)],
+        )
+        .map_err(err)?;
+        crate::failpoint::pause(crate::failpoint::JOURNAL_COMMIT);
+        crate::failpoint::fail(crate::failpoint::JOURNAL_COMMIT).map_err(|source| {
+            StateError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        tx.commit().map_err(err)?;
+        Ok(outcomes)
+    }
+
+    /// Deletes the sealed segments no journal row refers to any more (after a prune).
+    fn remove_unreferenced_segments(&mut self) -> Result<(), StateError> {
+        let gone: Vec<(i64, String)> = {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT id, file FROM segments s WHERE sealed = 1
+                     AND NOT EXISTS (SELECT 1 FROM callbacks c WHERE c.segment = s.id)",
+                )
+                .map_err(self.err())?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(self.err())?
+                .collect::<Result<_, _>>()
+                .map_err(self.err())?
+        };
+        for (id, file) in gone {
+            // The row goes first: a crash between the two leaves a stray file, which the next
+            // writer's recovery removes.
+            self.conn
+                .execute("DELETE FROM segments WHERE id = ?1", [id])
+                .map_err(self.err())?;
+            segments::remove(&self.segment_dir, &file).map_err(self.io_err())?;
+        }
+        Ok(())
     }
 }
 
@@ -424,14 +707,14 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(i64, String, String, String)>, StateError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT id, request_id, kind, body, body_encoding FROM callbacks
-                 WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )
+            .prepare_cached(&format!(
+                "SELECT c.id, c.request_id, c.kind, {BODY_COLUMNS} FROM callbacks c {BODY_JOIN}
+                 WHERE c.id > ?1 ORDER BY c.id LIMIT ?2"
+            ))
             .map_err(self.err())?;
         let rows = stmt
             .query_map(params![id, limit as i64], |r| {
-                let body = decode_body(r.get_ref(3)?, r.get_ref(4)?.as_str()?)?;
+                let body = self.body_at(r, 3)?;
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, body))
             })
             .map_err(self.err())?;
@@ -672,61 +955,57 @@ impl Store for SqliteStore {
         batch: &[NewCallback<'_>],
         received_at: i64,
     ) -> Result<Vec<Journaled>, StateError> {
-        let path = self.path.clone();
-        let err = |source: rusqlite::Error| StateError::Backend {
-            path: path.clone(),
-            source: Box::new(source),
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
-        let mut outcomes = Vec::with_capacity(batch.len());
+        // Which bodies are new: the journal's, and a body twice in one batch, once.
+        let mut outcomes = vec![Journaled::AlreadyJournaled; batch.len()];
+        let mut fresh = Vec::with_capacity(batch.len());
         {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO callbacks
-                       (request_id, kind, received_at, source, body_sha256, body, body_encoding)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(err)?;
-            let mut index = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO callback_partitions (partition, callback_id) VALUES (?1, ?2)",
-                )
-                .map_err(err)?;
-            for cb in batch {
-                let inserted = insert
-                    .execute(params![
-                        cb.request_id,
-                        cb.kind,
-                        cb.received_at.unwrap_or(received_at),
-                        cb.source,
-                        cb.digest.as_slice(),
-                        cb.body,
-                        cb.body_encoding
-                    ])
-                    .map_err(err)?;
-                if inserted == 0 {
-                    outcomes.push(Journaled::AlreadyJournaled);
-                    continue;
+            let mut known = self
+                .conn
+                .prepare_cached("SELECT 1 FROM callbacks WHERE body_digest = ?1")
+                .map_err(self.err())?;
+            let mut seen = std::collections::HashSet::with_capacity(batch.len());
+            for (i, cb) in batch.iter().enumerate() {
+                if seen.insert(cb.digest) && !known.exists([&cb.digest[..]]).map_err(self.err())? {
+                    fresh.push(i);
                 }
-                let id = tx.last_insert_rowid();
-                for partition in cb.partitions {
-                    index.execute(params![partition, id]).map_err(err)?;
-                }
-                outcomes.push(Journaled::New(id));
             }
         }
-        crate::failpoint::pause(crate::failpoint::JOURNAL_COMMIT);
-        crate::failpoint::fail(crate::failpoint::JOURNAL_COMMIT).map_err(|source| {
-            StateError::Io {
-                path: path.clone(),
-                source,
+        if fresh.is_empty() {
+            return Ok(outcomes);
+        }
+        // Their bodies go to this process's segment first, durably; the rows that index them
+        // commit after (a crash between the two leaves an unreferenced tail, see `segments`).
+        let mut appender = self.appender()?;
+        let bytes: usize = fresh.iter().map(|&i| batch[i].body.len()).sum();
+        let mut frames = Frames::new(self.compression, bytes).map_err(self.io_err())?;
+        let mut placements = Vec::with_capacity(fresh.len());
+        for &i in &fresh {
+            placements.push(
+                frames
+                    .push(batch[i].body.as_bytes())
+                    .map_err(self.io_err())?,
+            );
+        }
+        let (bytes, refs) = frames
+            .finish(appender.end, &placements, &appender.name)
+            .map_err(self.io_err())?;
+        let appended = appender.append(&bytes);
+        let end = match appended {
+            Ok(end) => end,
+            Err(e) => {
+                self.appender = Some(appender);
+                return Err(self.io_err()(e));
             }
-        })?;
-        tx.commit().map_err(err)?;
-        Ok(outcomes)
+        };
+        let committed = self.commit_index(batch, &fresh, &refs, &appender, end, received_at);
+        if let Ok(new) = &committed {
+            appender.committed(end);
+            for (&i, outcome) in fresh.iter().zip(new) {
+                outcomes[i] = *outcome;
+            }
+        }
+        self.appender = Some(appender);
+        committed.map(|_| outcomes)
     }
 
     fn pending_partitions(&self) -> Result<Vec<PendingPartition>, StateError> {
@@ -771,15 +1050,16 @@ impl Store for SqliteStore {
     ) -> Result<(), StateError> {
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT c.id, c.request_id, c.received_at, c.body, j.account_name, c.body_encoding
+            .prepare(&format!(
+                "SELECT c.id, c.request_id, c.received_at, j.account_name, {BODY_COLUMNS}
                  FROM callback_partitions cp
                  JOIN callbacks c ON c.id = cp.callback_id
+                 {BODY_JOIN}
                  LEFT JOIN requests r ON r.request_id = c.request_id
                  LEFT JOIN jobs j ON j.job_id = r.job_id
                  WHERE cp.partition = ?1 AND cp.callback_id <= ?2
-                 ORDER BY c.received_at, c.id",
-            )
+                 ORDER BY c.received_at, c.id"
+            ))
             .map_err(self.err())?;
         let mut rows = stmt
             .query(params![partition, through_id])
@@ -790,8 +1070,8 @@ impl Store for SqliteStore {
                     id: row.get(0)?,
                     request_id: row.get(1)?,
                     received_at: row.get(2)?,
-                    body: decode_body(row.get_ref(3)?, row.get_ref(5)?.as_str()?)?,
-                    account_name: row.get(4)?,
+                    body: self.body_at(row, 4)?,
+                    account_name: row.get(3)?,
                 })
             })()
             .map_err(self.err())?;
@@ -898,12 +1178,13 @@ impl Store for SqliteStore {
     ) -> Result<(), StateError> {
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT c.id, c.request_id, c.kind, c.received_at, c.source, c.body, c.body_encoding,
-                        j.account_name,
+            .prepare(&format!(
+                "SELECT c.id, c.request_id, c.kind, c.received_at, c.source, j.account_name,
                         (SELECT json_group_array(partition) FROM callback_partitions
-                          WHERE callback_id = c.id)
+                          WHERE callback_id = c.id),
+                        {BODY_COLUMNS}
                  FROM callbacks c
+                 {BODY_JOIN}
                  LEFT JOIN requests r ON r.request_id = c.request_id
                  LEFT JOIN jobs j ON j.job_id = r.job_id
                  WHERE c.received_at < ?1
@@ -914,8 +1195,8 @@ impl Store for SqliteStore {
                      LEFT JOIN partitions p ON p.partition = cp.partition
                      WHERE cp.callback_id = c.id
                        AND (p.written_through IS NULL OR p.written_through < cp.callback_id))
-                 ORDER BY c.received_at, c.id",
-            )
+                 ORDER BY c.received_at, c.id"
+            ))
             .map_err(self.err())?;
         let mut rows = stmt
             .query(params![
@@ -926,18 +1207,18 @@ impl Store for SqliteStore {
             .map_err(self.err())?;
         while let Some(row) = rows.next().map_err(self.err())? {
             let cb = (|| {
-                let partitions: String = row.get(8)?;
+                let partitions: String = row.get(6)?;
                 Ok(ArchivedCallback {
                     id: row.get(0)?,
                     request_id: row.get(1)?,
                     kind: row.get(2)?,
                     received_at: row.get(3)?,
                     source: row.get(4)?,
-                    body: decode_body(row.get_ref(5)?, row.get_ref(6)?.as_str()?)?,
-                    account_name: row.get(7)?,
+                    body: self.body_at(row, 7)?,
+                    account_name: row.get(5)?,
                     partitions: serde_json::from_str(&partitions).map_err(|e| {
                         rusqlite::Error::FromSqlConversionFailure(
-                            8,
+                            6,
                             rusqlite::types::Type::Text,
                             Box::new(e),
                         )
@@ -1055,6 +1336,7 @@ impl Store for SqliteStore {
             .map_err(err)? as u64;
         crate::failpoint::pause(crate::failpoint::PRUNE_COMMIT);
         tx.commit().map_err(err)?;
+        self.remove_unreferenced_segments()?;
         Ok(counts)
     }
 
@@ -1089,21 +1371,16 @@ impl Store for SqliteStore {
         // Through the index on request_id: the cost is these requests' callbacks, not the journal's.
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT id, request_id, body, body_encoding FROM callbacks
-                 WHERE request_id IN (SELECT value FROM json_each(?1)) AND id <= ?2 ORDER BY id",
-            )
+            .prepare_cached(&format!(
+                "SELECT c.id, c.request_id, {BODY_COLUMNS} FROM callbacks c {BODY_JOIN}
+                 WHERE c.request_id IN (SELECT value FROM json_each(?1)) AND c.id <= ?2
+                 ORDER BY c.id"
+            ))
             .map_err(self.err())?;
         let mut rows = stmt.query(params![ids, through_id]).map_err(self.err())?;
         while let Some(row) = rows.next().map_err(self.err())? {
-            let (id, request_id, body) = (|| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    decode_body(row.get_ref(2)?, row.get_ref(3)?.as_str()?)?,
-                ))
-            })()
-            .map_err(self.err())?;
+            let (id, request_id, body) =
+                (|| Ok((row.get(0)?, row.get(1)?, self.body_at(row, 2)?)))().map_err(self.err())?;
             each(id, request_id, body);
         }
         Ok(())
@@ -1125,15 +1402,14 @@ mod tests {
             MIGRATIONS.len() as i64
         );
         let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
-        let digest = [7u8; 32];
-        let (body, body_encoding) = encode_body(r#"{"requestId":"r1"}"#);
+        let body = r#"{"requestId":"r1"}"#;
+        let digest = super::super::body_digest(body);
         let cb = NewCallback {
             request_id: "r1",
             digest: &digest,
             kind: "usage",
             source: "a.json",
-            body: &body,
-            body_encoding,
+            body,
             partitions: &parts,
             received_at: None,
         };

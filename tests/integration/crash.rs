@@ -6,6 +6,7 @@
 //! `cargo test --release --test integration crash:: -- --ignored --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -282,12 +283,12 @@ async fn kill_9_during_runs_full_strength() {
 }
 
 /// Sends `n` distinct callbacks from two threads while the listener is killed `kills` times and
-/// restarted; returns (acknowledged, missing from the journal).
-fn listener_durability(kills: usize, n: usize) -> (usize, usize) {
+/// restarted, each commit held `pause` (e.g. `journal_commit=20`: a listener that answered before
+/// committing would lose callbacks there); returns (acknowledged, missing from the journal).
+fn listener_durability(kills: usize, n: usize, pause: &str) -> (usize, usize) {
     let ws = Workspace::new();
     let port = free_port();
-    // Commits held open 20 ms: a listener that answered before committing would lose callbacks here.
-    let pause = [("TSUSAGE_TEST_PAUSE", "journal_commit=20")];
+    let pause = [("TSUSAGE_TEST_PAUSE", pause)];
     let listener = Arc::new(std::sync::Mutex::new(spawn_listen(&ws, port, &pause)));
     let acked_count = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -352,6 +353,11 @@ fn listener_durability(kills: usize, n: usize) -> (usize, usize) {
         .map(|(_, request_id, _, _)| request_id)
         .collect();
     let missing = acked.iter().filter(|id| !journaled.contains(*id)).count();
+    // What the killed listeners left past their committed bytes, later listeners cut off; the last
+    // one stopped cleanly.
+    for (file, committed, len) in segment_lengths(&ws.path("state/tsusage.db")) {
+        assert_eq!(committed, len, "{file}: an unreferenced tail survived recovery");
+    }
     eprintln!(
         "listener durability: {kills} kills, {} callbacks acknowledged, {missing} acknowledged but missing, {} journaled",
         acked.len(),
@@ -362,7 +368,15 @@ fn listener_durability(kills: usize, n: usize) -> (usize, usize) {
 
 #[test]
 fn acknowledged_callbacks_survive_kill_9_of_the_listener() {
-    let (acked, missing) = listener_durability(3, 300);
+    let (acked, missing) = listener_durability(3, 300, "journal_commit=20");
+    assert!(acked >= 300);
+    assert_eq!(missing, 0);
+}
+
+#[test]
+fn acknowledged_callbacks_survive_kill_9_during_segment_appends() {
+    // Appends held 20 ms between the write and its fsync: most kills land in one.
+    let (acked, missing) = listener_durability(3, 300, "journal_append=20");
     assert!(acked >= 300);
     assert_eq!(missing, 0);
 }
@@ -370,7 +384,7 @@ fn acknowledged_callbacks_survive_kill_9_of_the_listener() {
 #[test]
 #[ignore = "full strength: cargo test --release --test integration crash:: -- --ignored"]
 fn acknowledged_callbacks_survive_kill_9_of_the_listener_full_strength() {
-    let (acked, missing) = listener_durability(25, 5000);
+    let (acked, missing) = listener_durability(25, 5000, "journal_commit=10,journal_append=10");
     assert!(acked >= 5000);
     assert_eq!(missing, 0);
 }
@@ -441,4 +455,104 @@ fn ingest_killed_while_publishing_heals_on_the_rerun() {
         files_under(&ws.out().join(".spill")).is_empty(),
         "no spill files left"
     );
+}
+
+/// Every segment of the journal at `db` is as long as its committed bytes: no unreferenced tail
+/// is left once the writers are gone and a later writer has recovered.
+fn segment_lengths(db: &Path) -> Vec<(String, u64, u64)> {
+    let conn = rusqlite::Connection::open(db).expect("open store");
+    let mut stmt = conn
+        .prepare("SELECT file, committed FROM segments ORDER BY id")
+        .expect("segments");
+    let dir = db.with_extension(tsusage::state::SEGMENT_DIR_EXTENSION);
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .expect("query")
+        .map(|r| {
+            let (file, committed) = r.expect("row");
+            let len = std::fs::metadata(dir.join(&file)).map_or(0, |m| m.len());
+            (file, committed as u64, len)
+        })
+        .collect()
+}
+
+/// `kill -9` of `ingest` while a journal commit's bodies are being appended to its segment (written,
+/// not yet fsynced, no index row committed): the rerun cuts that unreferenced tail off, journals
+/// every callback exactly once and lands exactly the rows of an uninterrupted ingest.
+#[test]
+fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
+    let ws = Workspace::new();
+    let mut expected = BTreeMap::new();
+    for n in 0..40u32 {
+        let records: Vec<String> = (0..25u32)
+            .map(|i| {
+                let (id, day) = ((n + i) % 35, i64::from(i % 2));
+                expected.insert((iccid(id), day), i64::from(n * 100 + i));
+                record(&iccid(id), day, &format!("\"{}\"", n * 100 + i))
+            })
+            .collect();
+        ws.drop_file(
+            &format!("cb-{n:03}.json"),
+            &usage_callback(&format!("req-{n}"), 1, &records),
+        );
+    }
+    let db = ws.path("state/tsusage.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsusage"))
+        .arg("ingest")
+        .arg(ws.inbox())
+        .arg("--config")
+        .arg(ws.config())
+        .env("TSUSAGE_TEST_PAUSE", "journal_append=30000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ingest");
+    let seg_dir = db.with_extension(tsusage::state::SEGMENT_DIR_EXTENSION);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !files_under(&seg_dir)
+        .iter()
+        .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+    {
+        assert!(Instant::now() < deadline, "ingest never appended to a segment");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let before = segment_lengths(&db);
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert!(
+        before[0].2 > before[0].1,
+        "the kill left an unreferenced tail: {before:?}"
+    );
+    let waiting = std::fs::read_dir(ws.inbox())
+        .expect("inbox")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
+        .count();
+    assert_eq!(waiting, 40, "no file moved: nothing committed");
+
+    ws.ingest().expect_code(0);
+    let after = segment_lengths(&db);
+    assert_eq!(after.len(), 2, "the rerun wrote a segment of its own: {after:?}");
+    for (file, committed, len) in &after {
+        assert_eq!(committed, len, "{file}: tail cut back to what is committed");
+    }
+    assert_eq!(after[0].1, before[0].1, "committed bytes untouched");
+    let store = SqliteStore::open(&db).expect("store");
+    assert_eq!(store.journal_len().expect("journal"), 40, "each callback once");
+    let rows = ws.rows();
+    let got: BTreeMap<(String, i64), i64> = rows
+        .iter()
+        .map(|r| {
+            let day = (r.usage_start - DAY0) / DAY_US;
+            ((r.iccid.clone(), day), r.data_usage_bytes)
+        })
+        .collect();
+    assert_eq!(rows.len(), got.len(), "one row per key");
+    assert_eq!(got, expected);
+    // The bodies read back from the segments (a rebuild of every partition) give the same rows.
+    std::fs::remove_dir_all(ws.out().join("usage")).expect("remove output");
+    let conn = rusqlite::Connection::open(&db).expect("open store");
+    conn.execute("DELETE FROM partitions", []).expect("forget writes");
+    drop(conn);
+    ws.ingest().expect_code(0);
+    assert_eq!(ws.rows().len(), rows.len());
 }

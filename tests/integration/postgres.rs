@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::Digest;
 use tsusage::state::{
-    ArchiveFile, JobUpdate, Journaled, NewCallback, PgStore, SqliteStore, Store, encode_body,
+    ArchiveFile, Digest, JobUpdate, Journaled, NewCallback, PgStore, SqliteStore, Store,
+    body_digest,
 };
 
 use crate::util::*;
@@ -116,23 +116,20 @@ fn job(i: u32, day: u32) -> tsusage::plan::Job {
     }
 }
 
-/// A callback to journal: its body (as the journal stores it), digest and partitions.
+/// A callback to journal: its body, digest and partitions.
 struct Cb {
     request_id: String,
-    body: Vec<u8>,
-    encoding: &'static str,
-    digest: [u8; 32],
+    body: String,
+    digest: Digest,
     partitions: BTreeSet<String>,
     received_at: Option<i64>,
 }
 
 fn cb(request_id: &str, text: &str, partitions: &[&str], received_at: Option<i64>) -> Cb {
-    let (body, encoding) = encode_body(text);
     Cb {
         request_id: request_id.into(),
-        body,
-        encoding,
-        digest: sha2::Sha256::digest(text.as_bytes()).into(),
+        body: text.into(),
+        digest: body_digest(text),
         partitions: partitions.iter().map(|p| (*p).to_owned()).collect(),
         received_at,
     }
@@ -146,7 +143,6 @@ fn journal(store: &mut dyn Store, batch: &[Cb], received_at: i64) -> Vec<Journal
             kind: "usage",
             source: "listener",
             body: &c.body,
-            body_encoding: c.encoding,
             digest: &c.digest,
             partitions: &c.partitions,
             received_at: c.received_at,
