@@ -425,7 +425,7 @@ fn postgres_gives_the_same_answers_as_sqlite_for_the_same_calls() {
     // Reopening migrates nothing twice.
     drop(pg);
     let pg = PgStore::open(&db.url).expect("reopen");
-    assert_eq!(pg.schema_version().expect("version"), 4);
+    assert_eq!(pg.schema_version().expect("version"), 5);
     assert_eq!(
         pg.journal_len().expect("len"),
         sqlite.journal_len().expect("len")
