@@ -392,7 +392,7 @@ fn send_lines(
         }
         let last = n < SLICE_BYTES; // read_full stops short only at the end of the file
         if !last {
-            match bytes.iter().rposition(|&b| b == b'\n') {
+            match memchr::memrchr(b'\n', &bytes) {
                 Some(cut) => {
                     carry.extend_from_slice(&bytes[cut + 1..]);
                     bytes.truncate(cut + 1);
@@ -403,7 +403,7 @@ fn send_lines(
                 }
             }
         }
-        let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+        let lines = memchr::memchr_iter(b'\n', &bytes).count();
         let unit = Unit::Lines {
             path: path.clone(),
             bytes,
@@ -601,7 +601,14 @@ fn prepare_lines(
 ) -> usize {
     let shown = path.display();
     let mut bodies = 0usize;
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+    // Lines found with memchr (a byte-at-a-time split cost a tenth of the whole ingest).
+    let mut start = 0usize;
+    let ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
+    for (i, end) in ends.enumerate() {
+        let Some(line) = bytes.get(start..end) else {
+            break;
+        };
+        start = end + 1;
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
