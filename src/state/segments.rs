@@ -64,7 +64,9 @@ pub struct Placement {
     len: usize,
 }
 
-/// The bytes one commit appends: its bodies packed in frames.
+/// The bytes one commit appends: its bodies packed in frames. Kept by the store and reused from
+/// commit to commit (a listener commits small groups often: a new compressor and new buffers each
+/// time cost more than the compression).
 pub struct Frames {
     zstd: Option<zstd::bulk::Compressor<'static>>,
     /// What is written: the finished frames, back to back.
@@ -73,6 +75,8 @@ pub struct Frames {
     spans: Vec<(usize, usize)>,
     /// The frame being filled (compressed mode only).
     open: Vec<u8>,
+    /// Scratch space for one compressed frame.
+    packed: Vec<u8>,
 }
 
 impl std::fmt::Debug for Frames {
@@ -86,22 +90,25 @@ impl std::fmt::Debug for Frames {
 }
 
 impl Frames {
-    pub fn new(compression: JournalCompression, capacity: usize) -> std::io::Result<Frames> {
+    pub fn new(compression: JournalCompression) -> std::io::Result<Frames> {
         let zstd = match compression {
             JournalCompression::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
             JournalCompression::None => None,
         };
-        let open_capacity = if zstd.is_some() { FRAME_BYTES } else { 0 };
         Ok(Frames {
-            out: Vec::with_capacity(if zstd.is_some() {
-                capacity / 8
-            } else {
-                capacity
-            }),
+            out: Vec::new(),
             zstd,
             spans: Vec::new(),
-            open: Vec::with_capacity(open_capacity),
+            open: Vec::new(),
+            packed: Vec::new(),
         })
+    }
+
+    /// Empties it for the next commit (keeping its buffers).
+    pub fn clear(&mut self) {
+        self.out.clear();
+        self.spans.clear();
+        self.open.clear();
     }
 
     /// Adds a body; where it lands is known once [`Frames::finish`] has placed the frames.
@@ -132,20 +139,24 @@ impl Frames {
             return Ok(());
         };
         let start = self.out.len();
-        let compressed = zstd.compress(&self.open)?;
-        self.out.extend_from_slice(&compressed);
-        self.spans.push((start, compressed.len()));
+        self.packed.clear();
+        self.packed
+            .reserve(zstd::zstd_safe::compress_bound(self.open.len()));
+        // Writes into `packed` from its start (it is empty), up to its capacity.
+        let n = zstd.compress_to_buffer(&self.open, &mut self.packed)?;
+        self.out.extend_from_slice(&self.packed[..n]);
+        self.spans.push((start, n));
         self.open.clear();
         Ok(())
     }
 
     /// The bytes to append at `base`, and each body's place.
     pub fn finish(
-        mut self,
+        &mut self,
         base: u64,
         placements: &[Placement],
         file: &str,
-    ) -> std::io::Result<(Vec<u8>, Vec<BodyRef>)> {
+    ) -> std::io::Result<(&[u8], Vec<BodyRef>)> {
         if !self.open.is_empty() {
             self.close_frame()?;
         }
@@ -164,7 +175,7 @@ impl Frames {
                 }
             })
             .collect();
-        Ok((self.out, refs))
+        Ok((&self.out, refs))
     }
 }
 
@@ -425,7 +436,7 @@ mod tests {
             .map(|i| format!(r#"{{"requestId":"r{i}","pad":"{}"}}"#, "x".repeat(i * 97)))
             .chain(std::iter::once("y".repeat(FRAME_BYTES + 5)))
             .collect();
-        let mut frames = Frames::new(compression, 0).expect("frames");
+        let mut frames = Frames::new(compression).expect("frames");
         let placements: Vec<Placement> = bodies
             .iter()
             .map(|b| frames.push(b.as_bytes()).expect("push"))
@@ -433,9 +444,20 @@ mod tests {
         let (bytes, refs) = frames
             .finish(appender.end, &placements, &name)
             .expect("finish");
-        let end = appender.append(&bytes).expect("append");
+        let end = appender.append(bytes).expect("append");
+        appender.committed(end);
+        // Reused for a second commit: it starts empty.
+        frames.clear();
+        let p = frames.push(b"second").expect("push");
+        let (bytes, second) = frames.finish(end, &[p], &name).expect("finish");
+        let end = appender.append(bytes).expect("append");
         appender.committed(end);
         let reader = Reader::default();
+        let digest = super::super::body_digest("second");
+        assert_eq!(
+            reader.read(dir.path(), &second[0], &digest).expect("read"),
+            "second"
+        );
         // Backwards, so that frames are decoded more than once.
         for (body, r) in bodies.iter().zip(&refs).rev() {
             let digest = super::super::body_digest(body);

@@ -197,6 +197,8 @@ pub struct SqliteStore {
     /// Where the journal's segment files are, and how new frames are written.
     segment_dir: PathBuf,
     compression: JournalCompression,
+    /// The frames of the commit being made, reused (created by the first commit).
+    frames: Option<Frames>,
     /// This process's segment, created by its first journal commit.
     appender: Option<Appender>,
     reader: Reader,
@@ -241,6 +243,7 @@ impl SqliteStore {
             path: display,
             segment_dir: segments::dir_for(path),
             compression,
+            frames: None,
             appender: None,
             reader: Reader::default(),
         };
@@ -976,22 +979,28 @@ impl Store for SqliteStore {
         // Their bodies go to this process's segment first, durably; the rows that index them
         // commit after (a crash between the two leaves an unreferenced tail, see `segments`).
         let mut appender = self.appender()?;
-        let bytes: usize = fresh.iter().map(|&i| batch[i].body.len()).sum();
-        let mut frames = Frames::new(self.compression, bytes).map_err(self.io_err())?;
+        let mut frames = match self.frames.take() {
+            Some(frames) => frames,
+            None => Frames::new(self.compression).map_err(self.io_err())?,
+        };
+        frames.clear();
         let mut placements = Vec::with_capacity(fresh.len());
+        let mut packed = Ok(());
         for &i in &fresh {
-            placements.push(
-                frames
-                    .push(batch[i].body.as_bytes())
-                    .map_err(self.io_err())?,
-            );
+            match frames.push(batch[i].body.as_bytes()) {
+                Ok(p) => placements.push(p),
+                Err(e) => {
+                    packed = Err(e);
+                    break;
+                }
+            }
         }
-        let (bytes, refs) = frames
-            .finish(appender.end, &placements, &appender.name)
-            .map_err(self.io_err())?;
-        let appended = appender.append(&bytes);
-        let end = match appended {
-            Ok(end) => end,
+        let appended = packed
+            .and_then(|()| frames.finish(appender.end, &placements, &appender.name))
+            .and_then(|(bytes, refs)| Ok((appender.append(bytes)?, refs)));
+        self.frames = Some(frames);
+        let (end, refs) = match appended {
+            Ok(done) => done,
             Err(e) => {
                 self.appender = Some(appender);
                 return Err(self.io_err()(e));

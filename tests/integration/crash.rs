@@ -356,7 +356,10 @@ fn listener_durability(kills: usize, n: usize, pause: &str) -> (usize, usize) {
     // What the killed listeners left past their committed bytes, later listeners cut off; the last
     // one stopped cleanly.
     for (file, committed, len) in segment_lengths(&ws.path("state/tsusage.db")) {
-        assert_eq!(committed, len, "{file}: an unreferenced tail survived recovery");
+        assert_eq!(
+            committed, len,
+            "{file}: an unreferenced tail survived recovery"
+        );
     }
     eprintln!(
         "listener durability: {kills} kills, {} callbacks acknowledged, {missing} acknowledged but missing, {} journaled",
@@ -512,7 +515,10 @@ fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
         .iter()
         .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
     {
-        assert!(Instant::now() < deadline, "ingest never appended to a segment");
+        assert!(
+            Instant::now() < deadline,
+            "ingest never appended to a segment"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().expect("kill -9");
@@ -531,13 +537,21 @@ fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
 
     ws.ingest().expect_code(0);
     let after = segment_lengths(&db);
-    assert_eq!(after.len(), 2, "the rerun wrote a segment of its own: {after:?}");
+    assert_eq!(
+        after.len(),
+        2,
+        "the rerun wrote a segment of its own: {after:?}"
+    );
     for (file, committed, len) in &after {
         assert_eq!(committed, len, "{file}: tail cut back to what is committed");
     }
     assert_eq!(after[0].1, before[0].1, "committed bytes untouched");
     let store = SqliteStore::open(&db).expect("store");
-    assert_eq!(store.journal_len().expect("journal"), 40, "each callback once");
+    assert_eq!(
+        store.journal_len().expect("journal"),
+        40,
+        "each callback once"
+    );
     let rows = ws.rows();
     let got: BTreeMap<(String, i64), i64> = rows
         .iter()
@@ -551,7 +565,8 @@ fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
     // The bodies read back from the segments (a rebuild of every partition) give the same rows.
     std::fs::remove_dir_all(ws.out().join("usage")).expect("remove output");
     let conn = rusqlite::Connection::open(&db).expect("open store");
-    conn.execute("DELETE FROM partitions", []).expect("forget writes");
+    conn.execute("DELETE FROM partitions", [])
+        .expect("forget writes");
     drop(conn);
     ws.ingest().expect_code(0);
     assert_eq!(ws.rows().len(), rows.len());
