@@ -287,7 +287,8 @@ impl<'a> Body<'a> {
             .records
     }
 
-    /// Recognizes the callback: usage, completion or fault.
+    /// Recognizes the callback: usage, completion or fault. After the one-pass reading this copies
+    /// the typed records (borrowed text is not copied); [`Body::into_callback`] moves them.
     pub fn callback(&self) -> Result<Callback<'a>, BodyError> {
         let device = match &self.read {
             Read::OnePass { device, .. } => device.clone().map(Device::Typed),
