@@ -20,8 +20,61 @@ pub fn callback_body(data: &[u8]) {
     let Ok(body) = Body::parse(text) else {
         return;
     };
+    // Invariant: the one-pass reading is only a faster road to what the older reading gives.
+    let two_pass = Body::parse_two_pass(text)
+        .unwrap_or_else(|e| panic!("the one pass read what the older reading rejects: {e}"));
+    let summary = |b: &Body<'_>| {
+        let strings: Vec<Option<String>> = CREDENTIAL_KEYS
+            .iter()
+            .map(|k| b.string(k).map(Cow::into_owned))
+            .collect();
+        let cb = b.callback().map(|c| {
+            let records = match &c.kind {
+                CallbackKind::Usage(r) => Some(r.parsed(false).collect::<Vec<_>>()),
+                _ => None,
+            };
+            (
+                c.request_id.to_string(),
+                c.callback_count,
+                format!("{:?}", c.kind.name()),
+                records,
+            )
+        });
+        (strings, cb)
+    };
+    assert_eq!(
+        summary(&body),
+        summary(&two_pass),
+        "the two readings differ"
+    );
     // Invariant: the stripped body is a JSON object without credentials, and means the same.
     let stripped = body.stripped();
+    // Invariant: stripping by span cuts out exactly the credential members and keeps every other
+    // member byte for byte, in order.
+    if let Some(cuts) = body.credential_cuts() {
+        let mut kept = String::new();
+        let mut at = 0;
+        for cut in &cuts {
+            assert!(
+                at <= cut.start && cut.start < cut.end,
+                "cuts out of order: {cuts:?}"
+            );
+            kept.push_str(&text[at..cut.start]);
+            at = cut.end;
+        }
+        kept.push_str(&text[at..]);
+        assert_eq!(kept, stripped, "stripped is not the text without the cuts");
+        let members = two_pass
+            .raw_members()
+            .expect("the older reading keeps members");
+        let want: Vec<_> = members
+            .into_iter()
+            .filter(|(k, _)| !CREDENTIAL_KEYS.contains(k))
+            .collect();
+        let got = Body::parse_two_pass(&stripped)
+            .unwrap_or_else(|e| panic!("stripped body does not parse: {e}"));
+        assert_eq!(got.raw_members(), Some(want), "stripping changed a member");
+    }
     let again =
         Body::parse(&stripped).unwrap_or_else(|e| panic!("stripped body does not parse: {e}"));
     for key in CREDENTIAL_KEYS {

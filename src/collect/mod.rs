@@ -297,8 +297,7 @@ impl Intake {
     ) -> Result<Prepared, Box<RecordReject>> {
         self.callbacks.received += 1;
         let checked = parsed.and_then(|parsed| {
-            let cb = parsed.callback()?;
-            let stripped = parsed.stripped();
+            let (cb, stripped) = parsed.into_callback_stripped()?;
             let mut record_stats = RecordStats::default();
             let first_reject = rejects.len();
             let (partitions, records) = normalize::inspect(

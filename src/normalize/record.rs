@@ -35,7 +35,7 @@ pub struct RecordError {
 
 /// A usage record as received. `I` is how `deviceIdentifierCollection` is read: raw (so that a
 /// malformed one rejects only this record) or typed (the one-pass fast path of [`Records`]).
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 struct WireRecord<'a, I> {
     #[serde(rename = "deviceIdentifierCollection")]
     ids: I,
@@ -63,7 +63,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawScalarOrList<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 struct WireId<'a> {
     #[serde(borrow, default)]
     id: RawScalar<'a>,
@@ -72,7 +72,7 @@ struct WireId<'a> {
 }
 
 /// A record read in the one pass over its callback: the usual shape, every field where expected.
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(transparent)]
 pub struct TypedRecord<'a>(#[serde(borrow)] WireRecord<'a, Vec<WireId<'a>>>);
 
