@@ -378,7 +378,7 @@ impl Intake {
                     kind,
                     source,
                     digest: body_digest(&body),
-                    body,
+                    body: body.into_owned(),
                     partitions,
                     records,
                     news,
