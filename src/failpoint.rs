@@ -46,6 +46,19 @@ pub fn clock_shift_micros() -> i64 {
     })
 }
 
+/// The environment variable that overrides the size below which the SQLite store keeps a commit's
+/// bodies in its rows (`0`: every commit goes to the segment), so that tests of small commits
+/// exercise segment appends.
+pub const ENV_INLINE_BELOW: &str = "TSUSAGE_TEST_INLINE_BELOW";
+
+/// `default`, unless `TSUSAGE_TEST_INLINE_BELOW` says otherwise.
+pub fn inline_below(default: usize) -> usize {
+    static BELOW: OnceLock<Option<usize>> = OnceLock::new();
+    BELOW
+        .get_or_init(|| std::env::var(ENV_INLINE_BELOW).ok()?.trim().parse().ok())
+        .unwrap_or(default)
+}
+
 fn pauses() -> &'static HashMap<String, Duration> {
     static PAUSES: OnceLock<HashMap<String, Duration>> = OnceLock::new();
     PAUSES.get_or_init(|| {

@@ -288,7 +288,11 @@ async fn kill_9_during_runs_full_strength() {
 fn listener_durability(kills: usize, n: usize, pause: &str) -> (usize, usize) {
     let ws = Workspace::new();
     let port = free_port();
-    let pause = [("TSUSAGE_TEST_PAUSE", pause)];
+    // Every commit to the segment, however small (the listener's groups are a few callbacks).
+    let pause = [
+        ("TSUSAGE_TEST_PAUSE", pause),
+        ("TSUSAGE_TEST_INLINE_BELOW", "0"),
+    ];
     let listener = Arc::new(std::sync::Mutex::new(spawn_listen(&ws, port, &pause)));
     let acked_count = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -505,6 +509,7 @@ fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
         .arg("--config")
         .arg(ws.config())
         .env("TSUSAGE_TEST_PAUSE", "journal_append=30000")
+        .env("TSUSAGE_TEST_INLINE_BELOW", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -535,7 +540,10 @@ fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
         .count();
     assert_eq!(waiting, 40, "no file moved: nothing committed");
 
-    ws.ingest().expect_code(0);
+    let segments_always = [("TSUSAGE_TEST_INLINE_BELOW", "0")];
+    let inbox = ws.inbox();
+    let ingest = ["ingest", inbox.to_str().expect("utf-8 path")];
+    ws.run_env(&ingest, &segments_always).expect_code(0);
     let after = segment_lengths(&db);
     assert_eq!(
         after.len(),
@@ -568,6 +576,6 @@ fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
     conn.execute("DELETE FROM partitions", [])
         .expect("forget writes");
     drop(conn);
-    ws.ingest().expect_code(0);
+    ws.run_env(&ingest, &segments_always).expect_code(0);
     assert_eq!(ws.rows().len(), rows.len());
 }
