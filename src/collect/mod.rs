@@ -194,6 +194,7 @@ impl Prepared {
             kind: self.kind,
             source: &self.source,
             body: &self.body,
+            encoded: None,
             digest: &self.digest,
             partitions: &self.partitions,
             received_at: self.received_at,

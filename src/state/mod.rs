@@ -53,6 +53,10 @@ pub struct NewCallback<'a> {
     pub source: &'a str,
     /// The body's text (credentials removed); each store encodes it its own way.
     pub body: &'a str,
+    /// The body already compressed for a row ([`encode_body`], with its `body_encoding`): the
+    /// writer thread's callers do it in their own tasks, in parallel, so that the one thread that
+    /// commits does not. `None` leaves it to the store.
+    pub encoded: Option<(&'a [u8], &'static str)>,
     /// [`body_digest`] of the body: the journal's identity of a callback.
     pub digest: &'a Digest,
     /// Output partitions its usage records fall in (empty for completion and fault callbacks).

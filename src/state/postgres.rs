@@ -1098,7 +1098,10 @@ impl Store for PgStore {
         let batch: Vec<OwnedCallback> = batch
             .iter()
             .map(|cb| {
-                let (stored, body_encoding) = super::encode_body(cb.body);
+                let (stored, body_encoding) = match cb.encoded {
+                    Some((body, encoding)) => (body.to_vec(), encoding),
+                    None => super::encode_body(cb.body),
+                };
                 OwnedCallback {
                     request_id: cb.request_id.to_owned(),
                     kind: cb.kind,

@@ -514,10 +514,13 @@ impl SqliteStore {
                         ];
                         (Vec::new(), encoding, Some(at))
                     }
-                    None => {
-                        let (body, body_encoding) = encode_body(cb.body);
-                        (body, body_encoding, None)
-                    }
+                    None => match cb.encoded {
+                        Some((body, body_encoding)) => (body.to_vec(), body_encoding, None),
+                        None => {
+                            let (body, body_encoding) = encode_body(cb.body);
+                            (body, body_encoding, None)
+                        }
+                    },
                 };
                 let at = |n: usize| at.map(|a| a[n]);
                 let inserted = insert
@@ -1019,8 +1022,12 @@ impl Store for SqliteStore {
             self.recover_segments()?;
             self.recovered = true;
         }
+        // Rows keep bodies the writer's callers already compressed (a listener's, one by one in
+        // the tasks that received them: a small group then commits with one fsync), and the bodies
+        // of a small commit. A batch (drop directory, archive) goes to the segment.
         let bytes: usize = fresh.iter().map(|&i| batch[i].body.len()).sum();
-        if bytes < self.inline_below {
+        let encoded = fresh.iter().all(|&i| batch[i].encoded.is_some());
+        if self.inline_below > 0 && (encoded || bytes < self.inline_below) {
             let new = self.commit_index(batch, &fresh, None, received_at)?;
             for (&i, outcome) in fresh.iter().zip(new) {
                 outcomes[i] = outcome;
@@ -1471,6 +1478,7 @@ mod tests {
             kind: "usage",
             source: "a.json",
             body,
+            encoded: None,
             partitions: &parts,
             received_at: None,
         };
@@ -1507,6 +1515,7 @@ mod tests {
             kind: "usage",
             source: "a.json",
             body,
+            encoded: None,
             partitions: parts,
             received_at: None,
         }

@@ -29,7 +29,13 @@ pub type AfterCommit<P> = Box<dyn FnMut(&dyn Store, &[(P, Journaled)], i64) + Se
 
 enum Op<P> {
     Job(JobUpdate, oneshot::Sender<Result<(), String>>),
-    Journal(P, i64, oneshot::Sender<Result<Journaled, String>>),
+    /// A callback, its body compressed for a row (by the sender), and when it was received.
+    Journal(
+        P,
+        (Vec<u8>, &'static str),
+        i64,
+        oneshot::Sender<Result<Journaled, String>>,
+    ),
     /// Asks the store whether it answers ([`Store::ping`]), after the group's commits.
     Ping(oneshot::Sender<Result<(), String>>),
 }
@@ -134,8 +140,10 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
 
     /// Journals one callback received at `received_at` (µs); returns once it is durable.
     pub async fn journal(&self, callback: P, received_at: i64) -> Result<Journaled, StateError> {
+        // Compressed here, in the caller's task: callers run in parallel, the writer is one thread.
+        let encoded = super::encode_body(callback.as_new().body);
         let answer = self
-            .send(|reply| Op::Journal(callback, received_at, reply))
+            .send(|reply| Op::Journal(callback, encoded, received_at, reply))
             .await?;
         self.answer(answer).await
     }
@@ -186,8 +194,8 @@ fn commit_group<S: Store, P: Journalable>(
                 updates.push(update);
                 update_replies.push(reply);
             }
-            Op::Journal(prepared, received_at, reply) => {
-                journal.push((prepared, received_at));
+            Op::Journal(prepared, encoded, received_at, reply) => {
+                journal.push((prepared, encoded, received_at));
                 journal_replies.push(reply);
             }
             Op::Ping(reply) => pings.push(reply),
@@ -198,12 +206,18 @@ fn commit_group<S: Store, P: Journalable>(
         // so that order of arrival is kept and agrees with the journal's order.
         let received_at = journal
             .iter()
-            .map(|(_, t)| *t)
+            .map(|(_, _, t)| *t)
             .max()
             .unwrap_or_default()
             .max(*last_received_at);
         *last_received_at = received_at;
-        let batch: Vec<NewCallback<'_>> = journal.iter().map(|(p, _)| p.as_new()).collect();
+        let batch: Vec<NewCallback<'_>> = journal
+            .iter()
+            .map(|(p, (body, encoding), _)| NewCallback {
+                encoded: Some((body, encoding)),
+                ..p.as_new()
+            })
+            .collect();
         let journaled = store.journal(&batch, received_at);
         drop(batch);
         match journaled {
@@ -212,8 +226,11 @@ fn commit_group<S: Store, P: Journalable>(
                     let _ = reply.send(Ok(*outcome));
                 }
                 if let Some(after) = after {
-                    let done: Vec<(P, Journaled)> =
-                        journal.into_iter().map(|(p, _)| p).zip(outcomes).collect();
+                    let done: Vec<(P, Journaled)> = journal
+                        .into_iter()
+                        .map(|(p, _, _)| p)
+                        .zip(outcomes)
+                        .collect();
                     after(&*store, &done, received_at);
                 }
             }

@@ -143,6 +143,7 @@ fn journal(store: &mut dyn Store, batch: &[Cb], received_at: i64) -> Vec<Journal
             kind: "usage",
             source: "listener",
             body: &c.body,
+            encoded: None,
             digest: &c.digest,
             partitions: &c.partitions,
             received_at: c.received_at,
