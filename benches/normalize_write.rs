@@ -1,14 +1,16 @@
-//! Criterion benches for the hot stages: callback parse + normalize, collapse, and the Parquet write.
+//! Criterion benches for the hot stages: callback parse + normalize, the journal commit, collapse, and
+//! the Parquet write.
 //!
 //! Run: `cargo bench --bench normalize_write`. Throughput is in usage records.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tsusage::collect::Intake;
-use tsusage::config::PartitionBy;
+use tsusage::config::{JournalCompression, PartitionBy};
 use tsusage::normalize::collapse::{RowSet, usage_row};
+use tsusage::state::{SqliteStore, Store};
 use tsusage::write::parquet::{PartitionWriter, WriterOptions};
 
 /// `callbacks` usage callbacks of `records` records each, all on 2021-08-15, string counts as the
@@ -64,6 +66,45 @@ fn bench(c: &mut Criterion) {
             .filter_map(|b| intake.prepare(b, String::new(), &mut rejects).ok())
             .collect()
     };
+    // The journal: one commit of the 100 callbacks (1.1 MB of bodies) to a fresh store, appended
+    // to its segment as zstd frames (the drop directory's batches), and kept in the rows as each
+    // body compressed alone (what the listener's small commits do), both fsynced.
+    let new: Vec<_> = prepared.iter().map(|p| p.as_new()).collect();
+    for (name, compression, in_rows) in [
+        (
+            "journal_segment_zstd_100x100",
+            JournalCompression::Zstd,
+            false,
+        ),
+        (
+            "journal_segment_plain_100x100",
+            JournalCompression::None,
+            false,
+        ),
+        ("journal_rows_100x100", JournalCompression::Zstd, true),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let store = SqliteStore::open_with(&dir.path().join("t.db"), compression)
+                        .expect("store");
+                    let store = if in_rows {
+                        store
+                    } else {
+                        store.always_segments()
+                    };
+                    (dir, store)
+                },
+                |(dir, mut store)| {
+                    let done = store.journal(&new, 1).expect("journal");
+                    black_box(done.len());
+                    (dir, store)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     let account: Arc<str> = Arc::from("0000123456-00001");
     let spill = tempfile::tempdir().expect("tempdir");
     let collapse = || {
