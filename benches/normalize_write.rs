@@ -133,6 +133,25 @@ fn bench(c: &mut Criterion) {
     group.bench_function("parquet_write_10k_rows", |b| {
         b.iter(|| black_box(writer.write("usage_date=2021-08-15", &rows).expect("write")))
     });
+    // The publish path: collapsed rows typed straight into the column builders.
+    group.bench_function("collapse_write_10k_rows", |b| {
+        b.iter(|| {
+            let mut set = RowSet::new(PartitionBy::Day, account.clone(), 64 << 20, spill.path());
+            for p in &prepared {
+                let origin = set.add_origin(&p.request_id, None, 1);
+                for r in &p.records {
+                    set.push(origin, r).expect("push");
+                }
+            }
+            let part = set.take("usage_date=2021-08-15").expect("partition");
+            let rows = part.collapsed().expect("merge");
+            black_box(
+                writer
+                    .write_collapsed("usage_date=2021-08-15", rows, set.origins())
+                    .expect("write"),
+            )
+        })
+    });
     group.finish();
 }
 

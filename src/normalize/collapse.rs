@@ -58,6 +58,9 @@ impl Row {
     }
 }
 
+/// Rows a partition's buffer first grows by (then it doubles, within the budget).
+const MIN_GROW_ROWS: usize = 1024;
+
 /// Bytes of one spilled row.
 const SPILL_ROW_BYTES: usize = <Row as Fixed>::BYTES;
 
@@ -139,11 +142,28 @@ impl RowSet {
     pub fn push(&mut self, origin: u32, r: &ParsedRecord) -> Result<(), WriteError> {
         let key = partition_key(r.usage_start, self.by);
         let by = self.by;
-        let part = self
-            .parts
-            .entry(key)
-            .or_insert_with(|| PartitionRows::empty(&partition_of(r.usage_start, by)));
-        let capacity = part.rows.capacity();
+        // Room is made before the row goes in: a partition's rows grow (doubling) only within the
+        // budget, and past it the largest partition is spilled first. Memory never overshoots the
+        // budget by a doubling.
+        let part = loop {
+            let part = self
+                .parts
+                .entry(key)
+                .or_insert_with(|| PartitionRows::empty(&partition_of(r.usage_start, by)));
+            let capacity = part.rows.capacity();
+            if part.rows.len() < capacity {
+                break part;
+            }
+            let room = self.max_in_memory.saturating_sub(self.in_memory);
+            if room == 0 {
+                self.spill_largest()?;
+                continue;
+            }
+            part.rows
+                .reserve_exact(capacity.max(MIN_GROW_ROWS).min(room));
+            self.in_memory += part.rows.capacity() - capacity;
+            break part;
+        };
         part.rows.push(Row {
             iccid: r.iccid,
             usage_start: r.usage_start,
@@ -156,17 +176,20 @@ impl RowSet {
             part.last_origin = Some(origin);
             part.origins += 1;
         }
-        self.in_memory += part.rows.capacity() - capacity;
-        if self.in_memory > self.max_in_memory {
-            self.spill_largest()?;
-        }
         Ok(())
     }
 
     fn spill_largest(&mut self) -> Result<(), WriteError> {
         let Some(part) = self.parts.values_mut().max_by_key(|p| p.rows.capacity()) else {
+            self.in_memory = 0;
             return Ok(());
         };
+        if part.rows.is_empty() {
+            // Room held but no rows (cannot happen past the budget floor): released, not spilled.
+            self.in_memory -= part.rows.capacity();
+            part.rows = Vec::new();
+            return Ok(());
+        }
         std::fs::create_dir_all(&self.spill_dir).map_err(|e| WriteError::io(&self.spill_dir, e))?;
         // Unique among the sets of this process (several may spill into the same directory).
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -230,6 +253,17 @@ impl PartitionRows {
     /// Returns them with the number of records superseded. Run files are removed when done.
     pub fn collapsed(mut self) -> Result<Collapsed, WriteError> {
         self.rows.sort_unstable_by_key(Row::sort_key);
+        if self.runs.is_empty() {
+            // All in memory: one sorted input, no merge.
+            return Ok(Collapsed {
+                only: Some(std::mem::take(&mut self.rows).into_iter()),
+                sources: Vec::new(),
+                heap: BinaryHeap::new(),
+                pending: None,
+                runs: Vec::new(),
+                collapsed: 0,
+            });
+        }
         let mut sources = Vec::with_capacity(self.runs.len() + 1);
         for path in &self.runs {
             let file = File::open(path).map_err(|e| WriteError::io(path, e))?;
@@ -246,6 +280,7 @@ impl PartitionRows {
             }
         }
         Ok(Collapsed {
+            only: None,
             sources,
             heap,
             pending: None,
@@ -288,6 +323,8 @@ type HeapItem = std::cmp::Reverse<((Iccid, i64, i64, u32), usize, Row)>;
 /// The merge of a partition's sorted inputs, collapsed: an iterator of rows.
 #[derive(Debug)]
 pub struct Collapsed {
+    /// The only input, when nothing was spilled (then `sources` and `heap` are empty).
+    only: Option<std::vec::IntoIter<Row>>,
     sources: Vec<Source>,
     heap: BinaryHeap<HeapItem>,
     /// The newest row seen so far for the current key.
@@ -299,6 +336,9 @@ pub struct Collapsed {
 
 impl Collapsed {
     fn next_sorted(&mut self) -> Result<Option<Row>, WriteError> {
+        if let Some(rows) = self.only.as_mut() {
+            return Ok(rows.next());
+        }
         let Some(std::cmp::Reverse((_, i, row))) = self.heap.pop() else {
             return Ok(None);
         };

@@ -49,6 +49,7 @@ use parquet::schema::types::ColumnPath;
 
 use super::{WriteError, sync_dir};
 use crate::normalize::UsageRow;
+use crate::normalize::collapse::{Origin, Row};
 use crate::output::bucket::Bucket;
 
 /// Version of the output schema, stored in each file's key-value metadata.
@@ -153,6 +154,28 @@ impl PartitionWriter {
         name: &str,
         rows: impl Iterator<Item = Result<UsageRow, WriteError>>,
     ) -> Result<Written, WriteError> {
+        self.write_source(name, UsageRows(rows.peekable()))
+    }
+
+    /// [`PartitionWriter::write_rows`] for collapsed rows (in their order) and the callbacks they
+    /// came from: the columns are filled from them directly, with no [`UsageRow`] in between. A row
+    /// whose origin is not in `origins` abandons the write.
+    pub fn write_collapsed(
+        &self,
+        name: &str,
+        rows: impl Iterator<Item = Result<Row, WriteError>>,
+        origins: &[Origin],
+    ) -> Result<Written, WriteError> {
+        self.write_source(
+            name,
+            CollapsedRows {
+                rows: rows.peekable(),
+                origins,
+            },
+        )
+    }
+
+    fn write_source(&self, name: &str, mut rows: impl RowSource) -> Result<Written, WriteError> {
         let stage = self
             .staging_dir
             .join(format!("{name}.{}", self.options.run_id));
@@ -167,8 +190,7 @@ impl PartitionWriter {
         };
         let schema = schema();
         let (mut files, mut total) = (0u64, 0u64);
-        let mut rows = rows.peekable();
-        while rows.peek().is_some() {
+        while rows.has_more() {
             let path = stage.join(format!("part-{files:05}.parquet"));
             files += 1;
             let (mut writer, factory) = self
@@ -177,14 +199,13 @@ impl PartitionWriter {
                 .map_err(parquet_err(&path))?;
             let mut in_file = 0u64;
             let mut row_group = 0usize;
-            while in_file < per_file && rows.peek().is_some() {
+            while in_file < per_file && rows.has_more() {
                 let take = usize::try_from((per_file - in_file).min(ROW_GROUP_ROWS))
                     .unwrap_or(ROW_GROUP_ROWS as usize);
                 let columns = factory
                     .create_column_writers(row_group)
                     .map_err(parquet_err(&path))?;
-                let (chunks, n) =
-                    encode_row_group(&schema, columns, rows.by_ref().take(take), &path)?;
+                let (chunks, n) = encode_row_group(&schema, columns, &mut rows, take, &path)?;
                 let mut group = writer.next_row_group().map_err(parquet_err(&path))?;
                 for chunk in chunks {
                     chunk
@@ -256,7 +277,8 @@ fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> WriteEr
 fn encode_row_group(
     schema: &SchemaRef,
     writers: Vec<ArrowColumnWriter>,
-    mut rows: impl Iterator<Item = Result<UsageRow, WriteError>>,
+    rows: &mut impl RowSource,
+    take: usize,
     path: &Path,
 ) -> Result<(Vec<ArrowColumnChunk>, u64), WriteError> {
     let mut lanes: Vec<Vec<(usize, ArrowColumnWriter)>> =
@@ -283,23 +305,15 @@ fn encode_row_group(
                     .collect::<parquet::errors::Result<Vec<_>>>()
             }));
         }
-        let mut chunk: Vec<UsageRow> = Vec::with_capacity(BATCH_ROWS);
         let mut n = 0u64;
-        loop {
-            chunk.clear();
-            for row in rows.by_ref().take(BATCH_ROWS) {
-                chunk.push(row?);
-            }
-            if chunk.is_empty() {
+        while n < take as u64 {
+            let want = (take - n as usize).min(BATCH_ROWS);
+            let Some(batch) = rows.next_batch(schema, want, path)? else {
                 break;
-            }
-            let batch = to_batch(schema, &chunk).map_err(|e| WriteError::Parquet {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
+            };
             crate::failpoint::fail(crate::failpoint::PARQUET_WRITE)
                 .map_err(|e| WriteError::io(path, e))?;
-            n += chunk.len() as u64;
+            n += batch.num_rows() as u64;
             // A lane that failed has hung up: its error comes out of join below.
             if senders.iter().any(|tx| tx.send(batch.clone()).is_err()) {
                 break;
@@ -322,47 +336,188 @@ fn encode_row_group(
     })
 }
 
+/// Where a partition's rows come from, a batch at a time.
+trait RowSource {
+    /// Whether anything is left (a row, or an error to report).
+    fn has_more(&mut self) -> bool;
+    /// The next batch of at most `max` rows (at least one), `None` when nothing is left. An error
+    /// (from the rows, or building the batch) abandons the write.
+    fn next_batch(
+        &mut self,
+        schema: &SchemaRef,
+        max: usize,
+        path: &Path,
+    ) -> Result<Option<RecordBatch>, WriteError>;
+}
+
+fn arrow_err(path: &Path) -> impl Fn(arrow_schema::ArrowError) -> WriteError + '_ {
+    move |e| WriteError::Parquet {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Rows as [`UsageRow`]s.
+struct UsageRows<I: Iterator>(std::iter::Peekable<I>);
+
+impl<I: Iterator<Item = Result<UsageRow, WriteError>>> RowSource for UsageRows<I> {
+    fn has_more(&mut self) -> bool {
+        self.0.peek().is_some()
+    }
+
+    fn next_batch(
+        &mut self,
+        schema: &SchemaRef,
+        max: usize,
+        path: &Path,
+    ) -> Result<Option<RecordBatch>, WriteError> {
+        let mut chunk = Vec::with_capacity(max.min(BATCH_ROWS));
+        for row in self.0.by_ref().take(max) {
+            chunk.push(row?);
+        }
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        to_batch(schema, &chunk).map(Some).map_err(arrow_err(path))
+    }
+}
+
+/// Collapsed rows and their origins, typed straight into the column builders.
+struct CollapsedRows<'a, I: Iterator> {
+    rows: std::iter::Peekable<I>,
+    origins: &'a [Origin],
+}
+
+impl<I: Iterator<Item = Result<Row, WriteError>>> RowSource for CollapsedRows<'_, I> {
+    fn has_more(&mut self) -> bool {
+        self.rows.peek().is_some()
+    }
+
+    fn next_batch(
+        &mut self,
+        schema: &SchemaRef,
+        max: usize,
+        path: &Path,
+    ) -> Result<Option<RecordBatch>, WriteError> {
+        if self.rows.peek().is_none() {
+            return Ok(None);
+        }
+        let mut columns = Columns::with_capacity(max);
+        for row in self.rows.by_ref().take(max) {
+            let row = row?;
+            let origin =
+                self.origins
+                    .get(row.origin as usize)
+                    .ok_or_else(|| WriteError::Parquet {
+                        path: path.to_owned(),
+                        message: "a row without its callback".into(),
+                    })?;
+            columns.push(
+                &origin.account_name,
+                row.iccid.as_str(),
+                row.usage_start,
+                row.usage_end,
+                row.counts,
+                &origin.request_id,
+                origin.received_at,
+            );
+        }
+        columns.finish(schema).map(Some).map_err(arrow_err(path))
+    }
+}
+
+/// The column builders of one batch of schema v1.
+struct Columns {
+    account: StringBuilder,
+    iccid: StringBuilder,
+    start: TimestampMicrosecondBuilder,
+    end: TimestampMicrosecondBuilder,
+    /// data_usage_bytes, sms_usage, mo_sms, mt_sms.
+    counts: [Int64Builder; 4],
+    request: StringBuilder,
+    received: TimestampMicrosecondBuilder,
+}
+
+impl Columns {
+    /// Builders sized for `n` rows (ICCIDs of 20 digits, request ids of 36 characters).
+    fn with_capacity(n: usize) -> Self {
+        let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+        Columns {
+            account: StringBuilder::with_capacity(n, n * 16),
+            iccid: StringBuilder::with_capacity(n, n * 20),
+            start: ts(),
+            end: ts(),
+            counts: std::array::from_fn(|_| Int64Builder::with_capacity(n)),
+            request: StringBuilder::with_capacity(n, n * 36),
+            received: ts(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn push(
+        &mut self,
+        account: &str,
+        iccid: &str,
+        start: i64,
+        end: i64,
+        counts: [i64; 4],
+        request: &str,
+        received: i64,
+    ) {
+        self.account.append_value(account);
+        self.iccid.append_value(iccid);
+        self.start.append_value(start);
+        self.end.append_value(end);
+        for (builder, count) in self.counts.iter_mut().zip(counts) {
+            builder.append_value(count);
+        }
+        self.request.append_value(request);
+        self.received.append_value(received);
+    }
+
+    fn finish(self, schema: &SchemaRef) -> Result<RecordBatch, arrow_schema::ArrowError> {
+        let Columns {
+            mut account,
+            mut iccid,
+            mut start,
+            mut end,
+            counts,
+            mut request,
+            mut received,
+        } = self;
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(10);
+        columns.push(Arc::new(account.finish()));
+        columns.push(Arc::new(iccid.finish()));
+        columns.push(Arc::new(start.finish()));
+        columns.push(Arc::new(end.finish()));
+        for mut count in counts {
+            columns.push(Arc::new(count.finish()));
+        }
+        columns.push(Arc::new(request.finish()));
+        columns.push(Arc::new(received.finish()));
+        RecordBatch::try_new(schema.clone(), columns)
+    }
+}
+
 /// Builds one Arrow batch of schema v1 from rows.
 pub fn to_batch(
     schema: &SchemaRef,
     rows: &[UsageRow],
 ) -> Result<RecordBatch, arrow_schema::ArrowError> {
-    let n = rows.len();
-    let mut account = StringBuilder::with_capacity(n, n * 16);
-    let mut iccid = StringBuilder::with_capacity(n, n * 20);
-    let mut start = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut end = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut data = Int64Builder::with_capacity(n);
-    let mut sms = Int64Builder::with_capacity(n);
-    let mut mo = Int64Builder::with_capacity(n);
-    let mut mt = Int64Builder::with_capacity(n);
-    let mut request = StringBuilder::with_capacity(n, n * 36);
-    let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut columns = Columns::with_capacity(rows.len());
     for r in rows {
-        account.append_value(&r.account_name);
-        iccid.append_value(r.iccid.as_str());
-        start.append_value(r.usage_start);
-        end.append_value(r.usage_end);
-        data.append_value(r.data_usage_bytes);
-        sms.append_value(r.sms_usage);
-        mo.append_value(r.mo_sms);
-        mt.append_value(r.mt_sms);
-        request.append_value(&r.request_id);
-        received.append_value(r.received_at);
+        columns.push(
+            &r.account_name,
+            r.iccid.as_str(),
+            r.usage_start,
+            r.usage_end,
+            [r.data_usage_bytes, r.sms_usage, r.mo_sms, r.mt_sms],
+            &r.request_id,
+            r.received_at,
+        );
     }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(account.finish()),
-        Arc::new(iccid.finish()),
-        Arc::new(start.finish()),
-        Arc::new(end.finish()),
-        Arc::new(data.finish()),
-        Arc::new(sms.finish()),
-        Arc::new(mo.finish()),
-        Arc::new(mt.finish()),
-        Arc::new(request.finish()),
-        Arc::new(received.finish()),
-    ];
-    RecordBatch::try_new(schema.clone(), columns)
+    columns.finish(schema)
 }
 
 /// Puts `stage` at `target`: an atomic exchange when `target` exists (leaving the old one at `stage`),

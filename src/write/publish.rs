@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::collect::archive;
 use crate::config::Config;
-use crate::normalize::collapse::{Origin, PartitionRows, RowSet, usage_row};
+use crate::normalize::collapse::{Origin, PartitionRows, RowSet};
 use crate::normalize::payload::{CallbackKind, parse_callback};
 use crate::normalize::{partition_key, partition_of};
 use crate::output::WriteError;
@@ -248,17 +248,7 @@ fn write_partition(
     let origins = rebuilt.as_ref().map_or(fresh_origins, RowSet::origins);
     let records_in = part.records_in;
     let mut merged = part.collapsed()?;
-    let written = writer.write_rows(
-        &pending.partition,
-        merged.by_ref().map(|row| {
-            row.and_then(|row| {
-                usage_row(&row, origins).ok_or_else(|| crate::write::WriteError::Parquet {
-                    path: config.output.dir.clone(),
-                    message: "a row without its callback".into(),
-                })
-            })
-        }),
-    )?;
+    let written = writer.write_collapsed(&pending.partition, merged.by_ref(), origins)?;
     Ok(PartitionDone {
         partition: pending.partition,
         through_id: pending.through_id,
