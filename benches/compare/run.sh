@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
 DATA=${DATA:-/tmp/tsusage-compare}
-cargo build --release --locked --bin tsusage --example gen_data >&2
+cargo build --release --locked --bin tsusage --example gen_data --example floor >&2
 python3 -c "import duckdb" 2>/dev/null || python3 -m pip install --quiet duckdb >&2
 GEN=target/release/examples/gen_data
 if [ ! -d "$DATA/files-src" ]; then
@@ -71,6 +71,12 @@ for i in $(seq 1 "$RUNS"); do
   read -r s m < <(measure python3 "$DATA/duck_files.py" "$DATA/files-src" "$DATA/duck-files.parquet"); T[df]+="$s "; M[df]+="$m "
   fresh ndjson; read -r s m < <(measure target/release/tsusage --log warn ingest "$DATA/ndjson" --config "$DATA/tsusage.toml"); T[tn]+="$s "; M[tn]+="$m "
   read -r s m < <(measure python3 "$DATA/duck_ndjson.py" "$DATA/ndjson-src" "$DATA/duck-ndjson.parquet"); T[dn]+="$s "; M[dn]+="$m "
+  # The floor under ingest, with its own stages (examples/floor.rs): read; + parse; + Parquet.
+  for stage in read parse parquet; do
+    for shape in files ndjson; do
+      read -r s m < <(measure target/release/examples/floor "$stage" "$DATA/$shape-src"); T[$stage-$shape]+="$s "; M[$stage-$shape]+="$m "
+    done
+  done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 row() {
@@ -82,3 +88,9 @@ row() {
 echo "medians of $RUNS runs on $(nproc) cores:"
 row tf df "20,000 callback files"
 row tn dn "one NDJSON file"
+echo "the floor under ingest (its own stages, without journal, rejects, moves, report), medians:"
+for stage in read parse parquet; do
+  printf "  %-8s files %5.2f s (%s)  NDJSON %5.2f s (%s)\n" "$stage" \
+    "$(echo "${T[$stage-files]}" | median)" "${T[$stage-files]}" \
+    "$(echo "${T[$stage-ndjson]}" | median)" "${T[$stage-ndjson]}"
+done
