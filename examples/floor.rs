@@ -41,33 +41,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     files.sort();
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let parse = stage != "read";
-    // Each worker takes every `workers`-th file; the results are put back in file order.
+    // NDJSON files are read whole, then their lines shared out; `.json` files are read by the
+    // workers themselves. Worker `w` takes every `workers`-th run of 16 files or lines (usage and
+    // completion callbacks alternate in the generated data: one each would not share the work).
+    let ndjson: Vec<String> = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
+        .map(std::fs::read_to_string)
+        .collect::<Result<_, _>>()?;
+    let lines: Vec<&str> = ndjson
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let json: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
     let results: Vec<(u64, Vec<Prepared>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
-                let files = &files;
+                let (json, lines) = (&json, &lines);
                 scope.spawn(move || {
                     let mut intake = Intake::new(false, PartitionBy::Day);
                     let (mut bytes, mut kept) = (0u64, Vec::new());
-                    for (i, path) in files.iter().enumerate().skip(w).step_by(workers) {
-                        let Ok(text) = std::fs::read_to_string(path) else {
-                            continue;
-                        };
-                        bytes += text.len() as u64;
-                        if !parse {
-                            continue;
+                    let mut take = |body: &str, i: usize| {
+                        bytes += body.len() as u64;
+                        let mut rejects = Vec::new();
+                        if parse
+                            && let Ok(p) = intake.prepare(body, format!("{i}"), &mut rejects)
+                        {
+                            kept.push(p);
                         }
-                        let bodies: Vec<&str> = if path.extension().is_some_and(|e| e == "ndjson") {
-                            text.lines().filter(|l| !l.trim().is_empty()).collect()
-                        } else {
-                            vec![text.as_str()]
-                        };
-                        for body in bodies {
-                            let mut rejects = Vec::new();
-                            if let Ok(p) = intake.prepare(body, format!("{i}"), &mut rejects) {
-                                kept.push(p);
-                            }
+                    };
+                    let mine = |i: &usize| (i / 16) % workers == w;
+                    for (i, path) in json.iter().enumerate().filter(|(i, _)| mine(i)) {
+                        if let Ok(text) = std::fs::read_to_string(path) {
+                            take(&text, i);
                         }
+                    }
+                    for (i, line) in lines.iter().enumerate().filter(|(i, _)| mine(i)) {
+                        take(line, i);
                     }
                     (bytes, kept)
                 })
