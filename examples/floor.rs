@@ -68,9 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let mut take = |body: &str, i: usize| {
                         bytes += body.len() as u64;
                         let mut rejects = Vec::new();
-                        if parse
-                            && let Ok(p) = intake.prepare(body, format!("{i}"), &mut rejects)
-                        {
+                        if parse && let Ok(p) = intake.prepare(body, format!("{i}"), &mut rejects) {
                             kept.push(p);
                         }
                     };
