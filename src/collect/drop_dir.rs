@@ -102,14 +102,18 @@ pub fn collect<S: Store + ?Sized>(
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| CollectError::io(dir, e))? {
         let entry = entry.map_err(|e| CollectError::io(dir, e))?;
-        names.push(entry.file_name());
+        // The entry's type comes with the listing (no stat per file); a symlink is a symlink here.
+        let kind = entry
+            .file_type()
+            .map_err(|e| CollectError::io(entry.path(), e))?;
+        names.push((entry.file_name(), kind));
     }
-    names.sort();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
     progress.set_length(names.len() as u64);
     let mut files = Vec::new();
-    for name in names {
+    for (name, kind) in names {
         let path = dir.join(&name);
-        match candidate(&path, &name, &mut stats)? {
+        match candidate(&path, &name, kind, &mut stats)? {
             Some(format) => files.push((path, format)),
             None => progress.inc(1),
         }
@@ -645,9 +649,9 @@ fn rename_noreplace(
 fn candidate(
     path: &Path,
     name: &std::ffi::OsStr,
+    meta: std::fs::FileType,
     stats: &mut DropDirStats,
 ) -> Result<Option<Format>> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| CollectError::io(path, e))?;
     if meta.is_dir() {
         return Ok(None); // processed/, rejected/ and anything else: not ours to read
     }
@@ -657,7 +661,7 @@ fn candidate(
         tracing::info!(file = %path.display(), "skipped: {why}");
         Ok(None)
     };
-    if meta.file_type().is_symlink() {
+    if meta.is_symlink() {
         return skip("a symlink (never followed)", stats);
     }
     if !meta.is_file() {
