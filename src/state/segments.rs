@@ -186,7 +186,7 @@ pub struct Appender {
     pub name: String,
     file: File,
     /// The committed length: the next commit's bytes go here.
-    pub end: u64,
+    end: u64,
 }
 
 impl Appender {
@@ -243,6 +243,11 @@ impl Appender {
     /// The index rows up to `end` are committed.
     pub fn committed(&mut self, end: u64) {
         self.end = end;
+    }
+
+    /// The committed length.
+    pub fn end(&self) -> u64 {
+        self.end
     }
 }
 

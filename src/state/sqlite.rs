@@ -1,6 +1,7 @@
 //! `SqliteStore`: the state store in one SQLite file (WAL mode, `synchronous=FULL`: a commit is on disk
 //! when it returns), with versioned migrations.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -395,7 +396,7 @@ impl SqliteStore {
     /// This process's segment, created on first use.
     fn appender(&mut self) -> Result<Appender, StateError> {
         if let Some(appender) = self.appender.take() {
-            if appender.end < segments::ROLL_BYTES {
+            if appender.end() < segments::ROLL_BYTES {
                 return Ok(appender);
             }
             self.conn
@@ -512,13 +513,13 @@ impl SqliteStore {
                             int(r.body_offset),
                             int(r.body_len),
                         ];
-                        (Vec::new(), encoding, Some(at))
+                        (Cow::Borrowed(&[][..]), encoding, Some(at))
                     }
                     None => match cb.encoded {
-                        Some((body, body_encoding)) => (body.to_vec(), body_encoding, None),
+                        Some((body, body_encoding)) => (Cow::Borrowed(body), body_encoding, None),
                         None => {
                             let (body, body_encoding) = encode_body(cb.body);
-                            (body, body_encoding, None)
+                            (Cow::Owned(body), body_encoding, None)
                         }
                     },
                 };
@@ -530,7 +531,7 @@ impl SqliteStore {
                         cb.received_at.unwrap_or(received_at),
                         cb.source,
                         &cb.digest[..],
-                        body,
+                        &*body,
                         body_encoding,
                         at(0),
                         at(1),
@@ -1042,19 +1043,11 @@ impl Store for SqliteStore {
             None => Frames::new(self.compression).map_err(self.io_err())?,
         };
         frames.clear();
-        let mut placements = Vec::with_capacity(fresh.len());
-        let mut packed = Ok(());
-        for &i in &fresh {
-            match frames.push(batch[i].body.as_bytes()) {
-                Ok(p) => placements.push(p),
-                Err(e) => {
-                    packed = Err(e);
-                    break;
-                }
-            }
-        }
-        let appended = packed
-            .and_then(|()| frames.finish(appender.end, &placements, &appender.name))
+        let appended = fresh
+            .iter()
+            .map(|&i| frames.push(batch[i].body.as_bytes()))
+            .collect::<std::io::Result<Vec<_>>>()
+            .and_then(|placements| frames.finish(appender.end(), &placements, &appender.name))
             .and_then(|(bytes, refs)| Ok((appender.append(bytes)?, refs)));
         self.frames = Some(frames);
         let (end, refs) = match appended {

@@ -445,15 +445,7 @@ fn ingest_killed_while_publishing_heals_on_the_rerun() {
 
     ws.ingest().expect_code(0);
     let rows = ws.rows();
-    let got: BTreeMap<(String, i64), i64> = rows
-        .iter()
-        .map(|r| {
-            let day = (r.usage_start - DAY0) / DAY_US;
-            ((r.iccid.clone(), day), r.data_usage_bytes)
-        })
-        .collect();
-    assert_eq!(rows.len(), got.len(), "one row per key");
-    assert_eq!(got, expected);
+    assert_one_row_per_key(&rows, &expected);
     assert!(
         files_under(&ws.out().join(".staging")).is_empty(),
         "no staging files left"
@@ -462,6 +454,19 @@ fn ingest_killed_while_publishing_heals_on_the_rerun() {
         files_under(&ws.out().join(".spill")).is_empty(),
         "no spill files left"
     );
+}
+
+/// The rows are one per (iccid, day) key, with the `data_usage_bytes` of `expected`.
+fn assert_one_row_per_key(rows: &[Row], expected: &BTreeMap<(String, i64), i64>) {
+    let got: BTreeMap<(String, i64), i64> = rows
+        .iter()
+        .map(|r| {
+            let day = (r.usage_start - DAY0) / DAY_US;
+            ((r.iccid.clone(), day), r.data_usage_bytes)
+        })
+        .collect();
+    assert_eq!(rows.len(), got.len(), "one row per key");
+    assert_eq!(&got, expected);
 }
 
 /// Every segment of the journal at `db` is as long as its committed bytes: no unreferenced tail
@@ -561,15 +566,7 @@ fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
         "each callback once"
     );
     let rows = ws.rows();
-    let got: BTreeMap<(String, i64), i64> = rows
-        .iter()
-        .map(|r| {
-            let day = (r.usage_start - DAY0) / DAY_US;
-            ((r.iccid.clone(), day), r.data_usage_bytes)
-        })
-        .collect();
-    assert_eq!(rows.len(), got.len(), "one row per key");
-    assert_eq!(got, expected);
+    assert_one_row_per_key(&rows, &expected);
     // The bodies read back from the segments (a rebuild of every partition) give the same rows.
     std::fs::remove_dir_all(ws.out().join("usage")).expect("remove output");
     let conn = rusqlite::Connection::open(&db).expect("open store");
