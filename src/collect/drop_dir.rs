@@ -20,9 +20,10 @@ use serde_json::value::RawValue;
 
 use super::{CollectError, Result};
 use super::{Intake, Prepared, now_micros};
+use crate::config::JournalCompression;
 use crate::normalize::collapse::RowSet;
 use crate::output::rejects::{RecordReject, RecordRejects};
-use crate::state::Store;
+use crate::state::{Frames, Store};
 
 /// Files whose callbacks are journaled before the batch is committed and the files moved.
 const BATCH_FILES: usize = 4096;
@@ -40,6 +41,21 @@ pub struct DropDirOptions {
     pub keep_files: bool,
     /// Files larger than this are skipped and reported.
     pub max_file_bytes: u64,
+    /// The parsing threads compress the bodies into zstd segment frames (see [`super::pack`]):
+    /// for a SQLite store with `state.journal_compression = "zstd"`, which appends them as they are.
+    pub pack_frames: bool,
+}
+
+impl DropDirOptions {
+    /// The options `config` asks for, files moved once journaled.
+    pub fn new(config: &crate::config::Config) -> Self {
+        DropDirOptions {
+            keep_files: false,
+            max_file_bytes: config.callbacks.max_file_bytes,
+            pack_frames: config.state.url.is_none()
+                && config.state.journal_compression == crate::config::JournalCompression::Zstd,
+        }
+    }
 }
 
 /// File counts for the run report.
@@ -133,9 +149,19 @@ pub fn collect<S: Store + ?Sized>(
             let (out_tx, out_rx) = mpsc::sync_channel::<Vec<FileOut>>(2);
             let mut worker = intake.worker();
             let spare_tx = spare_tx.clone();
+            let mut frames = options
+                .pack_frames
+                .then(|| Frames::new(JournalCompression::Zstd).ok())
+                .flatten();
             handles.push(scope.spawn(move || {
                 for unit in unit_rx {
-                    let (out, spare) = unit.prepare(&mut worker, limit);
+                    let (mut out, spare) = unit.prepare(&mut worker, limit);
+                    if let Some(frames) = frames.as_mut() {
+                        super::pack(
+                            frames,
+                            out.iter_mut().flat_map(|o| &mut o.prepared).collect(),
+                        );
+                    }
                     if let Some(buffer) = spare {
                         let _ = spare_tx.send(buffer);
                     }

@@ -27,7 +27,7 @@ use crate::normalize::payload::{Body, BodyError, CallbackKind};
 use crate::normalize::record::ParsedRecord;
 use crate::normalize::{self, RecordStats};
 use crate::output::rejects::RecordReject;
-use crate::state::{Digest, Journaled, NewCallback, Store, body_digest};
+use crate::state::{Digest, Frames, Journaled, NewCallback, Packed, Placement, Store, body_digest};
 
 /// Callback counts for the run report.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -127,11 +127,32 @@ pub struct Prepared {
     /// When it was first received (µs), for a callback restored from the archive; `None` for one
     /// received now.
     pub received_at: Option<i64>,
+    /// The body already compressed in a segment frame with others (see [`pack`]).
+    pub packed: Option<(Arc<Packed>, Placement)>,
 }
 
 impl crate::state::Journalable for Prepared {
     fn as_new(&self) -> NewCallback<'_> {
         Prepared::as_new(self)
+    }
+}
+
+/// Compresses the bodies of `prepared` into segment frames shared by them ([`Prepared::packed`]), so
+/// that the thread that commits them only appends the frames. Called by the threads that prepared
+/// them, in parallel. If compressing fails, they stay unpacked (the store then compresses them).
+pub fn pack(frames: &mut Frames, mut prepared: Vec<&mut Prepared>) {
+    let placements: std::io::Result<Vec<Placement>> = prepared
+        .iter()
+        .map(|p| frames.push(p.body.as_bytes()))
+        .collect();
+    let packed = placements.and_then(|at| Ok((frames.pack()?, at)));
+    let Ok((packed, placements)) = packed else {
+        frames.clear();
+        return;
+    };
+    let packed = Arc::new(packed);
+    for (p, at) in prepared.iter_mut().zip(placements) {
+        p.packed = Some((packed.clone(), at));
     }
 }
 
@@ -195,6 +216,7 @@ impl Prepared {
             source: &self.source,
             body: &self.body,
             encoded: None,
+            packed: self.packed.as_ref().map(|(p, at)| (&**p, *at)),
             digest: &self.digest,
             partitions: &self.partitions,
             received_at: self.received_at,
@@ -384,6 +406,7 @@ impl Intake {
                     records,
                     news,
                     received_at: None,
+                    packed: None,
                 })
             }
             Err(e) => {

@@ -82,10 +82,7 @@ pub async fn open<S: Store + Send + 'static>(
         }
         SourceKind::DropDir => Box::new(DropDir {
             dir: config.callbacks.drop_dir.clone(),
-            options: DropDirOptions {
-                keep_files: false,
-                max_file_bytes: config.callbacks.max_file_bytes,
-            },
+            options: DropDirOptions::new(config),
             intake: Intake::new(config.input.strict_luhn, config.output.partition_by)
                 .tell_tracker(),
             store: crate::state::open(&config.state)?,

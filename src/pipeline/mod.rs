@@ -245,7 +245,7 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
         RecordRejects::new(rejects_dir(out).join(format!("{run_id}-callbacks.jsonl")));
     let options = DropDirOptions {
         keep_files,
-        max_file_bytes: config.callbacks.max_file_bytes,
+        ..DropDirOptions::new(config)
     };
     let mut rows = publish::fresh_rows(config)?;
     // Archive files (an `output.dir/archive/` copied here, or that directory itself) are journaled

@@ -16,7 +16,7 @@ use std::ops::ControlFlow;
 
 pub use lock::RunLock;
 pub use postgres::PgStore;
-pub use segments::SEGMENT_DIR_EXTENSION;
+pub use segments::{Frames, Packed, Placement, SEGMENT_DIR_EXTENSION};
 pub use shared::AsyncStore;
 pub use sqlite::{SqliteStore, encode_body};
 pub use writer::{AfterCommit, Journalable, StateWriter};
@@ -57,6 +57,9 @@ pub struct NewCallback<'a> {
     /// writer thread's callers do it in their own tasks, in parallel, so that the one thread that
     /// commits does not. `None` leaves it to the store.
     pub encoded: Option<(&'a [u8], &'static str)>,
+    /// The body already in a segment frame ([`Frames::pack`]), for the SQLite store to append as
+    /// it is; other stores use `body`.
+    pub packed: Option<(&'a Packed, Placement)>,
     /// [`body_digest`] of the body: the journal's identity of a callback.
     pub digest: &'a Digest,
     /// Output partitions its usage records fall in (empty for completion and fault callbacks).

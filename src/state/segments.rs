@@ -64,6 +64,25 @@ pub struct Placement {
     len: usize,
 }
 
+/// Bodies packed into frames ahead of a commit, as [`Frames`] would write them: the drop
+/// directory's workers compress the bodies of what they read, in parallel, and the one thread that
+/// commits only appends the frames. Each body of it is a [`Placement`] in these frames.
+#[derive(Debug)]
+pub struct Packed {
+    /// The frames, back to back.
+    bytes: Vec<u8>,
+    /// `(start in bytes, length)` of each frame.
+    spans: Vec<(usize, usize)>,
+    zstd: bool,
+}
+
+impl Packed {
+    /// Whether its frames are zstd-compressed (a store writing the other kind ignores them).
+    pub fn is_zstd(&self) -> bool {
+        self.zstd
+    }
+}
+
 /// The bytes one commit appends: its bodies packed in frames. Kept by the store and reused from
 /// commit to commit (a listener commits small groups often: a new compressor and new buffers each
 /// time cost more than the compression).
@@ -148,6 +167,54 @@ impl Frames {
         self.spans.push((start, n));
         self.open.clear();
         Ok(())
+    }
+
+    /// Closes the open frame and hands over the frames of the bodies pushed so far (then empty).
+    pub fn pack(&mut self) -> std::io::Result<Packed> {
+        if !self.open.is_empty() {
+            self.close_frame()?;
+        }
+        Ok(Packed {
+            bytes: std::mem::take(&mut self.out),
+            spans: std::mem::take(&mut self.spans),
+            zstd: self.zstd.is_some(),
+        })
+    }
+
+    /// The bytes to append at `base` for bodies packed ahead ([`Frames::pack`]), and each body's
+    /// place: every frame that holds one of them, once, in the order the bodies come. A frame none
+    /// of them is in (its bodies were all journaled before) is left out.
+    pub fn adopt(
+        &mut self,
+        base: u64,
+        bodies: &[(&Packed, Placement)],
+        file: &str,
+    ) -> (&[u8], Vec<BodyRef>) {
+        self.clear();
+        // (which Packed, which frame) → where it starts in `out`.
+        let mut placed: HashMap<(*const Packed, usize), usize> = HashMap::new();
+        let refs = bodies
+            .iter()
+            .map(|&(packed, p)| {
+                let (from, len) = packed.spans[p.frame];
+                let start = *placed
+                    .entry((std::ptr::from_ref(packed), p.frame))
+                    .or_insert_with(|| {
+                        let start = self.out.len();
+                        self.out.extend_from_slice(&packed.bytes[from..from + len]);
+                        start
+                    });
+                BodyRef {
+                    file: file.to_owned(),
+                    frame_offset: base + start as u64,
+                    frame_len: len as u64,
+                    body_offset: p.offset as u64,
+                    body_len: p.len as u64,
+                    zstd: packed.zstd,
+                }
+            })
+            .collect();
+        (&self.out, refs)
     }
 
     /// The bytes to append at `base`, and each body's place.
@@ -476,6 +543,74 @@ mod tests {
             err.to_string().contains("does not match its digest"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn packed_frames_are_appended_once_each_and_frames_left_unused_are_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (name, file) = Appender::create(dir.path()).expect("create");
+        let mut appender = Appender::new(1, name.clone(), file);
+        // Two groups packed apart (two workers' units); the first spans two frames.
+        let mut worker = Frames::new(JournalCompression::Zstd).expect("frames");
+        let big = |i: usize| {
+            format!(
+                r#"{{"requestId":"a{i}","pad":"{}"}}"#,
+                "p".repeat(FRAME_BYTES / 3)
+            )
+        };
+        let first: Vec<String> = (0..4).map(big).collect();
+        let at_first: Vec<Placement> = first
+            .iter()
+            .map(|b| worker.push(b.as_bytes()).expect("push"))
+            .collect();
+        let first_packed = worker.pack().expect("pack");
+        assert_eq!(
+            first_packed.spans.len(),
+            2,
+            "a frame holds at most {FRAME_BYTES} bytes"
+        );
+        let second: Vec<String> = (0..3)
+            .map(|i| format!(r#"{{"requestId":"b{i}"}}"#))
+            .collect();
+        let at_second: Vec<Placement> = second
+            .iter()
+            .map(|b| worker.push(b.as_bytes()).expect("push"))
+            .collect();
+        let second_packed = worker.pack().expect("pack");
+        assert!(first_packed.is_zstd() && second_packed.is_zstd());
+        // The commit keeps bodies 0 and 3 of the first group (in different frames) and all of the
+        // second: three frames are written, each once; the first group's bodies 1 and 2 are dead
+        // bytes in those frames, like bodies of an earlier commit.
+        let kept: Vec<(&str, (&Packed, Placement))> = [0, 3]
+            .iter()
+            .map(|&i| (first[i].as_str(), (&first_packed, at_first[i])))
+            .chain(
+                second
+                    .iter()
+                    .zip(&at_second)
+                    .map(|(b, &p)| (b.as_str(), (&second_packed, p))),
+            )
+            .collect();
+        let bodies: Vec<(&Packed, Placement)> = kept.iter().map(|k| k.1).collect();
+        let mut frames = Frames::new(JournalCompression::Zstd).expect("frames");
+        let (bytes, refs) = frames.adopt(appender.end, &bodies, &name);
+        assert_eq!(
+            bytes.len(),
+            first_packed.bytes.len() + second_packed.bytes.len(),
+            "every frame once"
+        );
+        let end = appender.append(bytes).expect("append");
+        appender.committed(end);
+        assert_eq!(refs[2].frame_offset, refs[3].frame_offset, "one frame");
+        let reader = Reader::default();
+        for ((body, _), r) in kept.iter().zip(&refs) {
+            let digest = super::super::body_digest(body);
+            assert_eq!(&reader.read(dir.path(), r, &digest).expect("read"), body);
+        }
+        // Only the second group: the first group's frames are not written at all.
+        let (bytes, refs) = frames.adopt(end, &bodies[2..], &name);
+        assert_eq!(bytes.len(), second_packed.bytes.len());
+        assert_eq!(refs[0].frame_offset, end);
     }
 
     #[test]

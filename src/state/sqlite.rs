@@ -1043,12 +1043,21 @@ impl Store for SqliteStore {
             None => Frames::new(self.compression).map_err(self.io_err())?,
         };
         frames.clear();
-        let appended = fresh
+        // Bodies its caller packed in frames of this store's kind are appended as they are.
+        let zstd = self.compression == JournalCompression::Zstd;
+        let packed: Option<Vec<_>> = fresh
             .iter()
-            .map(|&i| frames.push(batch[i].body.as_bytes()))
-            .collect::<std::io::Result<Vec<_>>>()
-            .and_then(|placements| frames.finish(appender.end(), &placements, &appender.name))
-            .and_then(|(bytes, refs)| Ok((appender.append(bytes)?, refs)));
+            .map(|&i| batch[i].packed.filter(|(p, _)| p.is_zstd() == zstd))
+            .collect();
+        let appended = match packed {
+            Some(packed) => Ok(frames.adopt(appender.end(), &packed, &appender.name)),
+            None => fresh
+                .iter()
+                .map(|&i| frames.push(batch[i].body.as_bytes()))
+                .collect::<std::io::Result<Vec<_>>>()
+                .and_then(|placements| frames.finish(appender.end(), &placements, &appender.name)),
+        }
+        .and_then(|(bytes, refs)| Ok((appender.append(bytes)?, refs)));
         self.frames = Some(frames);
         let (end, refs) = match appended {
             Ok(done) => done,
@@ -1472,6 +1481,7 @@ mod tests {
             source: "a.json",
             body,
             encoded: None,
+            packed: None,
             partitions: &parts,
             received_at: None,
         };
@@ -1509,6 +1519,7 @@ mod tests {
             source: "a.json",
             body,
             encoded: None,
+            packed: None,
             partitions: parts,
             received_at: None,
         }

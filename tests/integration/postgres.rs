@@ -144,6 +144,7 @@ fn journal(store: &mut dyn Store, batch: &[Cb], received_at: i64) -> Vec<Journal
             source: "listener",
             body: &c.body,
             encoded: None,
+            packed: None,
             digest: &c.digest,
             partitions: &c.partitions,
             received_at: c.received_at,
