@@ -20,9 +20,12 @@ pub fn callback_body(data: &[u8]) {
     let Ok(body) = Body::parse(text) else {
         return;
     };
-    // Invariant: the one-pass reading is only a faster road to what the older reading gives.
+    // Invariant: the hand-written and the serde one-pass readings are only faster roads to what
+    // the older reading gives.
     let two_pass = Body::parse_two_pass(text)
         .unwrap_or_else(|e| panic!("the one pass read what the older reading rejects: {e}"));
+    let serde = Body::parse_serde(text)
+        .unwrap_or_else(|e| panic!("the hand-written reading read what serde rejects: {e}"));
     let summary = |b: &Body<'_>| {
         let strings: Vec<Option<String>> = CREDENTIAL_KEYS
             .iter()
@@ -46,6 +49,16 @@ pub fn callback_body(data: &[u8]) {
         summary(&body),
         summary(&two_pass),
         "the two readings differ"
+    );
+    assert_eq!(
+        summary(&serde),
+        summary(&two_pass),
+        "the serde readings differ"
+    );
+    assert_eq!(
+        body.stripped(),
+        serde.stripped(),
+        "the readings strip differently"
     );
     // Invariant: the stripped body is a JSON object without credentials, and means the same.
     let stripped = body.stripped();

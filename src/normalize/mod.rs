@@ -13,6 +13,7 @@
 pub mod collapse;
 pub mod payload;
 pub mod record;
+mod scan;
 pub mod values;
 
 use std::collections::{BTreeMap, BTreeSet};

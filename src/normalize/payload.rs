@@ -18,6 +18,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::record::{Records, TypedRecord};
+use super::scan::{Scan, is_ws};
 
 /// The echoed registration credentials: removed before anything rests on disk.
 pub const CREDENTIAL_KEYS: &[&str] = &["username", "password"];
@@ -115,6 +116,65 @@ impl<'de: 'a, 'a> Deserialize<'de> for OnePass<'a> {
     }
 }
 
+/// The hand-written reading of the usual body ([`super::scan`]): what [`OnePass`] gives, faster,
+/// or `None` (then serde reads it). `deviceResponse` must hold only `devicePromoUsageResponse`, a
+/// list of records [`TypedRecord::scan`] reads; every other member is checked by serde_json.
+fn scan_body(text: &str) -> Option<OnePass<'_>> {
+    let mut scan = Scan::new(text);
+    let mut members: Vec<(&str, &RawValue)> = Vec::with_capacity(6);
+    let mut device = None;
+    if !scan.open(b'{', b'}')? {
+        loop {
+            let key = scan.key()?;
+            if key == "deviceResponse" {
+                if device.is_some() {
+                    return None;
+                }
+                device = Some(scan_device(&mut scan)?);
+            } else {
+                if members.iter().any(|(k, _)| *k == key) {
+                    return None;
+                }
+                let raw: &RawValue = serde_json::from_str(scan.value_span()?).ok()?;
+                members.push((key, raw));
+            }
+            if !scan.next_or(b'}')? {
+                break;
+            }
+        }
+    }
+    scan.at_end().then_some(OnePass { members, device })
+}
+
+/// `deviceResponse` for [`scan_body`].
+fn scan_device<'a>(scan: &mut Scan<'a>) -> Option<DeviceResponse<TypedRecord<'a>>> {
+    let mut records = None;
+    if !scan.open(b'{', b'}')? {
+        loop {
+            if scan.key()? != "devicePromoUsageResponse" || records.is_some() {
+                return None;
+            }
+            let mut list = Vec::with_capacity(16);
+            if !scan.open(b'[', b']')? {
+                loop {
+                    list.push(TypedRecord::scan(scan)?);
+                    if !scan.next_or(b']')? {
+                        break;
+                    }
+                }
+            }
+            records = Some(list);
+            if !scan.next_or(b'}')? {
+                break;
+            }
+        }
+    }
+    Some(DeviceResponse {
+        records,
+        other: Vec::new(),
+    })
+}
+
 /// How a body was read.
 #[derive(Debug)]
 enum Read<'a> {
@@ -148,6 +208,19 @@ enum Device<'a> {
 impl<'a> Body<'a> {
     /// Reads `text`: it must be a JSON object without duplicate top-level keys.
     pub fn parse(text: &'a str) -> Result<Body<'a>, BodyError> {
+        if let Some(OnePass { members, device }) = scan_body(text) {
+            return Ok(Body {
+                text,
+                read: Read::OnePass { members, device },
+            });
+        }
+        Body::parse_serde(text)
+    }
+
+    /// The readings [`Body::parse`] has when the hand-written one gives up: serde's one pass, then
+    /// the older reading. Public for the fuzz harness, which checks the readings agree.
+    #[doc(hidden)]
+    pub fn parse_serde(text: &'a str) -> Result<Body<'a>, BodyError> {
         match serde_json::from_str::<OnePass<'a>>(text) {
             Ok(OnePass { members, device }) => Ok(Body {
                 text,
@@ -176,6 +249,12 @@ impl<'a> Body<'a> {
             text,
             read: Read::Raw(top.0),
         })
+    }
+
+    /// Whether the hand-written reading takes `text` (for tests and benchmarks).
+    #[doc(hidden)]
+    pub fn is_scanned(text: &str) -> bool {
+        scan_body(text).is_some()
     }
 
     /// Whether the body was read in the one pass (for tests and the fuzz harness).
@@ -409,11 +488,6 @@ impl<'a> Body<'a> {
             kind,
         })
     }
-}
-
-/// JSON insignificant whitespace.
-fn is_ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 /// The cuts that remove the top-level members `values` (key, raw value) from `text`, in order.
@@ -765,6 +839,83 @@ mod tests {
                 .expect("escaped")
                 .is_one_pass()
         );
+    }
+
+    #[test]
+    fn the_hand_written_reading_takes_the_usual_body_and_agrees_with_serde() {
+        let good = format!(
+            r#"{{"deviceIdentifierCollection":{ID},"dataUsage":"3072","smsUsage":"4","moSms":"1","mtSms":"3",{DATES}}}"#
+        );
+        let with = |records: &str, tail: &str| {
+            format!(
+                r#"{{"username":"u","password":"p","requestId":"r","deviceResponse":{{"devicePromoUsageResponse":[{records}]}}{tail}}}"#
+            )
+        };
+        let pretty = serde_json::to_string_pretty(
+            &serde_json::from_str::<serde_json::Value>(USAGE).expect("json"),
+        )
+        .expect("pretty");
+        // (body, whether the hand-written reading takes it)
+        let mut cases: Vec<(String, bool)> = vec![
+            (USAGE.into(), true),
+            (COMPLETION.into(), true),
+            (pretty, true),
+            (with(&format!("{good},{good}"), ""), true),
+            (
+                with(&good, r#","comment":"a \"quoted\" word","callbackCount":2"#),
+                true,
+            ),
+            (with(&good.replace(ID, "[]"), ""), true),
+            (with(&good.replace(ID, "[{}]"), ""), true),
+            (with(&good.replace(r#""smsUsage":"4","#, ""), ""), true),
+            (with(&good.replace(r#""3072""#, "3072"), ""), false),
+            (
+                with(&good.replace(r#""3072""#, r#""30\u00372""#), ""),
+                false,
+            ),
+            (with(&good.replace(r#""3072""#, "\"30\t72\""), ""), false),
+            (
+                with(&good.replace(r#""3072""#, r#""3072","extra":1"#), ""),
+                false,
+            ),
+            (
+                with(&good.replace(r#""4""#, r#""4","smsUsage":"5""#), ""),
+                false,
+            ),
+            (
+                with(&good.replace(r#""ICCID""#, r#""ICCID","x":"y""#), ""),
+                false,
+            ),
+            (with(&good, r#","requestId":"s""#), false),
+            (with(&good, ","), false),
+            (with(&format!("{good},"), ""), false),
+            (format!("{} x", with(&good, "")), false),
+            ("{}".into(), true),
+            (" { } ".into(), true),
+        ];
+        let own = cases.len();
+        cases.extend(bodies().into_iter().map(|b| (b, false)));
+        for (body, scanned) in &cases {
+            assert_eq!(
+                summary(Body::parse(body)),
+                summary(Body::parse_serde(body)),
+                "for {body}"
+            );
+            assert_eq!(
+                summary(Body::parse(body)),
+                summary(Body::parse_two_pass(body)),
+                "for {body}"
+            );
+            if let (Ok(a), Ok(b)) = (Body::parse(body), Body::parse_serde(body)) {
+                assert_eq!(a.stripped(), b.stripped(), "for {body}");
+            }
+            if *scanned {
+                assert!(Body::is_scanned(body), "not read by hand: {body}");
+            }
+        }
+        for (body, scanned) in &cases[..own] {
+            assert_eq!(Body::is_scanned(body), *scanned, "for {body}");
+        }
     }
 
     #[test]

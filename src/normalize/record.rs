@@ -3,6 +3,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::scan::Scan;
 use super::values::{RawScalar, ValueError, parse_count, parse_timestamp};
 use crate::ingest::{Iccid, IccidError};
 
@@ -75,6 +76,91 @@ struct WireId<'a> {
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]
 pub struct TypedRecord<'a>(#[serde(borrow)] WireRecord<'a, Vec<WireId<'a>>>);
+
+impl<'a> TypedRecord<'a> {
+    /// A record as the hand-written reader finds it ([`super::scan`]): an object with
+    /// `deviceIdentifierCollection` (a list of `{id, kind}`) and string values, each key once.
+    /// `None` for anything else, which the serde readings then take.
+    pub(super) fn scan(scan: &mut Scan<'a>) -> Option<Self> {
+        let mut ids = None;
+        let mut values: [RawScalar<'a>; 6] = Default::default();
+        if scan.open(b'{', b'}')? {
+            return None; // no deviceIdentifierCollection
+        }
+        loop {
+            let key = scan.key()?;
+            let slot = match key {
+                "deviceIdentifierCollection" => {
+                    if ids.is_some() {
+                        return None;
+                    }
+                    ids = Some(scan_ids(scan)?);
+                    None
+                }
+                "dataUsage" => Some(0),
+                "smsUsage" => Some(1),
+                "moSms" => Some(2),
+                "mtSms" => Some(3),
+                "startDate" => Some(4),
+                "endDate" => Some(5),
+                _ => return None,
+            };
+            if let Some(i) = slot {
+                if !matches!(values[i], RawScalar::Missing) {
+                    return None;
+                }
+                values[i] = RawScalar::Str(scan.string()?.into());
+            }
+            if !scan.next_or(b'}')? {
+                break;
+            }
+        }
+        let [data_usage, sms_usage, mo_sms, mt_sms, start_date, end_date] = values;
+        Some(TypedRecord(WireRecord {
+            ids: ids?,
+            data_usage,
+            sms_usage,
+            mo_sms,
+            mt_sms,
+            start_date,
+            end_date,
+        }))
+    }
+}
+
+/// `deviceIdentifierCollection` for [`TypedRecord::scan`]: `{id, kind}` objects with string values.
+fn scan_ids<'a>(scan: &mut Scan<'a>) -> Option<Vec<WireId<'a>>> {
+    let mut ids = Vec::with_capacity(1);
+    if scan.open(b'[', b']')? {
+        return Some(ids);
+    }
+    loop {
+        let mut id = WireId {
+            id: RawScalar::Missing,
+            kind: RawScalar::Missing,
+        };
+        if !scan.open(b'{', b'}')? {
+            loop {
+                let slot = match scan.key()? {
+                    "id" => &mut id.id,
+                    "kind" => &mut id.kind,
+                    _ => return None,
+                };
+                if !matches!(slot, RawScalar::Missing) {
+                    return None;
+                }
+                *slot = RawScalar::Str(scan.string()?.into());
+                if !scan.next_or(b'}')? {
+                    break;
+                }
+            }
+        }
+        ids.push(id);
+        if !scan.next_or(b']')? {
+            return Some(ids);
+        }
+    }
+}
 
 /// The usage records of a callback (`deviceResponse.devicePromoUsageResponse`).
 ///

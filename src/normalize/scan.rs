@@ -1,0 +1,178 @@
+//! A hand-written reader for the usual callback: the fastest of the readings of
+//! [`super::payload::Body::parse`], and the narrowest.
+//!
+//! It reads the body byte by byte into the same structures the serde reading gives, and gives up
+//! (`None`) at anything it was not written for: an escaped or non-string value where a string is
+//! expected, a member a record does not usually have, a duplicate key, a `null` record list. Then
+//! the serde readings take the body, with their errors. It never accepts what they reject: every
+//! member it does not read itself is handed to serde_json whole, and what it reads itself is checked
+//! against the JSON grammar (strings without control characters, only JSON whitespace, nothing after
+//! the object). The fuzz harness holds it to the same results (`fuzzing::callback_body`).
+
+/// JSON insignificant whitespace.
+pub(super) fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// A position in a body's text.
+pub(super) struct Scan<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    pub fn new(text: &'a str) -> Self {
+        Scan { text, at: 0 }
+    }
+
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    /// Skips whitespace; the next byte, if any.
+    pub fn peek(&mut self) -> Option<u8> {
+        let bytes = self.bytes();
+        while let Some(&b) = bytes.get(self.at) {
+            if !is_ws(b) {
+                return Some(b);
+            }
+            self.at += 1;
+        }
+        None
+    }
+
+    /// Skips whitespace, then `b`.
+    pub fn eat(&mut self, b: u8) -> Option<()> {
+        (self.peek()? == b).then(|| self.at += 1)
+    }
+
+    /// After whitespace: `,` (true: another member or element follows) or `close` (false).
+    pub fn next_or(&mut self, close: u8) -> Option<bool> {
+        match self.peek()? {
+            b',' => {
+                self.at += 1;
+                Some(true)
+            }
+            b if b == close => {
+                self.at += 1;
+                Some(false)
+            }
+            _ => None,
+        }
+    }
+
+    /// After whitespace: `open`, then whether the object or list is empty (its `close` is taken).
+    pub fn open(&mut self, open: u8, close: u8) -> Option<bool> {
+        self.eat(open)?;
+        if self.peek()? == close {
+            self.at += 1;
+            return Some(true);
+        }
+        Some(false)
+    }
+
+    /// After whitespace: a string without escapes, its text between the quotes.
+    pub fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.at;
+        let len = memchr::memchr2(b'"', b'\\', self.bytes().get(start..)?)?;
+        let end = start + len;
+        if self.bytes()[end] != b'"' {
+            return None;
+        }
+        let text = self.text.get(start..end)?;
+        // JSON strings hold no raw control characters.
+        if text.bytes().any(|b| b < 0x20) {
+            return None;
+        }
+        self.at = end + 1;
+        Some(text)
+    }
+
+    /// After whitespace: a key and its colon.
+    pub fn key(&mut self) -> Option<&'a str> {
+        let key = self.string()?;
+        self.eat(b':')?;
+        Some(key)
+    }
+
+    /// After whitespace: the text of one value of any kind, found by its delimiters only. The
+    /// caller has serde_json check it (a wrong span fails there, or leaves a wrong byte after it).
+    pub fn value_span(&mut self) -> Option<&'a str> {
+        let first = self.peek()?;
+        let start = self.at;
+        let bytes = self.bytes();
+        let mut depth = 0usize;
+        loop {
+            let b = *bytes.get(self.at)?;
+            match b {
+                b'"' => {
+                    // To the closing quote, over escapes.
+                    self.at += 1;
+                    loop {
+                        let n = memchr::memchr2(b'"', b'\\', bytes.get(self.at..)?)?;
+                        self.at += n;
+                        if bytes[self.at] == b'"' {
+                            break;
+                        }
+                        self.at += 2;
+                    }
+                    self.at += 1;
+                }
+                b'{' | b'[' => {
+                    depth += 1;
+                    self.at += 1;
+                }
+                b'}' | b']' if depth > 0 => {
+                    depth -= 1;
+                    self.at += 1;
+                }
+                b',' | b'}' | b']' if depth == 0 => break,
+                b if depth == 0 && is_ws(b) => break,
+                _ => self.at += 1,
+            }
+            if depth == 0 && matches!(first, b'"' | b'{' | b'[') {
+                break;
+            }
+        }
+        self.text.get(start..self.at)
+    }
+
+    /// Whether only whitespace is left.
+    pub fn at_end(&mut self) -> bool {
+        self.peek().is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_with_escapes_or_control_characters_are_left_to_serde() {
+        assert_eq!(Scan::new(r#" "abc" "#).string(), Some("abc"));
+        assert_eq!(Scan::new(r#""a\"b""#).string(), None);
+        assert_eq!(Scan::new("\"a\tb\"").string(), None);
+        assert_eq!(Scan::new(r#""open"#).string(), None);
+        assert_eq!(Scan::new("x").string(), None);
+    }
+
+    #[test]
+    fn value_spans_end_at_their_delimiters() {
+        let span = |t: &str| {
+            let mut s = Scan::new(t);
+            s.value_span().map(|v| (v.to_owned(), s.peek()))
+        };
+        assert_eq!(
+            span(r#" "a\"}" , 1"#),
+            Some((r#""a\"}""#.into(), Some(b',')))
+        );
+        assert_eq!(
+            span(r#"{"a":[1,{"b":"]"}]} }"#),
+            Some((r#"{"a":[1,{"b":"]"}]}"#.into(), Some(b'}')))
+        );
+        assert_eq!(span("12.5e3}"), Some(("12.5e3".into(), Some(b'}'))));
+        assert_eq!(span("true ,"), Some(("true".into(), Some(b','))));
+        assert_eq!(span(r#"{"a":1"#), None, "unterminated");
+    }
+}
