@@ -28,7 +28,7 @@ use crate::state::{Frames, Store};
 /// Files whose callbacks are journaled before the batch is committed and the files moved.
 const BATCH_FILES: usize = 4096;
 /// Body bytes (as text) journaled per commit at most; a large NDJSON file is committed in parts.
-const BATCH_BYTES: usize = 32 * 1024 * 1024;
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Where processed and rejected files go, inside the drop directory.
 pub const PROCESSED_DIR: &str = "processed";

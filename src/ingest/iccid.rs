@@ -106,6 +106,35 @@ impl Iccid {
 }
 
 impl Iccid {
+    /// The ICCID packed in one word, ordered as the text: the digits after the `89` every ICCID
+    /// starts with, in base 11 (a digit `d` as `d + 1`, the missing 20th digit of a 19-digit ICCID
+    /// as 0, which sorts first as the text's end does). 11^18 < 2^64.
+    pub fn key(&self) -> u64 {
+        self.digits[2..].iter().fold(0u64, |key, &b| {
+            key * 11 + u64::from(b.saturating_sub(b'0' - 1))
+        })
+    }
+
+    /// The ICCID of a [`Iccid::key`]; `None` for a word no ICCID packs to.
+    pub fn from_key(mut key: u64) -> Option<Iccid> {
+        let mut digits = [0u8; 20];
+        for at in (2..20).rev() {
+            let symbol = (key % 11) as u8;
+            key /= 11;
+            digits[at] = if symbol == 0 { 0 } else { b'0' + symbol - 1 };
+        }
+        digits[..2].copy_from_slice(b"89");
+        let len = digits.iter().position(|&b| b == 0).unwrap_or(20);
+        // Only a 19-digit ICCID has a zero symbol, and only last.
+        if key != 0 || !(19..=20).contains(&len) || digits[len..].iter().any(|&b| b != 0) {
+            return None;
+        }
+        Some(Iccid {
+            digits,
+            len: len as u8,
+        })
+    }
+
     /// The digits as two big-endian words: comparing them compares the text (a 19-digit ICCID has a
     /// zero byte last, which sorts before any digit).
     fn words(&self) -> (u128, u32) {
@@ -213,6 +242,30 @@ pub(crate) fn describe_char(c: char) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn keys_round_trip_and_order_as_the_text() {
+        let texts = [
+            "8900000000000000000",
+            "89000000000000000000",
+            "8914800000015715804",
+            "89148000000010888700",
+            "89148000000015715804",
+            "8914800000080013970",
+            "89999999999999999999",
+            "8999999999999999999",
+        ];
+        let mut ids: Vec<Iccid> = texts.iter().map(|t| Iccid::parse(t).expect(t)).collect();
+        for id in &ids {
+            assert_eq!(Iccid::from_key(id.key()), Some(*id), "{id}");
+        }
+        ids.sort();
+        let by_key: Vec<u64> = ids.iter().map(Iccid::key).collect();
+        assert!(by_key.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert_eq!(Iccid::from_key(u64::MAX), None);
+        assert_eq!(Iccid::from_key(0), None, "an 18-digit text is no ICCID");
+    }
+
     use super::*;
 
     #[test]

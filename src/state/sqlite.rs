@@ -1005,8 +1005,9 @@ impl Store for SqliteStore {
         let mut outcomes = vec![Journaled::AlreadyJournaled; batch.len()];
         let mut fresh = Vec::with_capacity(batch.len());
         {
-            let mut known = self
-                .conn
+            // In one read transaction: the file lock is taken once, not once per lookup.
+            let read = self.conn.unchecked_transaction().map_err(self.err())?;
+            let mut known = read
                 .prepare_cached("SELECT 1 FROM callbacks WHERE body_digest = ?1")
                 .map_err(self.err())?;
             let mut seen = std::collections::HashSet::with_capacity(batch.len());
@@ -1015,6 +1016,8 @@ impl Store for SqliteStore {
                     fresh.push(i);
                 }
             }
+            drop(known);
+            read.commit().map_err(self.err())?;
         }
         if fresh.is_empty() {
             return Ok(outcomes);

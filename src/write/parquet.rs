@@ -412,9 +412,13 @@ impl<I: Iterator<Item = Result<Row, WriteError>>> RowSource for CollapsedRows<'_
                         path: path.to_owned(),
                         message: "a row without its callback".into(),
                     })?;
+            let iccid = row.iccid.iccid().ok_or_else(|| WriteError::Parquet {
+                path: path.to_owned(),
+                message: "a row with a damaged ICCID".into(),
+            })?;
             columns.push(
                 &origin.account_name,
-                row.iccid.as_str(),
+                iccid.as_str(),
                 row.usage_start,
                 row.usage_end,
                 row.counts,
