@@ -74,19 +74,20 @@ impl<'a> Scan<'a> {
     /// After whitespace: a string without escapes, its text between the quotes.
     pub fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
-        let start = self.at;
-        let len = memchr::memchr2(b'"', b'\\', self.bytes().get(start..)?)?;
-        let end = start + len;
-        if self.bytes()[end] != b'"' {
-            return None;
-        }
-        let text = self.text.get(start..end)?;
-        // JSON strings hold no raw control characters.
-        if text.bytes().any(|b| b < 0x20) {
-            return None;
+        let (bytes, start) = (self.bytes(), self.at);
+        // Byte by byte: the strings here are short (keys, counts, dates, ICCIDs), and one pass
+        // finds the end and checks there is no escape and no raw control character (not JSON).
+        let mut end = start;
+        loop {
+            match *bytes.get(end)? {
+                b'"' => break,
+                b'\\' => return None,
+                b if b < 0x20 => return None,
+                _ => end += 1,
+            }
         }
         self.at = end + 1;
-        Some(text)
+        self.text.get(start..end)
     }
 
     /// After whitespace: a key and its colon.
