@@ -271,11 +271,10 @@ impl PartitionRows {
     /// The collapsed rows in (iccid, usage_start, usage_end) order: per key, the newest origin's.
     /// Returns them with the number of records superseded. Run files are removed when done.
     pub fn collapsed(mut self) -> Result<Collapsed, WriteError> {
-        self.rows.sort_unstable_by_key(Row::sort_key);
         if self.runs.is_empty() {
-            // All in memory: one sorted input, no merge.
+            // All in memory: sorted in two halves at once, merged as they are read.
             return Ok(Collapsed {
-                only: Some(std::mem::take(&mut self.rows).into_iter()),
+                only: Some(Halves::sort(std::mem::take(&mut self.rows))),
                 sources: Vec::new(),
                 heap: BinaryHeap::new(),
                 pending: None,
@@ -283,6 +282,7 @@ impl PartitionRows {
                 collapsed: 0,
             });
         }
+        self.rows.sort_unstable_by_key(Row::sort_key);
         let mut sources = Vec::with_capacity(self.runs.len() + 1);
         for path in &self.runs {
             let file = File::open(path).map_err(|e| WriteError::io(path, e))?;
@@ -339,11 +339,64 @@ impl Source {
 
 type HeapItem = std::cmp::Reverse<((IccidKey, i64, i64, u32), usize, Row)>;
 
+/// Rows from this many on are sorted on two threads.
+const PARALLEL_SORT_ROWS: usize = 1 << 16;
+
+/// The rows of a partition that never spilled, sorted as two halves (on two threads: the sort is
+/// most of the work before the Parquet encoders have anything to do), merged as they are read.
+#[derive(Debug)]
+struct Halves {
+    rows: Vec<Row>,
+    left: std::ops::Range<usize>,
+    right: std::ops::Range<usize>,
+}
+
+impl Halves {
+    fn sort(mut rows: Vec<Row>) -> Halves {
+        let n = rows.len();
+        let mid = if n >= PARALLEL_SORT_ROWS { n / 2 } else { n };
+        let (left, right) = rows.split_at_mut(mid);
+        std::thread::scope(|scope| {
+            if !right.is_empty() {
+                scope.spawn(|| right.sort_unstable_by_key(Row::sort_key));
+            }
+            left.sort_unstable_by_key(Row::sort_key);
+        });
+        Halves {
+            rows,
+            left: 0..mid,
+            right: mid..n,
+        }
+    }
+
+    fn head(&self, range: &std::ops::Range<usize>) -> Option<&Row> {
+        if range.is_empty() {
+            None
+        } else {
+            self.rows.get(range.start)
+        }
+    }
+
+    fn next(&mut self) -> Option<Row> {
+        let right = match (self.head(&self.left), self.head(&self.right)) {
+            (Some(l), Some(r)) => r.sort_key() < l.sort_key(),
+            (None, r) => r.is_some(),
+            (Some(_), None) => false,
+        };
+        let at = if right {
+            self.right.next()
+        } else {
+            self.left.next()
+        }?;
+        self.rows.get(at).copied()
+    }
+}
+
 /// The merge of a partition's sorted inputs, collapsed: an iterator of rows.
 #[derive(Debug)]
 pub struct Collapsed {
     /// The only input, when nothing was spilled (then `sources` and `heap` are empty).
-    only: Option<std::vec::IntoIter<Row>>,
+    only: Option<Halves>,
     sources: Vec<Source>,
     heap: BinaryHeap<HeapItem>,
     /// The newest row seen so far for the current key.
@@ -566,11 +619,15 @@ mod tests {
 
     #[test]
     fn spilling_changes_nothing_in_the_result() {
-        let iccids = [
-            "89148000000800139702",
-            "8914800000080013970",
-            "89148000000800139710",
-        ];
+        // 19- and 20-digit ICCIDs, so that the row key's order is checked against the text's; and
+        // enough rows that the in-memory sort takes two threads.
+        let iccids: Vec<String> = (0..30)
+            .map(|k| match k % 2 {
+                0 => format!("89148000000800139{k:03}"),
+                _ => format!("8914800000080013{k:03}"),
+            })
+            .collect();
+        let keys = iccids.len() as i64 * 1000;
         let collect = |memory_bytes: usize| {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut set = RowSet::new(PartitionBy::Day, Arc::from("a"), memory_bytes, dir.path());
@@ -578,10 +635,10 @@ mod tests {
                 for day in 0..2i64 {
                     let n = round * 10 + day;
                     let o = set.add_origin(&format!("r{n}"), None, n);
-                    for i in 0..3000i64 {
-                        let iccid = iccids[(i % 3) as usize];
+                    for i in 0..keys {
+                        let iccid = &iccids[(i % 30) as usize];
                         // Keys repeat across rounds: the last round's value must win.
-                        let r = record(iccid, day, i / 3, i / 3 * 1000 + round);
+                        let r = record(iccid, day, i / 30, i / 30 * 1000 + round);
                         set.push(o, &r).expect("push");
                     }
                 }
@@ -605,10 +662,11 @@ mod tests {
         assert_eq!(leftovers, 0, "run files are removed");
         assert_eq!(in_memory.len(), 2);
         for (name, records_in, collapsed, rows) in &in_memory {
-            assert_eq!(*records_in, 9000, "{name}");
-            // 3 ICCIDs x 1,000 minutes, each key received in 3 rounds.
-            assert_eq!(rows.len(), 3000);
-            assert_eq!(*collapsed, 6000);
+            assert_eq!(*records_in as usize, 3 * keys as usize, "{name}");
+            assert!(*records_in as usize >= PARALLEL_SORT_ROWS);
+            // 30 ICCIDs x 1,000 minutes, each key received in 3 rounds.
+            assert_eq!(rows.len(), keys as usize);
+            assert_eq!(*collapsed, 2 * keys as u64);
             assert!(
                 rows.iter().all(|r| r.data_usage_bytes % 1000 == 2),
                 "last round wins"

@@ -251,6 +251,7 @@ impl PartitionWriter {
             // time (it is built, then abandoned past its size limit) and bytes.
             .set_column_dictionary_enabled(ColumnPath::from("iccid"), false)
             .set_column_dictionary_enabled(ColumnPath::from("request_id"), false)
+            .set_column_dictionary_enabled(ColumnPath::from("data_usage_bytes"), false)
             .set_created_by(format!("tsusage {}", env!("CARGO_PKG_VERSION")))
             .set_key_value_metadata(Some(vec![
                 KeyValue::new(META_SCHEMA_VERSION.to_owned(), SCHEMA_VERSION.to_owned()),
