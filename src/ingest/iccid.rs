@@ -59,6 +59,19 @@ impl Iccid {
     /// assert!(Iccid::parse("8.91480E+19").is_err());
     /// ```
     pub fn parse(text: &str) -> Result<Iccid, IccidError> {
+        let bytes = text.as_bytes();
+        if (19..=20).contains(&bytes.len())
+            && bytes.starts_with(b"89")
+            && bytes.iter().all(u8::is_ascii_digit)
+        {
+            let mut digits = [0u8; 20];
+            digits[..bytes.len()].copy_from_slice(bytes);
+            return Ok(Iccid {
+                digits,
+                len: bytes.len() as u8,
+            });
+        }
+        // Not an ICCID: which rule it breaks, first to last.
         if text.is_empty() {
             return Err(IccidError::Empty);
         }

@@ -82,34 +82,52 @@ impl<'a> TypedRecord<'a> {
     /// `deviceIdentifierCollection` (a list of `{id, kind}`) and string values, each key once.
     /// `None` for anything else, which the serde readings then take.
     pub(super) fn scan(scan: &mut Scan<'a>) -> Option<Self> {
+        /// The members of a record, in the order the vendor writes them: each key is first looked
+        /// for as the bytes that usually come next (`"dataUsage":`), then read as any key.
+        const KEYS: [&str; 7] = [
+            "deviceIdentifierCollection",
+            "dataUsage",
+            "smsUsage",
+            "moSms",
+            "mtSms",
+            "startDate",
+            "endDate",
+        ];
+        const USUAL: [&[u8]; 7] = [
+            b"\"deviceIdentifierCollection\":",
+            b"\"dataUsage\":",
+            b"\"smsUsage\":",
+            b"\"moSms\":",
+            b"\"mtSms\":",
+            b"\"startDate\":",
+            b"\"endDate\":",
+        ];
         let mut ids = None;
         let mut values: [RawScalar<'a>; 6] = Default::default();
         if scan.open(b'{', b'}')? {
             return None; // no deviceIdentifierCollection
         }
+        let mut next = 0;
         loop {
-            let key = scan.key()?;
-            let slot = match key {
-                "deviceIdentifierCollection" => {
-                    if ids.is_some() {
-                        return None;
-                    }
-                    ids = Some(scan_ids(scan)?);
-                    None
+            let field = match USUAL.get(next) {
+                Some(usual) if scan.literal(usual) => next,
+                _ => {
+                    let key = scan.key()?;
+                    KEYS.iter().position(|k| *k == key)?
                 }
-                "dataUsage" => Some(0),
-                "smsUsage" => Some(1),
-                "moSms" => Some(2),
-                "mtSms" => Some(3),
-                "startDate" => Some(4),
-                "endDate" => Some(5),
-                _ => return None,
             };
-            if let Some(i) = slot {
-                if !matches!(values[i], RawScalar::Missing) {
+            next = field + 1;
+            if field == 0 {
+                if ids.is_some() {
                     return None;
                 }
-                values[i] = RawScalar::Str(scan.string()?.into());
+                ids = Some(scan_ids(scan)?);
+            } else {
+                let value = values.get_mut(field - 1)?;
+                if !matches!(value, RawScalar::Missing) {
+                    return None;
+                }
+                *value = RawScalar::Str(scan.string()?.into());
             }
             if !scan.next_or(b'}')? {
                 break;
@@ -141,10 +159,16 @@ fn scan_ids<'a>(scan: &mut Scan<'a>) -> Option<Vec<WireId<'a>>> {
         };
         if !scan.open(b'{', b'}')? {
             loop {
-                let slot = match scan.key()? {
-                    "id" => &mut id.id,
-                    "kind" => &mut id.kind,
-                    _ => return None,
+                let slot = if scan.literal(b"\"id\":") {
+                    &mut id.id
+                } else if scan.literal(b"\"kind\":") {
+                    &mut id.kind
+                } else {
+                    match scan.key()? {
+                        "id" => &mut id.id,
+                        "kind" => &mut id.kind,
+                        _ => return None,
+                    }
                 };
                 if !matches!(slot, RawScalar::Missing) {
                     return None;
@@ -197,10 +221,11 @@ impl Records<'_> {
         strict_luhn: bool,
     ) -> impl Iterator<Item = Result<ParsedRecord, RecordError>> + '_ {
         let n = self.len();
+        let mut window = Window::default();
         (0..n).map(move |i| match self {
             Records::Typed(r) => {
                 let wire = &r[i].0;
-                iccid_of(&wire.ids).and_then(|iccid| check(wire, iccid, strict_luhn))
+                iccid_of(&wire.ids).and_then(|iccid| check(wire, iccid, strict_luhn, &mut window))
             }
             Records::Raw(r) => parse_record(r[i], strict_luhn),
         })
@@ -218,13 +243,39 @@ pub fn parse_record(raw: &RawValue, strict_luhn: bool) -> Result<ParsedRecord, R
             reason: format!("not a usage record object: {e}"),
         })?;
     let iccid = parse_iccid(wire.ids.0)?;
-    check(&wire, iccid, strict_luhn)
+    check(&wire, iccid, strict_luhn, &mut Window::default())
 }
 
-fn check<I>(
-    wire: &WireRecord<'_, I>,
+/// The last `startDate` and `endDate` texts read, with their values: the records of a callback
+/// nearly always share one window, so each text is parsed once per callback, not once per record.
+#[derive(Default)]
+struct Window<'a> {
+    start: Option<(&'a str, i64)>,
+    end: Option<(&'a str, i64)>,
+}
+
+/// [`parse_timestamp`], or the value of `last` when `raw` is its text; remembers what it parsed.
+fn timestamp<'a>(
+    raw: &RawScalar<'a>,
+    last: &mut Option<(&'a str, i64)>,
+) -> Result<i64, ValueError> {
+    if let (RawScalar::Str(text), Some((seen, value))) = (raw, *last)
+        && text.as_ref() == seen
+    {
+        return Ok(value);
+    }
+    let value = parse_timestamp(raw)?;
+    if let RawScalar::Str(std::borrow::Cow::Borrowed(text)) = raw {
+        *last = Some((text, value));
+    }
+    Ok(value)
+}
+
+fn check<'a, I>(
+    wire: &WireRecord<'a, I>,
     iccid: Iccid,
     strict_luhn: bool,
+    window: &mut Window<'a>,
 ) -> Result<ParsedRecord, RecordError> {
     let fail = |field: &'static str, raw: &RawScalar<'_>, e: ValueError| RecordError {
         iccid: Some(iccid.to_string()),
@@ -246,10 +297,10 @@ fn check<I>(
         }
         luhn_warning = true;
     }
-    let usage_start =
-        parse_timestamp(&wire.start_date).map_err(|e| fail("startDate", &wire.start_date, e))?;
-    let usage_end =
-        parse_timestamp(&wire.end_date).map_err(|e| fail("endDate", &wire.end_date, e))?;
+    let usage_start = timestamp(&wire.start_date, &mut window.start)
+        .map_err(|e| fail("startDate", &wire.start_date, e))?;
+    let usage_end = timestamp(&wire.end_date, &mut window.end)
+        .map_err(|e| fail("endDate", &wire.end_date, e))?;
     if usage_start >= usage_end {
         return Err(fail(
             "endDate",

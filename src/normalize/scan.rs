@@ -97,6 +97,22 @@ impl<'a> Scan<'a> {
         Some(key)
     }
 
+    /// After whitespace: exactly `quoted` (a key with its quotes and colon, `"id":`), taken if it
+    /// is there. The same as [`Scan::key`] giving that key, for the keys expected next.
+    pub fn literal(&mut self, quoted: &[u8]) -> bool {
+        if self.peek().is_none() {
+            return false;
+        }
+        let found = self
+            .bytes()
+            .get(self.at..)
+            .is_some_and(|rest| rest.starts_with(quoted));
+        if found {
+            self.at += quoted.len();
+        }
+        found
+    }
+
     /// After whitespace: the text of one value of any kind, found by its delimiters only. The
     /// caller has serde_json check it (a wrong span fails there, or leaves a wrong byte after it).
     pub fn value_span(&mut self) -> Option<&'a str> {
