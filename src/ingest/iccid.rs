@@ -118,24 +118,43 @@ impl Iccid {
     }
 }
 
+/// 11^9: [`Iccid::key`] is `high * KEY_HALF + low`, nine base-11 symbols in each.
+const KEY_HALF: u64 = 2_357_947_691;
+
 impl Iccid {
     /// The ICCID packed in one word, ordered as the text: the digits after the `89` every ICCID
     /// starts with, in base 11 (a digit `d` as `d + 1`, the missing 20th digit of a 19-digit ICCID
     /// as 0, which sorts first as the text's end does). 11^18 < 2^64.
     pub fn key(&self) -> u64 {
-        self.digits[2..].iter().fold(0u64, |key, &b| {
-            key * 11 + u64::from(b.saturating_sub(b'0' - 1))
-        })
+        // Two halves of nine symbols, each in 32 bits: two short chains instead of one long one.
+        let half = |symbols: &[u8]| {
+            symbols.iter().fold(0u32, |key, &b| {
+                key * 11 + u32::from(b.saturating_sub(b'0' - 1))
+            })
+        };
+        u64::from(half(&self.digits[2..11])) * KEY_HALF + u64::from(half(&self.digits[11..20]))
     }
 
     /// The ICCID of a [`Iccid::key`]; `None` for a word no ICCID packs to.
-    pub fn from_key(mut key: u64) -> Option<Iccid> {
+    pub fn from_key(key: u64) -> Option<Iccid> {
+        let Ok(mut high) = u32::try_from(key / KEY_HALF) else {
+            return None;
+        };
+        let mut low = (key % KEY_HALF) as u32;
+        let digit = |symbol: u32| {
+            if symbol == 0 {
+                0
+            } else {
+                b'0' + symbol as u8 - 1
+            }
+        };
         let mut digits = [0u8; 20];
-        for at in (2..20).rev() {
-            let symbol = (key % 11) as u8;
-            key /= 11;
-            digits[at] = if symbol == 0 { 0 } else { b'0' + symbol - 1 };
+        for at in (2..11).rev() {
+            digits[at] = digit(high % 11);
+            digits[at + 9] = digit(low % 11);
+            (high, low) = (high / 11, low / 11);
         }
+        let key = high;
         digits[..2].copy_from_slice(b"89");
         let len = digits.iter().position(|&b| b == 0).unwrap_or(20);
         // Only a 19-digit ICCID has a zero symbol, and only last.

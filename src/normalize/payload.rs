@@ -4,10 +4,12 @@
 //! [`strip_credentials`] and [`parse_callback`], so a payload means the same thing wherever it came from.
 //!
 //! A body is read in one pass in the usual case: the top level with `deviceResponse` straight into
-//! typed records and the small members kept as raw text. Anything unusual (a record of another shape,
-//! an escaped or duplicate top-level key, a body that is not a JSON object) makes that pass fail, and
-//! the body is read again the older way (top level raw, then typed or record-by-record records), which
-//! also gives the errors: both readings give the same results, the one pass is only faster.
+//! typed records and the small members kept as raw text. The hand-written reader ([`super::scan`])
+//! tries first; at anything it was not written for it gives up and serde's one pass reads the body.
+//! Anything unusual (a record of another shape, an escaped or duplicate top-level key, a body that
+//! is not a JSON object) makes that pass fail too, and the body is read again the older way (top
+//! level raw, then typed or record-by-record records), which also gives the errors: all readings
+//! give the same results, the earlier ones are only faster.
 
 use std::borrow::Cow;
 use std::fmt;
