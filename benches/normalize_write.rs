@@ -70,18 +70,36 @@ fn bench(c: &mut Criterion) {
     // segment as zstd frames or plain (the drop directory's batches), and kept in the rows, each
     // body compressed alone (what the listener's commits do), every commit fsynced. Each commit's
     // digests are new (a counter), so nothing is recognized as journaled before.
-    for (name, compression, in_rows) in [
+    // The same bodies packed in frames ahead, as the drop directory's parsing threads do: the
+    // commit then only appends the frames.
+    let mut packed = prepared.clone();
+    let mut frames = tsusage::state::Frames::new(JournalCompression::Zstd).expect("frames");
+    tsusage::collect::pack(&mut frames, packed.iter_mut().collect());
+    for (name, compression, in_rows, source) in [
         (
             "journal_segment_zstd_100x100",
             JournalCompression::Zstd,
             false,
+            &prepared,
+        ),
+        (
+            "journal_segment_packed_100x100",
+            JournalCompression::Zstd,
+            false,
+            &packed,
         ),
         (
             "journal_segment_plain_100x100",
             JournalCompression::None,
             false,
+            &prepared,
         ),
-        ("journal_rows_100x100", JournalCompression::Zstd, true),
+        (
+            "journal_rows_100x100",
+            JournalCompression::Zstd,
+            true,
+            &prepared,
+        ),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open_with(&dir.path().join("t.db"), compression).expect("store");
@@ -102,7 +120,7 @@ fn bench(c: &mut Criterion) {
                         d
                     })
                     .collect();
-                let new: Vec<_> = prepared
+                let new: Vec<_> = source
                     .iter()
                     .zip(&digests)
                     .map(|(p, d)| NewCallback {
