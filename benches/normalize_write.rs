@@ -134,7 +134,8 @@ fn bench(c: &mut Criterion) {
     }
     let account: Arc<str> = Arc::from("0000123456-00001");
     let spill = tempfile::tempdir().expect("tempdir");
-    let collapse = || {
+    // The records of the 100 callbacks in a row set, and their one partition taken out of it.
+    let fill = || {
         let mut set = RowSet::new(PartitionBy::Day, account.clone(), 64 << 20, spill.path());
         for p in &prepared {
             let origin = set.add_origin(&p.request_id, None, 1);
@@ -143,6 +144,10 @@ fn bench(c: &mut Criterion) {
             }
         }
         let part = set.take("usage_date=2021-08-15").expect("partition");
+        (set, part)
+    };
+    let collapse = || {
+        let (set, part) = fill();
         let rows: Vec<_> = part
             .collapsed()
             .expect("merge")
@@ -163,14 +168,7 @@ fn bench(c: &mut Criterion) {
     // The publish path: collapsed rows typed straight into the column builders.
     group.bench_function("collapse_write_10k_rows", |b| {
         b.iter(|| {
-            let mut set = RowSet::new(PartitionBy::Day, account.clone(), 64 << 20, spill.path());
-            for p in &prepared {
-                let origin = set.add_origin(&p.request_id, None, 1);
-                for r in &p.records {
-                    set.push(origin, r).expect("push");
-                }
-            }
-            let part = set.take("usage_date=2021-08-15").expect("partition");
+            let (set, part) = fill();
             let rows = part.collapsed().expect("merge");
             black_box(
                 writer

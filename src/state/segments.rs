@@ -64,6 +64,20 @@ pub struct Placement {
     len: usize,
 }
 
+impl Placement {
+    /// Where the body is once its frame (`frame_len` bytes) is at `frame_offset` of segment `file`.
+    fn body_ref(&self, file: &str, frame_offset: u64, frame_len: usize, zstd: bool) -> BodyRef {
+        BodyRef {
+            file: file.to_owned(),
+            frame_offset,
+            frame_len: frame_len as u64,
+            body_offset: self.offset as u64,
+            body_len: self.len as u64,
+            zstd,
+        }
+    }
+}
+
 /// Bodies packed into frames ahead of a commit, as [`Frames`] would write them: the drop
 /// directory's workers compress the bodies of what they read, in parallel, and the one thread that
 /// commits only appends the frames. Each body of it is a [`Placement`] in these frames.
@@ -204,14 +218,7 @@ impl Frames {
                         self.out.extend_from_slice(&packed.bytes[from..from + len]);
                         start
                     });
-                BodyRef {
-                    file: file.to_owned(),
-                    frame_offset: base + start as u64,
-                    frame_len: len as u64,
-                    body_offset: p.offset as u64,
-                    body_len: p.len as u64,
-                    zstd: packed.zstd,
-                }
+                p.body_ref(file, base + start as u64, len, packed.zstd)
             })
             .collect();
         (&self.out, refs)
@@ -232,14 +239,7 @@ impl Frames {
             .iter()
             .map(|p| {
                 let (start, len) = self.spans[p.frame];
-                BodyRef {
-                    file: file.to_owned(),
-                    frame_offset: base + start as u64,
-                    frame_len: len as u64,
-                    body_offset: p.offset as u64,
-                    body_len: p.len as u64,
-                    zstd,
-                }
+                p.body_ref(file, base + start as u64, len, zstd)
             })
             .collect();
         Ok((&self.out, refs))
