@@ -67,15 +67,21 @@ fn bench(c: &mut Criterion) {
             .collect()
     };
     // The journal: commits of the 100 callbacks (1.1 MB of bodies) into one store, appended to its
-    // segment as zstd frames or plain (the drop directory's batches), and kept in the rows, each
-    // body compressed alone (what the listener's commits do), every commit fsynced. Each commit's
-    // digests are new (a counter), so nothing is recognized as journaled before.
-    // The same bodies packed in frames ahead, as the drop directory's parsing threads do: the
+    // segment as LZ4 blocks, zstd frames or plain (the drop directory's batches), and kept in the
+    // rows, each body compressed alone (what the listener's commits do), every commit fsynced. Each
+    // commit's digests are new (a counter), so nothing is recognized as journaled before.
+    // The same bodies packed in LZ4 frames ahead, as the drop directory's parsing threads do: the
     // commit then only appends the frames.
     let mut packed = prepared.clone();
-    let mut frames = tsusage::state::Frames::new(JournalCompression::Zstd).expect("frames");
+    let mut frames = tsusage::state::Frames::new(JournalCompression::Lz4).expect("frames");
     tsusage::collect::pack(&mut frames, packed.iter_mut().collect());
     for (name, compression, in_rows, source) in [
+        (
+            "journal_segment_lz4_100x100",
+            JournalCompression::Lz4,
+            false,
+            &prepared,
+        ),
         (
             "journal_segment_zstd_100x100",
             JournalCompression::Zstd,
@@ -84,7 +90,7 @@ fn bench(c: &mut Criterion) {
         ),
         (
             "journal_segment_packed_100x100",
-            JournalCompression::Zstd,
+            JournalCompression::Lz4,
             false,
             &packed,
         ),

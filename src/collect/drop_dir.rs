@@ -41,9 +41,10 @@ pub struct DropDirOptions {
     pub keep_files: bool,
     /// Files larger than this are skipped and reported.
     pub max_file_bytes: u64,
-    /// The parsing threads compress the bodies into zstd segment frames (see [`super::pack`]):
-    /// for a SQLite store with `state.journal_compression = "zstd"`, which appends them as they are.
-    pub pack_frames: bool,
+    /// The parsing threads compress the bodies into segment frames of this kind (see
+    /// [`super::pack`]): for a SQLite store whose `state.journal_compression` compresses, which
+    /// appends them as they are.
+    pub pack_frames: Option<JournalCompression>,
 }
 
 impl DropDirOptions {
@@ -52,8 +53,9 @@ impl DropDirOptions {
         DropDirOptions {
             keep_files: false,
             max_file_bytes: config.callbacks.max_file_bytes,
-            pack_frames: config.state.url.is_none()
-                && config.state.journal_compression == crate::config::JournalCompression::Zstd,
+            pack_frames: (config.state.url.is_none()
+                && config.state.journal_compression != JournalCompression::None)
+                .then_some(config.state.journal_compression),
         }
     }
 }
@@ -151,8 +153,7 @@ pub fn collect<S: Store + ?Sized>(
             let spare_tx = spare_tx.clone();
             let mut frames = options
                 .pack_frames
-                .then(|| Frames::new(JournalCompression::Zstd).ok())
-                .flatten();
+                .and_then(|compression| Frames::new(compression).ok());
             handles.push(scope.spawn(move || {
                 for unit in unit_rx {
                     let (mut out, spare) = unit.prepare(&mut worker, limit);

@@ -2,7 +2,7 @@
 //! `callbacks` table is their index (segment, frame, place in the frame, digest).
 //!
 //! A journal commit writes its new bodies at the end of the process's own segment, as frames (one
-//! zstd frame per MiB of bodies, or each body as it is), fsyncs the segment, and only then commits
+//! LZ4 or zstd frame per MiB of bodies, or each body as it is), fsyncs the segment, and only then commits
 //! the index rows and the segment's new committed length in one SQLite transaction. A crash between
 //! the two leaves bytes past the committed length that nothing refers to: the next writer truncates
 //! them ([`Recovery`]). Nothing acknowledged is ever in that tail, since a callback is acknowledged
@@ -27,7 +27,7 @@ use crate::config::JournalCompression;
 pub const SEGMENT_DIR_EXTENSION: &str = "segments";
 /// Segment files are named `<unique>.seg`.
 const SEGMENT_SUFFIX: &str = ".seg";
-/// Bodies per zstd frame, at most (a body larger than this is a frame of its own): large enough to
+/// Bodies per compressed frame, at most (a body larger than this is a frame of its own): large enough to
 /// compress well, small enough that reading one body back decompresses little.
 const FRAME_BYTES: usize = 1 << 20;
 /// A segment past this size is closed and the next commit starts a new one (a listener up for
@@ -36,9 +36,36 @@ pub const ROLL_BYTES: u64 = 256 << 20;
 /// zstd level of compressed frames.
 const ZSTD_LEVEL: i32 = 1;
 
-/// `body_encoding` of a body in a segment, compressed or not.
+/// `body_encoding` of a body in a segment, by how its frame is compressed.
+pub const ENCODING_LZ4: &str = "segment-lz4";
 pub const ENCODING_ZSTD: &str = "segment-zstd";
 pub const ENCODING_RAW: &str = "segment";
+
+/// The `body_encoding` of a body in a frame compressed with `compression`.
+pub fn encoding(compression: JournalCompression) -> &'static str {
+    match compression {
+        JournalCompression::Lz4 => ENCODING_LZ4,
+        JournalCompression::Zstd => ENCODING_ZSTD,
+        JournalCompression::None => ENCODING_RAW,
+    }
+}
+
+/// How the frame of a body with `body_encoding` `encoding` is compressed; `None` when the body is
+/// not in a segment (rows older than segments, and small commits, hold it themselves).
+pub fn compression_of(encoding: &str) -> Option<JournalCompression> {
+    match encoding {
+        ENCODING_LZ4 => Some(JournalCompression::Lz4),
+        ENCODING_ZSTD => Some(JournalCompression::Zstd),
+        ENCODING_RAW => Some(JournalCompression::None),
+        _ => None,
+    }
+}
+
+/// An LZ4 frame is the length of its bodies (u32, little-endian), then one LZ4 block of them.
+const LZ4_LEN_BYTES: usize = 4;
+/// LZ4 expands at most about 255 times: a frame claiming more is damaged (and is not decoded into
+/// a buffer that large).
+const LZ4_MAX_RATIO: u64 = 255;
 
 /// Where a journaled body is: its segment file, its frame, and its place in the decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +75,7 @@ pub struct BodyRef {
     pub frame_len: u64,
     pub body_offset: u64,
     pub body_len: u64,
-    pub zstd: bool,
+    pub compression: JournalCompression,
 }
 
 /// The directory of the segments of the store at `db`.
@@ -66,14 +93,20 @@ pub struct Placement {
 
 impl Placement {
     /// Where the body is once its frame (`frame_len` bytes) is at `frame_offset` of segment `file`.
-    fn body_ref(&self, file: &str, frame_offset: u64, frame_len: usize, zstd: bool) -> BodyRef {
+    fn body_ref(
+        &self,
+        file: &str,
+        frame_offset: u64,
+        frame_len: usize,
+        compression: JournalCompression,
+    ) -> BodyRef {
         BodyRef {
             file: file.to_owned(),
             frame_offset,
             frame_len: frame_len as u64,
             body_offset: self.offset as u64,
             body_len: self.len as u64,
-            zstd,
+            compression,
         }
     }
 }
@@ -87,21 +120,28 @@ pub struct Packed {
     bytes: Vec<u8>,
     /// `(start in bytes, length)` of each frame.
     spans: Vec<(usize, usize)>,
-    zstd: bool,
+    compression: JournalCompression,
 }
 
 impl Packed {
-    /// Whether its frames are zstd-compressed (a store writing the other kind ignores them).
-    pub fn is_zstd(&self) -> bool {
-        self.zstd
+    /// How its frames are compressed (a store writing another kind ignores them).
+    pub fn compression(&self) -> JournalCompression {
+        self.compression
     }
+}
+
+/// What compresses a [`Frames`]' frames.
+enum Packer {
+    Plain,
+    Lz4(Box<lz4_flex::block::CompressTable>),
+    Zstd(zstd::bulk::Compressor<'static>),
 }
 
 /// The bytes one commit appends: its bodies packed in frames. Kept by the store and reused from
 /// commit to commit (a listener commits small groups often: a new compressor and new buffers each
 /// time cost more than the compression).
 pub struct Frames {
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    packer: Packer,
     /// What is written: the finished frames, back to back.
     out: Vec<u8>,
     /// `(start in out, length)` of each finished frame.
@@ -115,7 +155,7 @@ pub struct Frames {
 impl std::fmt::Debug for Frames {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Frames")
-            .field("zstd", &self.zstd.is_some())
+            .field("compression", &self.compression())
             .field("bytes", &self.out.len())
             .field("frames", &self.spans.len())
             .finish()
@@ -124,17 +164,29 @@ impl std::fmt::Debug for Frames {
 
 impl Frames {
     pub fn new(compression: JournalCompression) -> std::io::Result<Frames> {
-        let zstd = match compression {
-            JournalCompression::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
-            JournalCompression::None => None,
+        let packer = match compression {
+            JournalCompression::Lz4 => {
+                Packer::Lz4(Box::new(lz4_flex::block::CompressTable::large()))
+            }
+            JournalCompression::Zstd => Packer::Zstd(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+            JournalCompression::None => Packer::Plain,
         };
         Ok(Frames {
             out: Vec::new(),
-            zstd,
+            packer,
             spans: Vec::new(),
             open: Vec::new(),
             packed: Vec::new(),
         })
+    }
+
+    /// How it compresses its frames.
+    pub fn compression(&self) -> JournalCompression {
+        match self.packer {
+            Packer::Plain => JournalCompression::None,
+            Packer::Lz4(_) => JournalCompression::Lz4,
+            Packer::Zstd(_) => JournalCompression::Zstd,
+        }
     }
 
     /// Empties it for the next commit (keeping its buffers).
@@ -146,7 +198,7 @@ impl Frames {
 
     /// Adds a body; where it lands is known once [`Frames::finish`] has placed the frames.
     pub fn push(&mut self, body: &[u8]) -> std::io::Result<Placement> {
-        if self.zstd.is_none() {
+        if matches!(self.packer, Packer::Plain) {
             self.spans.push((self.out.len(), body.len()));
             self.out.extend_from_slice(body);
             return Ok(Placement {
@@ -168,15 +220,31 @@ impl Frames {
     }
 
     fn close_frame(&mut self) -> std::io::Result<()> {
-        let Some(zstd) = self.zstd.as_mut() else {
-            return Ok(());
-        };
         let start = self.out.len();
-        self.packed.clear();
-        self.packed
-            .reserve(zstd::zstd_safe::compress_bound(self.open.len()));
-        // Writes into `packed` from its start (it is empty), up to its capacity.
-        let n = zstd.compress_to_buffer(&self.open, &mut self.packed)?;
+        let n = match &mut self.packer {
+            Packer::Plain => return Ok(()),
+            Packer::Zstd(zstd) => {
+                self.packed.clear();
+                self.packed
+                    .reserve(zstd::zstd_safe::compress_bound(self.open.len()));
+                // Writes into `packed` from its start (it is empty), up to its capacity.
+                zstd.compress_to_buffer(&self.open, &mut self.packed)?
+            }
+            Packer::Lz4(table) => {
+                let len = u32::try_from(self.open.len()).map_err(std::io::Error::other)?;
+                let bound =
+                    LZ4_LEN_BYTES + lz4_flex::block::get_maximum_output_size(self.open.len());
+                // Grown once and kept: only the bytes written are read.
+                if self.packed.len() < bound {
+                    self.packed.resize(bound, 0);
+                }
+                self.packed[..LZ4_LEN_BYTES].copy_from_slice(&len.to_le_bytes());
+                let block = &mut self.packed[LZ4_LEN_BYTES..bound];
+                LZ4_LEN_BYTES
+                    + lz4_flex::block::compress_into_with_table(&self.open, block, table)
+                        .map_err(std::io::Error::other)?
+            }
+        };
         self.out.extend_from_slice(&self.packed[..n]);
         self.spans.push((start, n));
         self.open.clear();
@@ -191,7 +259,7 @@ impl Frames {
         Ok(Packed {
             bytes: std::mem::take(&mut self.out),
             spans: std::mem::take(&mut self.spans),
-            zstd: self.zstd.is_some(),
+            compression: self.compression(),
         })
     }
 
@@ -218,7 +286,7 @@ impl Frames {
                         self.out.extend_from_slice(&packed.bytes[from..from + len]);
                         start
                     });
-                p.body_ref(file, base + start as u64, len, packed.zstd)
+                p.body_ref(file, base + start as u64, len, packed.compression)
             })
             .collect();
         (&self.out, refs)
@@ -234,12 +302,12 @@ impl Frames {
         if !self.open.is_empty() {
             self.close_frame()?;
         }
-        let zstd = self.zstd.is_some();
+        let compression = self.compression();
         let refs = placements
             .iter()
             .map(|p| {
                 let (start, len) = self.spans[p.frame];
-                p.body_ref(file, base + start as u64, len, zstd)
+                p.body_ref(file, base + start as u64, len, compression)
             })
             .collect();
         Ok((&self.out, refs))
@@ -442,12 +510,12 @@ impl Reader {
         };
         let start = usize::try_from(r.body_offset)?;
         let end = start + usize::try_from(r.body_len)?;
-        let bytes = if r.zstd {
+        let bytes = if r.compression != JournalCompression::None {
             let mut frame = self.frame.borrow_mut();
             let cached = matches!(&*frame, Some((f, o, _)) if *f == r.file && *o == r.frame_offset);
             if !cached {
                 let raw = self.read_span(dir, &r.file, r.frame_offset, r.frame_len)?;
-                let decoded = zstd::stream::decode_all(raw.as_slice())
+                let decoded = decode_frame(r.compression, &raw)
                     .map_err(|e| at(&format!("cannot decompress: {e}")))?;
                 *frame = Some((r.file.clone(), r.frame_offset, decoded));
             }
@@ -492,6 +560,35 @@ impl Reader {
             )
         })?;
         Ok(buf)
+    }
+}
+
+/// The bodies of a compressed frame.
+fn decode_frame(compression: JournalCompression, raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    match compression {
+        JournalCompression::None => Ok(raw.to_vec()),
+        JournalCompression::Zstd => zstd::stream::decode_all(raw),
+        JournalCompression::Lz4 => {
+            let (len, block) = raw
+                .split_first_chunk::<LZ4_LEN_BYTES>()
+                .ok_or_else(|| std::io::Error::other("shorter than its length"))?;
+            let len = u32::from_le_bytes(*len);
+            if u64::from(len) > (block.len() as u64 + 1) * LZ4_MAX_RATIO {
+                return Err(std::io::Error::other(format!(
+                    "claims {len} bytes from {} compressed",
+                    block.len()
+                )));
+            }
+            let mut decoded = vec![0; len as usize];
+            let n = lz4_flex::block::decompress_into(block, &mut decoded)
+                .map_err(std::io::Error::other)?;
+            if n != decoded.len() {
+                return Err(std::io::Error::other(format!(
+                    "holds {n} bytes, not the {len} it claims"
+                )));
+            }
+            Ok(decoded)
+        }
     }
 }
 
@@ -547,11 +644,16 @@ mod tests {
 
     #[test]
     fn packed_frames_are_appended_once_each_and_frames_left_unused_are_skipped() {
+        packed_frames(JournalCompression::Lz4);
+        packed_frames(JournalCompression::Zstd);
+    }
+
+    fn packed_frames(compression: JournalCompression) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (name, file) = Appender::create(dir.path()).expect("create");
         let mut appender = Appender::new(1, name.clone(), file);
         // Two groups packed apart (two workers' units); the first spans two frames.
-        let mut worker = Frames::new(JournalCompression::Zstd).expect("frames");
+        let mut worker = Frames::new(compression).expect("frames");
         let big = |i: usize| {
             format!(
                 r#"{{"requestId":"a{i}","pad":"{}"}}"#,
@@ -577,7 +679,8 @@ mod tests {
             .map(|b| worker.push(b.as_bytes()).expect("push"))
             .collect();
         let second_packed = worker.pack().expect("pack");
-        assert!(first_packed.is_zstd() && second_packed.is_zstd());
+        assert_eq!(first_packed.compression(), compression);
+        assert_eq!(second_packed.compression(), compression);
         // The commit keeps bodies 0 and 3 of the first group (in different frames) and all of the
         // second: three frames are written, each once; the first group's bodies 1 and 2 are dead
         // bytes in those frames, like bodies of an earlier commit.
@@ -592,7 +695,7 @@ mod tests {
             )
             .collect();
         let bodies: Vec<(&Packed, Placement)> = kept.iter().map(|k| k.1).collect();
-        let mut frames = Frames::new(JournalCompression::Zstd).expect("frames");
+        let mut frames = Frames::new(compression).expect("frames");
         let (bytes, refs) = frames.adopt(appender.end, &bodies, &name);
         assert_eq!(
             bytes.len(),
@@ -615,8 +718,39 @@ mod tests {
 
     #[test]
     fn bodies_read_back_from_compressed_and_plain_segments() {
+        roundtrip(JournalCompression::Lz4);
         roundtrip(JournalCompression::Zstd);
         roundtrip(JournalCompression::None);
+    }
+
+    /// A damaged compressed frame is an error naming the segment and the frame, whatever the
+    /// damage: a length that does not fit, bytes that do not decode, or a body that decodes wrong.
+    #[test]
+    fn a_damaged_frame_is_an_error_naming_its_segment() {
+        for compression in [JournalCompression::Lz4, JournalCompression::Zstd] {
+            for damage in [0usize, 1, 3, 8, 40, 200] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let (name, file) = Appender::create(dir.path()).expect("create");
+                let mut appender = Appender::new(1, name.clone(), file);
+                let body = format!(r#"{{"requestId":"r","pad":"{}"}}"#, "ab".repeat(400));
+                let mut frames = Frames::new(compression).expect("frames");
+                let p = frames.push(body.as_bytes()).expect("push");
+                let (bytes, refs) = frames.finish(0, &[p], &name).expect("finish");
+                let mut bytes = bytes.to_vec();
+                let at = damage.min(bytes.len() - 1);
+                bytes[at] ^= 0x5a;
+                appender.append(&bytes).expect("append");
+                let digest = super::super::body_digest(&body);
+                let err = Reader::default()
+                    .read(dir.path(), &refs[0], &digest)
+                    .expect_err("damage is found");
+                let text = err.to_string();
+                assert!(
+                    text.contains(&name) && text.contains(" at 0: "),
+                    "{compression:?} byte {at}: {text}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -117,7 +117,7 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // v5: new bodies live in append-only segment files (see `segments`); their rows are the
     // index: the segment, the frame, and the place in the decoded frame (`body` is empty, and
-    // `body_encoding` is `segment` or `segment-zstd`). The digest is XXH3-128 from now on; older
+    // `body_encoding` is `segment`, `segment-zstd` or, later, `segment-lz4`). The digest is XXH3-128 from now on; older
     // rows keep their SHA-256 (another length: the two never compare equal).
     r#"
     CREATE TABLE segments (
@@ -365,10 +365,8 @@ impl SqliteStore {
     /// (checked against its digest), or from the row itself for rows older than segments.
     fn body_at(&self, row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<String> {
         let encoding = row.get_ref(first + 1)?.as_str()?;
-        let zstd = match encoding {
-            segments::ENCODING_ZSTD => true,
-            segments::ENCODING_RAW => false,
-            _ => return decode_body(row.get_ref(first)?, encoding),
+        let Some(compression) = segments::compression_of(encoding) else {
+            return decode_body(row.get_ref(first)?, encoding);
         };
         let at = |i: usize| -> rusqlite::Result<u64> {
             Ok(u64::try_from(row.get::<_, i64>(first + i)?).unwrap_or(0))
@@ -385,7 +383,7 @@ impl SqliteStore {
             frame_len: at(4)?,
             body_offset: at(5)?,
             body_len: at(6)?,
-            zstd,
+            compression,
         };
         let digest = row.get_ref(first + 7)?.as_blob()?;
         self.reader
@@ -477,10 +475,7 @@ impl SqliteStore {
             path: path.clone(),
             source: Box::new(source),
         };
-        let encoding = match self.compression {
-            JournalCompression::Zstd => segments::ENCODING_ZSTD,
-            JournalCompression::None => segments::ENCODING_RAW,
-        };
+        let encoding = segments::encoding(self.compression);
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -1047,10 +1042,13 @@ impl Store for SqliteStore {
         };
         frames.clear();
         // Bodies its caller packed in frames of this store's kind are appended as they are.
-        let zstd = self.compression == JournalCompression::Zstd;
         let packed: Option<Vec<_>> = fresh
             .iter()
-            .map(|&i| batch[i].packed.filter(|(p, _)| p.is_zstd() == zstd))
+            .map(|&i| {
+                batch[i]
+                    .packed
+                    .filter(|(p, _)| p.compression() == self.compression)
+            })
             .collect();
         let appended = match packed {
             Some(packed) => Ok(frames.adopt(appender.end(), &packed, &appender.name)),
@@ -1532,7 +1530,11 @@ mod tests {
     /// path; a prune that archives a sealed segment's callbacks deletes the segment.
     #[test]
     fn bodies_in_segments_and_rows_read_back_the_same_and_pruned_segments_go() {
-        for compression in [JournalCompression::Zstd, JournalCompression::None] {
+        for compression in [
+            JournalCompression::Lz4,
+            JournalCompression::Zstd,
+            JournalCompression::None,
+        ] {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("t.db");
             let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
@@ -1569,10 +1571,7 @@ mod tests {
                     .expect("query")
                     .collect::<Result<_, _>>()
                     .expect("rows");
-                let segment = match compression {
-                    JournalCompression::Zstd => segments::ENCODING_ZSTD,
-                    JournalCompression::None => segments::ENCODING_RAW,
-                };
+                let segment = segments::encoding(compression);
                 assert_eq!(encodings[..4], [segment; 4]);
                 assert_eq!(encodings[4..], ["zstd"; 2]);
             }
