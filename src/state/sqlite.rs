@@ -1526,6 +1526,59 @@ mod tests {
         }
     }
 
+    /// A store written night after night while `journal_compression` changes (an upgrade to the
+    /// LZ4 default, a switch back to zstd): every body reads back, each from frames of its own kind.
+    #[test]
+    fn bodies_written_with_each_compression_in_turn_all_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
+        let kinds = [
+            JournalCompression::Zstd,
+            JournalCompression::Lz4,
+            JournalCompression::None,
+            JournalCompression::Zstd,
+        ];
+        let bodies: Vec<String> = (0..kinds.len() * 2)
+            .map(|i| format!(r#"{{"requestId":"r{i}","pad":"{}"}}"#, "xy".repeat(i * 200)))
+            .collect();
+        let digests: Vec<_> = bodies
+            .iter()
+            .map(|b| super::super::body_digest(b))
+            .collect();
+        let ids: Vec<String> = (0..bodies.len()).map(|i| format!("r{i}")).collect();
+        for (night, &compression) in kinds.iter().enumerate() {
+            let mut store = SqliteStore::open_with(&path, compression)
+                .expect("open")
+                .always_segments();
+            let cbs: Vec<NewCallback<'_>> = (night * 2..night * 2 + 2)
+                .map(|i| callback(&ids[i], &bodies[i], &digests[i], &parts))
+                .collect();
+            store.journal(&cbs, 10 + night as i64).expect("journal");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        let encodings: Vec<String> = store
+            .conn
+            .prepare("SELECT body_encoding FROM callbacks ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let expected: Vec<&str> = kinds
+            .iter()
+            .flat_map(|&k| [segments::encoding(k); 2])
+            .collect();
+        assert_eq!(encodings, expected);
+        let since: Vec<String> = store
+            .callbacks_since(0, 100)
+            .expect("since")
+            .into_iter()
+            .map(|c| c.3)
+            .collect();
+        assert_eq!(since, bodies);
+    }
+
     /// Bodies in segments (compressed or not) and in rows read back the same through every reading
     /// path; a prune that archives a sealed segment's callbacks deletes the segment.
     #[test]
