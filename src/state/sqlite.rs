@@ -1554,6 +1554,18 @@ mod tests {
         }
     }
 
+    /// Each journaled body's `body_encoding`, oldest first.
+    fn body_encodings(store: &SqliteStore) -> Vec<String> {
+        store
+            .conn
+            .prepare("SELECT body_encoding FROM callbacks ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
     /// A store written night after night while `journal_compression` changes (an upgrade to the
     /// LZ4 default, a switch back to zstd): every body reads back, each from frames of its own kind.
     #[test]
@@ -1585,14 +1597,7 @@ mod tests {
             store.journal(&cbs, 10 + night as i64).expect("journal");
         }
         let store = SqliteStore::open(&path).expect("reopen");
-        let encodings: Vec<String> = store
-            .conn
-            .prepare("SELECT body_encoding FROM callbacks ORDER BY id")
-            .expect("prepare")
-            .query_map([], |r| r.get(0))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
+        let encodings = body_encodings(&store);
         let expected: Vec<&str> = kinds
             .iter()
             .flat_map(|&k| [segments::encoding(k); 2])
@@ -1644,14 +1649,7 @@ mod tests {
                 );
                 store.inline_below = usize::MAX;
                 store.journal(&cbs[4..], 30).expect("journal");
-                let encodings: Vec<String> = store
-                    .conn
-                    .prepare("SELECT body_encoding FROM callbacks ORDER BY id")
-                    .expect("prepare")
-                    .query_map([], |r| r.get(0))
-                    .expect("query")
-                    .collect::<Result<_, _>>()
-                    .expect("rows");
+                let encodings = body_encodings(&store);
                 let segment = segments::encoding(compression);
                 assert_eq!(encodings[..4], [segment; 4]);
                 assert_eq!(encodings[4..], ["zstd"; 2]);
