@@ -117,8 +117,9 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // v5: new bodies live in append-only segment files (see `segments`); their rows are the
     // index: the segment, the frame, and the place in the decoded frame (`body` is empty, and
-    // `body_encoding` is `segment`, `segment-zstd` or, later, `segment-lz4`). The digest is XXH3-128 from now on; older
-    // rows keep their SHA-256 (another length: the two never compare equal).
+    // `body_encoding` is `segment`, `segment-zstd` or, later, `segment-lz4`). The digest is
+    // XXH3-128 from now on; older rows keep their SHA-256 (another length: the two never compare
+    // equal).
     r#"
     CREATE TABLE segments (
         id         INTEGER PRIMARY KEY,
@@ -227,8 +228,6 @@ pub struct SqliteStore {
     recovered: bool,
     /// A commit with fewer new body bytes than this keeps them in its rows ([`INLINE_BELOW_BYTES`]).
     inline_below: usize,
-    /// Whether commits checkpoint at [`BATCH_CHECKPOINT_PAGES`] (from this process's first segment).
-    batch_checkpoints: bool,
     reader: Reader,
 }
 
@@ -275,7 +274,6 @@ impl SqliteStore {
             appender: None,
             recovered: false,
             inline_below: crate::failpoint::inline_below(INLINE_BELOW_BYTES),
-            batch_checkpoints: false,
             reader: Reader::default(),
         };
         store.configure()?;
@@ -424,14 +422,12 @@ impl SqliteStore {
                 )
                 .map_err(self.err())?;
         }
-        if !self.batch_checkpoints {
-            self.conn
-                .execute_batch(&format!(
-                    "PRAGMA wal_autocheckpoint = {BATCH_CHECKPOINT_PAGES};"
-                ))
-                .map_err(self.err())?;
-            self.batch_checkpoints = true;
-        }
+        // This process commits batches (set again at each new segment: harmless, and rare).
+        self.conn
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = {BATCH_CHECKPOINT_PAGES};"
+            ))
+            .map_err(self.err())?;
         // Created and locked before it is recorded: recovery never sees a row whose file is
         // not yet held.
         let (name, file) = Appender::create(&self.segment_dir).map_err(self.io_err())?;
