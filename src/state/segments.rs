@@ -2,8 +2,8 @@
 //! `callbacks` table is their index (segment, frame, place in the frame, digest).
 //!
 //! A journal commit writes its new bodies at the end of the process's own segment, as frames (one
-//! LZ4 or zstd frame per MiB of bodies, or each body as it is), fsyncs the segment, and only then commits
-//! the index rows and the segment's new committed length in one SQLite transaction. A crash between
+//! LZ4 or zstd frame per MiB of bodies, or each body as it is), fsyncs the segment, and only then
+//! commits the index rows and the segment's new committed length in one SQLite transaction. A crash between
 //! the two leaves bytes past the committed length that nothing refers to: the next writer truncates
 //! them ([`Recovery`]). Nothing acknowledged is ever in that tail, since a callback is acknowledged
 //! only after its commit.
@@ -27,8 +27,8 @@ use crate::config::JournalCompression;
 pub const SEGMENT_DIR_EXTENSION: &str = "segments";
 /// Segment files are named `<unique>.seg`.
 const SEGMENT_SUFFIX: &str = ".seg";
-/// Bodies per compressed frame, at most (a body larger than this is a frame of its own): large enough to
-/// compress well, small enough that reading one body back decompresses little.
+/// Bodies per compressed frame, at most (a body larger than this is a frame of its own): large
+/// enough to compress well, small enough that reading one body back decompresses little.
 const FRAME_BYTES: usize = 1 << 20;
 /// A segment past this size is closed and the next commit starts a new one (a listener up for
 /// weeks does not grow one file without end, and a prune can delete whole old segments).
