@@ -401,9 +401,10 @@ fn send_lines(
         let mut bytes = spare.try_recv().unwrap_or_default();
         bytes.clear();
         bytes.append(&mut carry);
-        let start = bytes.len();
-        bytes.resize(start + SLICE_BYTES, 0);
-        let n = match read_full(&mut file, &mut bytes[start..]) {
+        // Read into the spare capacity (no zeroing of 4 MiB per slice first), to the slice's end
+        // or the file's: `read_to_end` stops short only at the end of the file.
+        bytes.reserve(SLICE_BYTES);
+        let n = match (&mut file).take(SLICE_BYTES as u64).read_to_end(&mut bytes) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "file not read");
@@ -413,7 +414,6 @@ fn send_lines(
                 });
             }
         };
-        bytes.truncate(start + n);
         total += n as u64;
         if total > limit {
             // It grew past the limit while being read: left in place (what was journaled stays,
@@ -423,7 +423,7 @@ fn send_lines(
                 read: Read::TooLarge,
             });
         }
-        let last = n < SLICE_BYTES; // read_full stops short only at the end of the file
+        let last = n < SLICE_BYTES;
         if !last {
             match memchr::memrchr(b'\n', &bytes) {
                 Some(cut) => {
@@ -451,20 +451,6 @@ fn send_lines(
         }
         first_line += lines;
     }
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 impl Unit {
