@@ -239,6 +239,27 @@ async fn load(addr: SocketAddr, bodies: Arc<Vec<String>>, concurrency: usize) ->
     load_spread(&[addr], bodies, concurrency).await
 }
 
+/// CPU seconds (user + system) this process has used so far, all threads.
+fn cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` writes into the zeroed struct it is given and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage`.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// "N cores busy, M µs of CPU per callback" for a phase that used `cpu` CPU-s in `secs`.
+fn cpu_use(cpu: f64, secs: f64, callbacks: usize) -> String {
+    format!(
+        "{:.2} cores busy, {:.0} µs CPU per callback",
+        cpu / secs,
+        cpu * 1e6 / callbacks.max(1) as f64
+    )
+}
+
 /// [`load`] over several listeners: callback `i` goes to listener `i % addrs.len()`.
 async fn load_spread(
     addrs: &[SocketAddr],
@@ -299,21 +320,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let dir = tempfile::tempdir()?;
     let (handle, writer) = serve(NullStore(0), dir.path()).await?;
+    let cpu = cpu_seconds();
     let (secs, ok) = load(handle.addr, bodies.clone(), concurrency).await;
+    let cpu = cpu_seconds() - cpu;
     handle.shutdown(Duration::from_secs(5)).await;
     drop(writer);
     let off = ok as f64 / secs;
-    println!("journaling off:     {ok} answered 200 in {secs:.2} s: {off:.0} callbacks/s");
+    println!(
+        "journaling off:     {ok} answered 200 in {secs:.2} s: {off:.0} callbacks/s ({})",
+        cpu_use(cpu, secs, ok)
+    );
 
     let store = SqliteStore::open(&dir.path().join("state/tsusage.db"))?;
     let (handle, writer) = serve(store, dir.path()).await?;
+    let cpu = cpu_seconds();
     let (secs, ok) = load(handle.addr, bodies.clone(), concurrency).await;
+    let cpu = cpu_seconds() - cpu;
     handle.shutdown(Duration::from_secs(5)).await;
     let store = tsusage::collect::Writer::finish_shared(writer)?;
     let on = ok as f64 / secs;
     println!(
-        "journaled (durable): {ok} answered 200 in {secs:.2} s: {on:.0} callbacks/s ({} in the journal)",
-        store.journal_len()?
+        "journaled (durable): {ok} answered 200 in {secs:.2} s: {on:.0} callbacks/s ({} in the journal; {})",
+        store.journal_len()?,
+        cpu_use(cpu, secs, ok)
     );
     println!("durable / off = {:.2}", on / off);
 
