@@ -576,3 +576,69 @@ fn ingest_killed_during_a_segment_append_truncates_the_tail_on_the_rerun() {
     ws.run_env(&ingest, &segments_always).expect_code(0);
     assert_eq!(ws.rows().len(), rows.len());
 }
+
+/// A drop directory's batches commit on their own thread while the next batch is gathered: when a
+/// commit fails (here every segment append), `ingest` stops with the store's error, moves no file
+/// and publishes nothing; once the disk is healthy the rerun journals each callback exactly once.
+#[test]
+fn ingest_whose_journal_commit_fails_moves_nothing_and_the_rerun_lands_everything() {
+    let ws = Workspace::new();
+    // About 21 MB of callbacks: more than two batches (8 MiB each), so that the next full batch
+    // finds the committing thread gone, and the last one too.
+    let files = 4_000u32;
+    let mut expected = BTreeMap::new();
+    for n in 0..files {
+        let records: Vec<String> = (0..25u32)
+            .map(|i| {
+                let (id, day) = (iccid((n + i) % 500), i64::from(i % 3));
+                let data = i64::from(n * 100 + i);
+                expected.insert((id.clone(), day), data);
+                record(&id, day, &format!("\"{data}\""))
+            })
+            .collect();
+        ws.drop_file(
+            &format!("cb-{n:05}.json"),
+            &usage_callback(&format!("req-{n}"), 1, &records),
+        );
+    }
+    let inbox = ws.inbox();
+    let ingest = ["ingest", inbox.to_str().expect("utf-8 path")];
+    let failed = ws.run_env(
+        &ingest,
+        &[
+            ("TSUSAGE_TEST_FAIL", "journal_append"),
+            ("TSUSAGE_TEST_INLINE_BELOW", "0"),
+        ],
+    );
+    failed.expect_code(1);
+    assert!(
+        failed
+            .stderr()
+            .contains("injected failure at journal_append"),
+        "the store's error is reported: {}",
+        failed.stderr()
+    );
+    let waiting = std::fs::read_dir(&inbox)
+        .expect("inbox")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
+        .count();
+    assert_eq!(waiting, files as usize, "no file moved: nothing committed");
+    assert!(
+        files_under(&ws.out().join("usage")).is_empty(),
+        "nothing published"
+    );
+
+    ws.run(&ingest).expect_code(0);
+    let store = SqliteStore::open(&ws.path("state/tsusage.db")).expect("store");
+    assert_eq!(
+        store.journal_len().expect("journal"),
+        u64::from(files),
+        "each callback once"
+    );
+    let processed = std::fs::read_dir(inbox.join("processed"))
+        .expect("processed")
+        .count();
+    assert_eq!(processed, files as usize, "every file moved once committed");
+    // The newest callback (the last file) wins each ICCID-day.
+    assert_one_row_per_key(&ws.rows(), &expected);
+}
