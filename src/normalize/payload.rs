@@ -693,6 +693,51 @@ mod tests {
         assert_eq!(got, serde_json::Value::Object(expected));
     }
 
+    /// A record's identifiers are usually one ICCID; a list of several (the ICCID among them) or
+    /// of none reads the same by the hand-written reader, serde's one pass and the older reading.
+    #[test]
+    fn identifier_lists_of_any_length_read_the_same_by_every_reading() {
+        let body = |ids: &str| {
+            format!(
+                r#"{{"requestId":"r1","deviceResponse":{{"devicePromoUsageResponse":[{{"deviceIdentifierCollection":[{ids}],"dataUsage":"7","smsUsage":"1","moSms":"1","mtSms":"0","startDate":"2021-08-15T00:00:00.0000000","endDate":"2021-08-16T00:00:00.0000000"}}]}}}}"#
+            )
+        };
+        let iccid = r#"{"id":"89148000000800139702","kind":"ICCID"}"#;
+        let mdn = r#"{"id":"5551234567","kind":"MDN"}"#;
+        let read = |text: &str, body: Result<Body<'_>, BodyError>| {
+            let body = body.unwrap_or_else(|e| panic!("{text}: {e}"));
+            let cb = body.callback().expect("a callback");
+            let CallbackKind::Usage(records) = &cb.kind else {
+                panic!("{text}: not usage")
+            };
+            records
+                .parsed(false)
+                .map(|r| r.map(|r| r.iccid.to_string()).map_err(|e| e.code))
+                .collect::<Vec<_>>()
+        };
+        for (ids, expected) in [
+            (iccid.to_owned(), Ok("89148000000800139702")),
+            (format!("{mdn},{iccid}"), Ok("89148000000800139702")),
+            (format!("{iccid},{mdn},{mdn}"), Ok("89148000000800139702")),
+            (mdn.to_owned(), Err("iccid_missing")),
+            (String::new(), Err("iccid_missing")),
+        ] {
+            let text = body(&ids);
+            assert!(
+                Body::is_scanned(&text),
+                "the hand-written reader takes {ids}"
+            );
+            let got = read(&text, Body::parse(&text));
+            assert_eq!(got, vec![expected.map(str::to_owned)], "{ids}");
+            assert_eq!(read(&text, Body::parse_serde(&text)), got, "serde: {ids}");
+            assert_eq!(
+                read(&text, Body::parse_two_pass(&text)),
+                got,
+                "two pass: {ids}"
+            );
+        }
+    }
+
     #[test]
     fn recognizes_the_vendor_samples() {
         let usage = parse_callback(USAGE).expect("usage sample");
