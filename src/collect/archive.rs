@@ -205,7 +205,7 @@ impl ArchiveWriter {
 pub fn clean_orphans(out_dir: &Path, recorded: &BTreeSet<String>) -> Result<u64> {
     let root = archive_dir(out_dir);
     let mut removed = 0;
-    for path in files_in(&root, true)? {
+    for path in files_in(&root, true, &[], |_| true)? {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
         let relative = path
             .strip_prefix(&root)
@@ -222,17 +222,28 @@ pub fn clean_orphans(out_dir: &Path, recorded: &BTreeSet<String>) -> Result<u64>
     Ok(removed)
 }
 
-/// Archive files under `dir` (and its month directories), sorted by path.
+/// Archive files under `dir` (and its month directories), sorted by path. A drop directory's
+/// `processed/` and `rejected/` are not looked into: archive files are never moved there, and
+/// `processed/` grows by every file ever ingested (listing it made each ingest slower than the
+/// last).
 pub fn archive_files_under(dir: &Path) -> Result<Vec<PathBuf>> {
-    Ok(files_in(dir, false)?
-        .into_iter()
-        .filter(|p| p.to_string_lossy().ends_with(EXTENSION))
-        .collect())
+    let skip = [
+        super::drop_dir::PROCESSED_DIR,
+        super::drop_dir::REJECTED_DIR,
+    ];
+    files_in(dir, false, &skip, |name| {
+        name.as_encoded_bytes().ends_with(EXTENSION.as_bytes())
+    })
 }
 
-/// Regular files under `dir`, one level of subdirectories deep, sorted; with `dotfiles`, hidden
-/// ones too.
-fn files_in(dir: &Path, dotfiles: bool) -> Result<Vec<PathBuf>> {
+/// Regular files under `dir`, one level of subdirectories deep (but for those named in `skip`),
+/// whose names `wanted` takes, sorted; with `dotfiles`, hidden ones too.
+fn files_in(
+    dir: &Path,
+    dotfiles: bool,
+    skip: &[&str],
+    wanted: impl Fn(&std::ffi::OsStr) -> bool,
+) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let visit = |dir: &Path, out: &mut Vec<PathBuf>, subdirs: &mut Vec<PathBuf>| -> Result<()> {
         let entries = match std::fs::read_dir(dir) {
@@ -245,10 +256,13 @@ fn files_in(dir: &Path, dotfiles: bool) -> Result<Vec<PathBuf>> {
             let kind = entry
                 .file_type()
                 .map_err(|e| CollectError::io(entry.path(), e))?;
-            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            let name = entry.file_name();
+            let hidden = name.as_encoded_bytes().starts_with(b".");
             if kind.is_dir() && !hidden {
-                subdirs.push(entry.path());
-            } else if kind.is_file() && (dotfiles || !hidden) {
+                if !skip.iter().any(|s| name == *s) {
+                    subdirs.push(entry.path());
+                }
+            } else if kind.is_file() && (dotfiles || !hidden) && wanted(&name) {
                 out.push(entry.path());
             }
         }
@@ -355,6 +369,42 @@ pub fn restore<S: Store + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Archive files are found at the top and in month directories, never in a drop directory's
+    /// `processed/` or `rejected/` (which only grow) nor among hidden or other files.
+    #[test]
+    fn archive_files_are_looked_for_where_they_can_be() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        for sub in ["2021-08", "processed", "rejected"] {
+            std::fs::create_dir(root.join(sub)).expect("mkdir");
+        }
+        for file in [
+            "2021-07.ndjson.zst",
+            "2021-08/2021-08-15.ndjson.zst",
+            "processed/2021-06.ndjson.zst",
+            "rejected/2021-05.ndjson.zst",
+            ".2021-04.ndjson.zst",
+            "usage-000001.json",
+            "2021-08/notes.txt",
+        ] {
+            std::fs::write(root.join(file), "x").expect("write");
+        }
+        let found = archive_files_under(root).expect("listing");
+        let relative: Vec<String> = found
+            .iter()
+            .map(|p| {
+                p.strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            relative,
+            ["2021-07.ndjson.zst", "2021-08/2021-08-15.ndjson.zst"]
+        );
+    }
 
     fn callback(id: i64, partition: Option<&str>) -> ArchivedCallback {
         ArchivedCallback {
