@@ -91,13 +91,10 @@ impl<'a> Ids<'a> {
 
 impl<'de: 'a, 'a> Deserialize<'de> for Ids<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut ids = Vec::<WireId<'a>>::deserialize(d)?;
-        Ok(match (ids.len(), ids.pop()) {
-            (1, Some(id)) => Ids::One(id),
-            (_, last) => {
-                ids.extend(last);
-                Ids::List(ids)
-            }
+        let ids = Vec::<WireId<'a>>::deserialize(d)?;
+        Ok(match <[WireId<'a>; 1]>::try_from(ids) {
+            Ok([id]) => Ids::One(id),
+            Err(ids) => Ids::List(ids),
         })
     }
 }
@@ -209,6 +206,7 @@ fn scan_ids<'a>(scan: &mut Scan<'a>) -> Option<Ids<'a>> {
                 }
             }
         }
+        // The list's last identifier: the only one (held in place, the usual case), or pushed.
         if !scan.next_or(b']')? {
             if ids.is_empty() {
                 return Some(Ids::One(id));
