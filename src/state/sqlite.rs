@@ -1020,6 +1020,18 @@ impl Store for SqliteStore {
         batch: &[NewCallback<'_>],
         received_at: i64,
     ) -> Result<Vec<Journaled>, StateError> {
+        if !self.recovered {
+            self.recover_segments()?;
+            self.recovered = true;
+        }
+        // Bodies their senders compressed for rows (a listener's group) go straight to the insert:
+        // `INSERT OR IGNORE` on the unique digest finds what the journal holds, and a body twice in
+        // the group, without a lookup of each first (a read transaction per commit, on the writer
+        // thread every callback waits for).
+        if self.inline_below > 0 && batch.iter().all(|cb| cb.encoded.is_some()) {
+            let all: Vec<usize> = (0..batch.len()).collect();
+            return self.commit_index(batch, &all, None, received_at);
+        }
         // Which bodies are new: the journal's, and a body twice in one batch, once.
         let mut outcomes = vec![Journaled::AlreadyJournaled; batch.len()];
         let mut fresh = Vec::with_capacity(batch.len());
@@ -1041,16 +1053,10 @@ impl Store for SqliteStore {
         if fresh.is_empty() {
             return Ok(outcomes);
         }
-        if !self.recovered {
-            self.recover_segments()?;
-            self.recovered = true;
-        }
-        // Rows keep bodies the writer's callers already compressed (a listener's, one by one in
-        // the tasks that received them: a small group then commits with one fsync), and the bodies
-        // of a small commit. A batch (drop directory, archive) goes to the segment.
+        // Rows also keep the bodies of a small commit. A batch (drop directory, archive) goes to
+        // the segment.
         let bytes: usize = fresh.iter().map(|&i| batch[i].body.len()).sum();
-        let encoded = fresh.iter().all(|&i| batch[i].encoded.is_some());
-        if self.inline_below > 0 && (encoded || bytes < self.inline_below) {
+        if self.inline_below > 0 && bytes < self.inline_below {
             let new = self.commit_index(batch, &fresh, None, received_at)?;
             for (&i, outcome) in fresh.iter().zip(new) {
                 outcomes[i] = outcome;
@@ -1548,6 +1554,64 @@ mod tests {
             partitions: parts,
             received_at: None,
         }
+    }
+
+    /// A listener's group (bodies its senders compressed): a body the journal holds and a body
+    /// twice in the group are each "already journaled", found by the insert itself; the rest are
+    /// new, in order, with their partitions, and read back as sent.
+    #[test]
+    fn a_group_of_compressed_bodies_is_journaled_once_each_without_a_lookup_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(&dir.path().join("t.db")).expect("open");
+        let parts: BTreeSet<String> = ["usage_date=2021-08-15".to_string()].into();
+        let bodies = [
+            r#"{"requestId":"r1"}"#,
+            r#"{"requestId":"r2"}"#,
+            r#"{"requestId":"r3"}"#,
+        ];
+        let digests: Vec<_> = bodies
+            .iter()
+            .map(|b| super::super::body_digest(b))
+            .collect();
+        let encoded: Vec<_> = bodies.iter().map(|b| encode_body(b)).collect();
+        let sent = |i: usize| NewCallback {
+            encoded: Some((&encoded[i].0, encoded[i].1)),
+            ..callback("r", bodies[i], &digests[i], &parts)
+        };
+        assert!(matches!(
+            store.journal(&[sent(0)], 10).expect("journal")[..],
+            [Journaled::New(_)]
+        ));
+        // r1 again, r2, r3, r2 again: in one group.
+        let outcomes = store
+            .journal(&[sent(0), sent(1), sent(2), sent(1)], 20)
+            .expect("journal");
+        let [a, b, c, d] = outcomes[..] else {
+            panic!("four outcomes: {outcomes:?}");
+        };
+        assert_eq!(
+            (a, d),
+            (Journaled::AlreadyJournaled, Journaled::AlreadyJournaled)
+        );
+        let (Journaled::New(b), Journaled::New(c)) = (b, c) else {
+            panic!("r2 and r3 are new: {outcomes:?}");
+        };
+        assert!(b < c, "journal order is the group's order");
+        assert_eq!(store.journal_len().expect("len"), 3);
+        assert_eq!(
+            store
+                .partition_callbacks("usage_date=2021-08-15", c)
+                .expect("count"),
+            3
+        );
+        let mut read = Vec::new();
+        store
+            .callbacks_for_partition("usage_date=2021-08-15", c, &mut |cb| {
+                read.push(cb.body);
+                std::ops::ControlFlow::Continue(())
+            })
+            .expect("read");
+        assert_eq!(read, bodies);
     }
 
     /// Each journaled body's `body_encoding`, oldest first.
