@@ -94,3 +94,6 @@ for stage in read parse parquet; do
     "$(echo "${T[$stage-files]}" | median)" "${T[$stage-files]}" \
     "$(echo "${T[$stage-ndjson]}" | median)" "${T[$stage-ndjson]}"
 done
+# What the kernel charges here for the moves and the journal's fsyncs (they vary between VMs of
+# this kind by up to 3x: read the ratios above next to these).
+python3 benches/compare/machine.py "$DATA"
