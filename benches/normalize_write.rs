@@ -138,6 +138,47 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // A listener's group commit: 9 callbacks (the group size its writer commits under 32
+    // connections) whose bodies their senders already compressed, kept in rows, fsynced; each
+    // commit's digests new. What one of the writer's commits costs, every callback waiting on it.
+    {
+        let group_of = 9;
+        let encoded: Vec<_> = prepared[..group_of]
+            .iter()
+            .map(|p| tsusage::state::encode_body(&p.body))
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(&dir.path().join("t.db")).expect("store");
+        let mut commit = 0u64;
+        group.throughput(Throughput::Elements(group_of as u64));
+        // Throughput in callbacks here.
+        group.bench_function("journal_listener_group_9", |b| {
+            b.iter(|| {
+                commit += 1;
+                let digests: Vec<Digest> = (0..group_of as u64)
+                    .map(|i| {
+                        let mut d = [0u8; 16];
+                        d[..8].copy_from_slice(&commit.to_be_bytes());
+                        d[8..].copy_from_slice(&i.to_be_bytes());
+                        d
+                    })
+                    .collect();
+                let new: Vec<_> = prepared[..group_of]
+                    .iter()
+                    .zip(&digests)
+                    .zip(&encoded)
+                    .map(|((p, d), (body, encoding))| NewCallback {
+                        digest: d,
+                        encoded: Some((body, encoding)),
+                        ..p.as_new()
+                    })
+                    .collect();
+                black_box(store.journal(&new, 1).expect("journal").len())
+            })
+        });
+        // The benches after this one count records again.
+        group.throughput(Throughput::Elements(total));
+    }
     let account: Arc<str> = Arc::from("0000123456-00001");
     let spill = tempfile::tempdir().expect("tempdir");
     // The records of the 100 callbacks in a row set, and their one partition taken out of it.
