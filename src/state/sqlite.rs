@@ -1028,7 +1028,8 @@ impl Store for SqliteStore {
         // `INSERT OR IGNORE` on the unique digest finds what the journal holds, and a body twice in
         // the group, without a lookup of each first (a read transaction per commit, on the writer
         // thread every callback waits for).
-        if self.inline_below > 0 && batch.iter().all(|cb| cb.encoded.is_some()) {
+        if self.inline_below > 0 && !batch.is_empty() && batch.iter().all(|cb| cb.encoded.is_some())
+        {
             let all: Vec<usize> = (0..batch.len()).collect();
             return self.commit_index(batch, &all, None, received_at);
         }
