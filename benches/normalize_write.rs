@@ -83,47 +83,55 @@ fn bench(c: &mut Criterion) {
     // segment as LZ4 blocks, zstd frames or plain (the drop directory's batches), and kept in the
     // rows, each body compressed alone (what the listener's commits do), every commit fsynced. Each
     // commit's digests are new (a counter), so nothing is recognized as journaled before.
-    // The same bodies packed in LZ4 frames ahead, as the drop directory's parsing threads do: the
-    // commit then only appends the frames.
     // Kept in the rows, the bodies come compressed one by one, as the listener's senders do (a
     // body of its own is the rows' encoding; uncompressed, 1.1 MB of them would go to the segment).
     let compressed: Vec<_> = prepared
         .iter()
         .map(|p| tsusage::state::encode_body(&p.body))
         .collect();
+    // The same bodies packed in LZ4 frames ahead, as the drop directory's parsing threads do: the
+    // commit then only appends the frames.
     let mut packed = prepared.clone();
     let mut frames = tsusage::state::Frames::new(JournalCompression::Lz4).expect("frames");
     tsusage::collect::pack(&mut frames, packed.iter_mut().collect());
+    // The last one is a listener's group commit: 9 callbacks (the group its writer commits under
+    // 32 connections), what each callback in it waits for.
     for (name, compression, in_rows, source) in [
         (
             "journal_segment_lz4_100x100",
             JournalCompression::Lz4,
             false,
-            &prepared,
+            &prepared[..],
         ),
         (
             "journal_segment_zstd_100x100",
             JournalCompression::Zstd,
             false,
-            &prepared,
+            &prepared[..],
         ),
         (
             "journal_segment_packed_100x100",
             JournalCompression::Lz4,
             false,
-            &packed,
+            &packed[..],
         ),
         (
             "journal_segment_plain_100x100",
             JournalCompression::None,
             false,
-            &prepared,
+            &prepared[..],
         ),
         (
             "journal_rows_100x100",
             JournalCompression::Zstd,
             true,
-            &prepared,
+            &prepared[..],
+        ),
+        (
+            "journal_listener_group_9",
+            JournalCompression::Zstd,
+            true,
+            &prepared[..9],
         ),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -134,10 +142,12 @@ fn bench(c: &mut Criterion) {
             store.always_segments()
         };
         let mut commit = 0u64;
+        let records: u64 = source.iter().map(|p| p.records.len() as u64).sum();
+        group.throughput(Throughput::Elements(records));
         group.bench_function(name, |b| {
             b.iter(|| {
                 commit += 1;
-                let digests = fresh_digests(commit, prepared.len());
+                let digests = fresh_digests(commit, source.len());
                 let new: Vec<_> = source
                     .iter()
                     .zip(&digests)
@@ -152,36 +162,7 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
-    // A listener's group commit: 9 callbacks (the group size its writer commits under 32
-    // connections) whose bodies their senders already compressed, kept in rows, fsynced; each
-    // commit's digests new. What one of the writer's commits costs, every callback waiting on it.
-    {
-        let group_of = 9;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = SqliteStore::open(&dir.path().join("t.db")).expect("store");
-        let mut commit = 0u64;
-        group.throughput(Throughput::Elements(group_of as u64));
-        // Throughput in callbacks here.
-        group.bench_function("journal_listener_group_9", |b| {
-            b.iter(|| {
-                commit += 1;
-                let digests = fresh_digests(commit, group_of);
-                let new: Vec<_> = prepared[..group_of]
-                    .iter()
-                    .zip(&digests)
-                    .zip(&compressed)
-                    .map(|((p, d), (body, encoding))| NewCallback {
-                        digest: d,
-                        encoded: Some((body, encoding)),
-                        ..p.as_new()
-                    })
-                    .collect();
-                black_box(store.journal(&new, 1).expect("journal").len())
-            })
-        });
-        // The benches after this one count records again.
-        group.throughput(Throughput::Elements(total));
-    }
+    group.throughput(Throughput::Elements(total));
     let account: Arc<str> = Arc::from("0000123456-00001");
     let spill = tempfile::tempdir().expect("tempdir");
     // The records of the 100 callbacks in a row set, and their one partition taken out of it.
