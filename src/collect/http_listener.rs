@@ -508,11 +508,9 @@ async fn receive<S: Store + Send + 'static>(
                 Journaled::New(_) => {
                     count(|c| c.journaled += 1);
                     state.metrics.acknowledged(Acknowledged::journaled);
-                    state
-                        .intake
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .journaled(heard);
+                    let mut intake = state.intake.lock().unwrap_or_else(|e| e.into_inner());
+                    intake.journaled(heard);
+                    state.metrics.tracker_news_pending(intake.pending_news());
                 }
                 Journaled::AlreadyJournaled => {
                     count(|c| c.already_journaled += 1);

@@ -1,5 +1,5 @@
 //! The listener's Prometheus metrics (`GET /metrics`): callbacks acknowledged and rejected, journal
-//! commit latency, requests in flight.
+//! commit latency, requests in flight, and what the listener holds in memory for a run's tracker.
 //!
 //! Labels are fixed, closed sets (an outcome, a reason), all present from the start at 0 so that
 //! `rate()` works from the first scrape. Nothing a caller sent ends up in a label or a value: no
@@ -89,6 +89,7 @@ pub struct ListenerMetrics {
     rejected: Family<ReasonLabel, Counter>,
     commit_seconds: Histogram,
     in_flight: Gauge,
+    tracker_news: Gauge,
 }
 
 impl Default for ListenerMetrics {
@@ -131,12 +132,19 @@ impl ListenerMetrics {
             "Callback requests being received or journaled now",
             in_flight.clone(),
         );
+        let tracker_news = Gauge::default();
+        registry.register(
+            "listener_tracker_news_pending",
+            "Journaled callbacks whose news waits in memory for the run's tracker (drained at each of its polls; always 0 in tsusage listen, which has no tracker)",
+            tracker_news.clone(),
+        );
         ListenerMetrics {
             registry,
             acknowledged,
             rejected,
             commit_seconds,
             in_flight,
+            tracker_news,
         }
     }
 
@@ -159,6 +167,12 @@ impl ListenerMetrics {
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
         InFlight(self.in_flight.clone())
+    }
+
+    /// How many journaled callbacks' news the listener holds for the run's tracker now.
+    pub fn tracker_news_pending(&self, pending: usize) {
+        self.tracker_news
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
     /// The exposition, in the OpenMetrics text format.
@@ -197,6 +211,10 @@ mod tests {
         );
         assert!(
             text.contains("tsusage_listener_requests_in_flight 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tsusage_listener_tracker_news_pending 0\n"),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");

@@ -283,6 +283,12 @@ impl Intake {
         self.heard.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
+    /// How many journaled callbacks' news wait for [`Intake::take_heard`] (always 0 when no
+    /// tracker listens: nothing is kept per callback then).
+    pub fn pending_news(&self) -> usize {
+        self.heard.as_ref().map_or(0, Vec::len)
+    }
+
     /// An intake with the same settings and no counts, for a worker thread; see [`Intake::absorb`].
     pub fn worker(&self) -> Intake {
         let worker = Intake::new(self.strict_luhn, self.partition_by);

@@ -162,6 +162,10 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         for heard in heard {
             tracker.heard(heard, now);
         }
+        let stale = tracker.unpark_stale(now);
+        if !stale.is_empty() {
+            tracker.stats.unmatched_callbacks += unmatched(reader, stale).await?;
+        }
         crate::failpoint::pause_async(crate::failpoint::COLLECT_LOOK).await;
         for done in ended {
             for failure in &done.failures {
@@ -280,6 +284,12 @@ async fn read_earlier(
 /// redelivery is not unmatched).
 async fn count_unmatched(reader: &AsyncStore, tracker: &mut Tracker) -> Result<()> {
     let parked: Vec<(String, usize)> = tracker.parked().map(|(id, n)| (id.to_owned(), n)).collect();
+    tracker.stats.unmatched_callbacks += unmatched(reader, parked).await?;
+    Ok(())
+}
+
+/// How many of `parked` callbacks (requestId, callbacks) are for no request the store knows.
+async fn unmatched(reader: &AsyncStore, parked: Vec<(String, usize)>) -> Result<u64> {
     let ids: Vec<String> = parked.iter().map(|(id, _)| id.clone()).collect();
     let known = reader
         .call(move |s| {
@@ -287,12 +297,11 @@ async fn count_unmatched(reader: &AsyncStore, tracker: &mut Tracker) -> Result<(
             s.request_accounts(&ids)
         })
         .await?;
-    tracker.stats.unmatched_callbacks = parked
+    Ok(parked
         .iter()
         .filter(|(id, _)| !known.contains_key(id))
         .map(|(_, n)| *n as u64)
-        .sum();
-    Ok(())
+        .sum())
 }
 
 /// The job an update is about.

@@ -77,9 +77,15 @@ pub async fn open<S: Store + Send + 'static>(
             .join(format!("{run_id}-{kind}.jsonl"))
     };
     Ok(match config.callbacks.source {
-        SourceKind::Listener => {
-            Box::new(Listener::start(config, writer.clone(), rejects_file("callbacks")).await?)
-        }
+        SourceKind::Listener => Box::new(
+            Listener::start(
+                config,
+                writer.clone(),
+                rejects_file("callbacks"),
+                Tracked::Yes,
+            )
+            .await?,
+        ),
         SourceKind::DropDir => Box::new(DropDir {
             dir: config.callbacks.drop_dir.clone(),
             options: DropDirOptions::new(config),
@@ -97,6 +103,16 @@ pub async fn open<S: Store + Send + 'static>(
     })
 }
 
+/// Whether a run's tracker polls the listener for what its callbacks say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracked {
+    /// A run's in-process listener: each journaled callback's news is kept until the run's next
+    /// poll (every few hundred milliseconds), and no longer.
+    Yes,
+    /// `tsusage listen`: nothing polls it, so nothing is kept per callback once it is journaled.
+    No,
+}
+
 /// The HTTP listener, in this process.
 pub struct Listener<S> {
     state: Arc<ListenerState<S>>,
@@ -109,9 +125,13 @@ impl<S: Store + Send + 'static> Listener<S> {
         config: &Config,
         writer: Arc<super::Writer<S>>,
         rejects_file: PathBuf,
+        tracked: Tracked,
     ) -> Result<Self> {
-        let intake =
-            Intake::new(config.input.strict_luhn, config.output.partition_by).tell_tracker();
+        let intake = Intake::new(config.input.strict_luhn, config.output.partition_by);
+        let intake = match tracked {
+            Tracked::Yes => intake.tell_tracker(),
+            Tracked::No => intake,
+        };
         let state = Arc::new(ListenerState::new(
             &config.callbacks,
             writer,
@@ -160,12 +180,14 @@ impl<S: Store + Send + 'static> CallbackSource for Listener<S> {
     }
 
     fn poll(&mut self) -> Polling<'_> {
-        let heard = self
-            .state
-            .intake
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take_heard();
+        let heard = {
+            let mut intake = self.state.intake.lock().unwrap_or_else(|e| e.into_inner());
+            let heard = intake.take_heard();
+            self.state
+                .metrics
+                .tracker_news_pending(intake.pending_news());
+            heard
+        };
         Box::pin(std::future::ready(Ok(heard)))
     }
 

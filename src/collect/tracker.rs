@@ -7,7 +7,9 @@
 //! parse they did to journal it, a separate `tsusage listen`'s are read back from the journal). It keeps per job: the ICCIDs asked for, those with usage, those
 //! whose record was rejected, and whether the "Request Completed Processing" message has come.
 //! Callbacks arrive in any order and twice; a callback may even arrive before its requestId is
-//! recorded (it is parked under its requestId until then).
+//! recorded (it is parked under its requestId until then, for at most [`PARK_FOR`]: a callback
+//! for a request this run never records, such as another worker's or an earlier night's, is
+//! then let go, so that what the tracker holds does not grow with the callbacks it is handed).
 //!
 //! A job is complete when its completion message has come and either every ICCID has its record, or
 //! `callbacks.settle_secs` have passed since the job's last callback (ICCIDs without a record then
@@ -222,14 +224,26 @@ pub struct CompletenessRow {
     pub request_ids: String,
 }
 
+/// How long the news of a callback whose requestId is not known stays parked. A run records each
+/// requestId as soon as its POST is answered, so its own callbacks wait milliseconds; those still
+/// unknown after this long are for requests of other processes or earlier nights.
+pub const PARK_FOR: Duration = Duration::from_secs(120);
+
+/// The news of callbacks whose requestId is not (yet) known, since the first of them came.
+#[derive(Debug)]
+struct Parked {
+    since: Instant,
+    news: Vec<News>,
+}
+
 /// Tracks this run's jobs against the journal.
 #[derive(Debug)]
 pub struct Tracker {
     tracks: Vec<Track>,
     by_job: HashMap<String, usize>,
     by_request: HashMap<String, usize>,
-    /// Callbacks whose requestId is not (yet) known, by requestId.
-    parked: HashMap<String, Vec<News>>,
+    /// Callbacks whose requestId is not (yet) known, by requestId (see [`PARK_FOR`]).
+    parked: HashMap<String, Parked>,
     strict_luhn: bool,
     settle: Duration,
     deadline: Duration,
@@ -327,7 +341,11 @@ impl Tracker {
             track.requested_at = Some(now);
         }
         // Callbacks that came before their requestId was recorded.
-        for news in self.parked.remove(&request_id).unwrap_or_default() {
+        for news in self
+            .parked
+            .remove(&request_id)
+            .map_or_else(Vec::new, |p| p.news)
+        {
             self.apply(i, news, now);
         }
     }
@@ -346,7 +364,11 @@ impl Tracker {
             None => self
                 .parked
                 .entry(heard.request_id)
-                .or_default()
+                .or_insert_with(|| Parked {
+                    since: now,
+                    news: Vec::new(),
+                })
+                .news
                 .push(heard.news),
         }
     }
@@ -356,7 +378,21 @@ impl Tracker {
     pub fn parked(&self) -> impl Iterator<Item = (&str, usize)> {
         self.parked
             .iter()
-            .map(|(id, bodies)| (id.as_str(), bodies.len()))
+            .map(|(id, parked)| (id.as_str(), parked.news.len()))
+    }
+
+    /// Lets go of the callbacks parked for [`PARK_FOR`] by `now`: their requestIds, with how many
+    /// callbacks each had (to count those of no request at all as unmatched).
+    pub fn unpark_stale(&mut self, now: Instant) -> Vec<(String, usize)> {
+        let mut stale = Vec::new();
+        self.parked.retain(|id, parked| {
+            let keep = now.saturating_duration_since(parked.since) < PARK_FOR;
+            if !keep {
+                stale.push((id.clone(), parked.news.len()));
+            }
+            keep
+        });
+        stale
     }
 
     fn apply(&mut self, i: usize, news: News, now: Instant) {
@@ -706,6 +742,34 @@ mod tests {
             heard[3],
             News::Fault("fault callback: E1: no such device".into())
         );
+    }
+
+    /// Callbacks for requests the run never records are let go after [`PARK_FOR`], counted; those
+    /// whose requestId comes in time are applied.
+    #[test]
+    fn parked_callbacks_are_let_go_after_the_parking_time() {
+        let job = one_job(2);
+        let ids: Vec<&Iccid> = job.iccids.iter().collect();
+        let mut t = Tracker::new(vec![job.clone()], false, SETTLE, DEADLINE, 1);
+        let t0 = Instant::now();
+        for n in 0..1000 {
+            let foreign = format!("other-{n}");
+            t.callback(foreign.clone(), completion(&foreign), t0);
+        }
+        t.callback("r1".into(), usage("r1", &ids), t0 + PARK_FOR / 2);
+        assert_eq!(t.parked().count(), 1001);
+        assert!(t.unpark_stale(t0 + PARK_FOR / 2).is_empty());
+        let stale = t.unpark_stale(t0 + PARK_FOR);
+        assert_eq!(stale.len(), 1000, "the foreign ones, each once");
+        assert!(
+            stale
+                .iter()
+                .all(|(id, n)| id.starts_with("other-") && *n == 1)
+        );
+        assert_eq!(t.parked().collect::<Vec<_>>(), vec![("r1", 1)]);
+        t.request_recorded("r1".into(), job.id.as_str(), t0 + PARK_FOR);
+        assert_eq!(t.parked().count(), 0);
+        assert_eq!(t.stats.callbacks, 1, "the usage that waited was applied");
     }
 
     #[test]

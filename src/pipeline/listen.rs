@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{Outcome, conclude, rejects_dir};
 use crate::Result;
 use crate::collect::Writer;
-use crate::collect::source::{CallbackSource, Listener};
+use crate::collect::source::{CallbackSource, Listener, Tracked};
 use crate::config::Config;
 use crate::report::{RunReport, new_run_id};
 use crate::state::Store;
@@ -25,7 +25,8 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     let path = config.state.name();
     let writer = Arc::new(Writer::spawn(store, path));
     let rejects = rejects_dir(&config.output.dir).join(format!("{run_id}-callbacks.jsonl"));
-    let listener = Listener::start(config, writer.clone(), rejects).await?;
+    // Nothing in this process tracks jobs: a run elsewhere reads what is journaled.
+    let listener = Listener::start(config, writer.clone(), rejects, Tracked::No).await?;
     tracing::info!(
         addr = %listener.bound_addr().map_or_else(String::new, |a| a.to_string()),
         "listening; SIGTERM or Ctrl-C stops after in-flight requests finish"

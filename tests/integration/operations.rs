@@ -142,6 +142,39 @@ fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, series: 
     value(after) - value(before)
 }
 
+/// A listener up for weeks keeps nothing in memory per callback once it is journaled: nothing in
+/// `tsusage listen` reads what a run's tracker would, so nothing waits for it either.
+#[test]
+fn a_standalone_listener_holds_nothing_per_callback_once_journaled() {
+    let ws = Workspace::new();
+    let port = free_port();
+    let child = spawn_listen(&ws, port, &[]);
+    let sent = 300;
+    for n in 0..sent {
+        let body = usage_callback(
+            &format!("req-held-{n}"),
+            1,
+            &[record(&iccid(n % 50), i64::from(n % 3), r#""4096""#)],
+        );
+        assert_eq!(post(port, "application/json", body.as_bytes()), 200, "{n}");
+    }
+    let after = scrape(port);
+    assert_eq!(
+        after["tsusage_callbacks_acknowledged_total{outcome=\"journaled\"}"],
+        f64::from(sent)
+    );
+    assert_eq!(
+        after["tsusage_listener_tracker_news_pending"], 0.0,
+        "no run polls a standalone listener: it must keep no news for one"
+    );
+    stop(child);
+    let store = tsusage::state::SqliteStore::open(&ws.path("state/tsusage.db")).expect("store");
+    assert_eq!(
+        tsusage::state::Store::journal_len(&store).expect("journal"),
+        u64::from(sent)
+    );
+}
+
 #[test]
 fn healthz_is_ready_with_a_working_store_and_needs_no_credentials() {
     let ws = Workspace::new();
