@@ -2,7 +2,8 @@
 //!
 //! [`Intake`] is what every source shares: [`Intake::prepare`] strips the credentials, recognizes the
 //! callback and inspects its records (counting, rejecting); [`Intake::commit`] journals a batch in one
-//! durable commit. Sources: [`drop_dir`] (files in a directory); the HTTP listener comes next.
+//! durable commit. Sources ([`source`]): [`drop_dir`] (files in a directory), [`http_listener`]
+//! (callbacks POSTed by ThingSpace), and a separate `tsusage listen` read back from the journal.
 
 pub use crate::config::allow_list;
 pub mod archive;

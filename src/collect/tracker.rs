@@ -1,11 +1,12 @@
 //! Completion tracking: which jobs have all their callbacks, which are overdue, which are missing.
 //!
-//! The tracker is handed what concerns this run only (invariant 7): the requests of its jobs (those
-//! earlier runs recorded, read by job id, and those this run's submission reports as it records
-//! them) and their callbacks (those journaled before the run, read by requestId, then what the
-//! run's callback source journals: the in-process listener and the drop directory say it from the
-//! parse they did to journal it, a separate `tsusage listen`'s are read back from the journal). It keeps per job: the ICCIDs asked for, those with usage, those
-//! whose record was rejected, and whether the "Request Completed Processing" message has come.
+//! The tracker is handed what concerns this run only (docs/architecture.md, invariant 7): the
+//! requests of its jobs (those earlier runs recorded, read by job id, and those this run's
+//! submission reports as it records them) and their callbacks (those journaled before the run, read
+//! by requestId, then what the run's callback source journals: the in-process listener and the drop
+//! directory say it from the parse they did to journal it, a separate `tsusage listen`'s are read
+//! back from the journal). It keeps per job: the ICCIDs asked for, those with usage, those whose
+//! record was rejected, and whether the "Request Completed Processing" message has come.
 //! Callbacks arrive in any order and twice; a callback may even arrive before its requestId is
 //! recorded (it is parked under its requestId until then, for at most [`PARK_FOR`]: a callback
 //! for a request this run never records, such as another worker's or an earlier night's, is
@@ -100,7 +101,7 @@ impl Heard {
     }
 }
 
-/// Where one planned (ICCID, window) pair ended (DESIGN invariant 4).
+/// Where one planned (ICCID, window) pair ended (docs/architecture.md, invariant 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PairState {
