@@ -46,7 +46,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit code for this error (DESIGN §6): 2 for usage or config errors, 1 otherwise.
+    /// The process exit code for this error (README, "Exit codes"): 2 for usage or config errors,
+    /// 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) | Error::Plan(_) => crate::report::EXIT_USAGE,

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! The pipeline, stage by stage, with the type that flows between each pair (DESIGN §1):
+//! The pipeline, stage by stage, with the type that flows between each pair (as in
+//! docs/architecture.md, "The flow"):
 //!
 //! ```text
 //!  ICCID CSV ──▶ ingest ──Iccid──▶ plan ──Job──▶ submit ──requestId──▶ ThingSpace

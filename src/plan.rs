@@ -275,7 +275,8 @@ pub struct Selection {
 
 /// Splits `jobs` by the status an earlier command left them in (`earlier`, by job id; absent means
 /// never planned before):
-/// - `complete`, `failed`: done, skipped; `submitted`: tracked, not sent again (invariant 2);
+/// - `complete`, `failed`: done, skipped; `submitted`: tracked, not sent again
+///   (docs/architecture.md, invariant 2);
 /// - `planned` (intent without requestId: never sent, or killed between the POST and the record),
 ///   `missing`, or new: sent;
 /// - with `again` true for a job (`--force`, or a `plan.lookback_days` day), every status is sent.

@@ -1,6 +1,6 @@
 //! A run's collection: submits the jobs to send and collects their callbacks from the source until
 //! every tracked job has ended (complete, failed, missing) or cannot be sent, re-requesting overdue
-//! ones (DESIGN §1, steps 3-4).
+//! ones (stages 3 and 4 of the flow in docs/architecture.md).
 //!
 //! Each look, in this order: the source is polled for what the callbacks it journaled since the
 //! last look say; ended submissions are taken; the requestIds recorded so far are handed to the
@@ -52,8 +52,9 @@ pub async fn collect<S: Store + Send + 'static>(
     to_send: Vec<Job>,
     mut sharing: Option<&mut Sharing>,
 ) -> Result<(SubmitReport, SourceReport)> {
-    // What concerns this run, and nothing older (invariant 7): the journal's high-water mark is
-    // taken before anything is sent, so no callback of this run's requests is below it.
+    // What concerns this run, and nothing older (docs/architecture.md, invariant 7): the journal's
+    // high-water mark is taken before anything is sent, so no callback of this run's requests is
+    // below it.
     let name = config.state.name();
     let reader = AsyncStore::new(crate::state::open(&config.state)?, name);
     let cursor = reader.call(|s| s.journal_high_water()).await?;
@@ -148,7 +149,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
         let now = Instant::now();
         let heard = source.poll().await?;
         // Ended submissions first, then the requestIds: every id an ended submission recorded is
-        // then known to the tracker (invariant 8), whatever the timing of the tasks.
+        // then known to the tracker (docs/architecture.md, invariant 8), whatever the timing.
         let mut ended = Vec::new();
         while let Some(joined) = submissions.try_join_next() {
             ended.push(joined.map_err(|e| StateError::Invalid {

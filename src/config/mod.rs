@@ -194,7 +194,7 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// The whole configuration (DESIGN §6).
+/// The whole configuration (every key, with its default: docs/configuration.md).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {

@@ -27,7 +27,7 @@ use crate::ingest::Iccid;
 use crate::output::rejects::RecordReject;
 use payload::{Callback, CallbackKind};
 
-/// One output row (Parquet schema v1, DESIGN §5). Times are µs since the epoch, UTC.
+/// One output row (Parquet schema v1: README, "The output"). Times are µs since the epoch, UTC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRow {
     pub account_name: Arc<str>,

@@ -1,4 +1,5 @@
-//! The value policy (DESIGN §5): ThingSpace's string counts and .NET-style timestamps, parsed strictly.
+//! The value policy (docs/operations.md, "The value policy"): ThingSpace's string counts and
+//! .NET-style timestamps, parsed strictly.
 //!
 //! Accepted: `"3072"`. Recovered (accepted, counted apart): `" 3072 "` and the JSON integer `3072`.
 //! Rejected, with a reason: `""`, `"null"`, `null`, a missing field, signs, fractions and exponents,

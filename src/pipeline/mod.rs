@@ -1,4 +1,5 @@
-//! The wiring: each command strings the stages together here, in the order of DESIGN §1.
+//! The wiring: each command strings the stages together here, in the order of the flow in
+//! docs/architecture.md.
 //!
 //! `validate`: ingest (CSV) → report.
 //! `ingest DIR`: collect (drop dir) → journal → normalize → write (every pending partition) → report.

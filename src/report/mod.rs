@@ -268,7 +268,8 @@ impl RunReport {
     }
 }
 
-/// What a prune did (DESIGN invariant 7: the store stays bounded under `state.retain_days`).
+/// What a prune did (docs/architecture.md, invariant 9: the store stays bounded under
+/// `state.retain_days`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PruneReport {
     /// Callbacks received before this moved to the archive (RFC 3339, UTC).

@@ -1,6 +1,7 @@
 //! The built-in ThingSpace simulator: the vendor's API over real HTTP on loopback, with fault injection.
 //!
-//! It plays the vendor's part for the README's first command, the tests and the benchmarks (DESIGN §7).
+//! It plays the vendor's part for the README's first command, the tests and the benchmarks
+//! (docs/architecture.md, "The built-in simulator").
 //! It shares no protocol code with the client or the callback parser: it reads requests and builds
 //! callbacks from the vendor's documented shapes (`data/vendor/`) on its own, so a misreading of the
 //! vendor on one side cannot hide behind the same misreading on the other.

@@ -1,6 +1,9 @@
 //! The state store: the durable truth (callback journal, jobs, requests, runs, written partitions).
 //!
-//! [`Store`] is the small surface the pipeline needs; [`SqliteStore`] is the embedded implementation
+//! [`Store`] holds every durable operation the stages use, 34 methods (grouped by role in
+//! docs/architecture.md, "The state store"): the run lock and the coordination of workers (claims,
+//! the shared rate budget), jobs and requests, runs, the journal, written partitions, the archive,
+//! and a health ping. [`SqliteStore`] is the embedded implementation
 //! (one SQLite file in WAL mode, `state.path`); [`PgStore`] is the same tables on PostgreSQL
 //! (`state.url`), for several listeners and workers sharing one store.
 
@@ -160,7 +163,8 @@ pub struct PruneCounts {
 /// A change to a job's submission state, committed durably by [`Store::apply_job_updates`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobUpdate {
-    /// The vendor accepted the request: its requestId (invariant 2: recorded as soon as it arrives).
+    /// The vendor accepted the request: its requestId (docs/architecture.md, invariant 2: recorded
+    /// as soon as it arrives).
     Submitted {
         job_id: String,
         request_id: String,

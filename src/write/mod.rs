@@ -1,8 +1,11 @@
-//! Stage 6, write: usage rows → Parquet partitions published atomically; rejects files; run reports.
+//! Stage 6, write: usage rows → Parquet partitions published atomically; the completeness file.
 //!
 //! - [`parquet`]: schema v1, the writer, and the atomic partition publish.
 //! - [`publish`]: every pending partition written (from a command's rows, or rebuilt) and recorded.
-//! - [`rejects`]: the rejects files (CSV for ICCID lists, JSON lines for callbacks).
+//! - [`completeness`]: a run's completeness file (each planned pair that did not end as usage).
+//!
+//! The rejects files are written by the `output` module (re-exported here as [`rejects`]), the run
+//! reports by the `report` module.
 
 pub mod completeness;
 pub mod parquet;

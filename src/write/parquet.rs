@@ -67,7 +67,8 @@ const ROW_GROUP_ROWS: u64 = 1024 * 1024;
 /// Threads encoding the columns of a row group.
 const ENCODE_LANES: usize = 2;
 
-/// Schema v1 (DESIGN §5). Timestamps are µs, UTC; counts are Int64; `data_usage_bytes` is bytes.
+/// Schema v1 (README, "The output"). Timestamps are µs, UTC; counts are Int64; `data_usage_bytes`
+/// is bytes.
 pub fn schema() -> SchemaRef {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     Arc::new(Schema::new(vec![

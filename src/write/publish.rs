@@ -1,6 +1,7 @@
 //! Publishing: every partition the journal has news for, written whole and swapped in atomically
-//! (DESIGN invariants 3 and 5). A partition is written from the rows a command kept of the callbacks it
-//! journaled when they are all of it, otherwise rebuilt from its archive files and the journal.
+//! (docs/architecture.md, invariants 3 and 5). A partition is written from the rows a command kept
+//! of the callbacks it journaled when they are all of it, otherwise rebuilt from its archive files
+//! and the journal.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,8 +80,9 @@ pub fn fresh_rows(config: &Config) -> Result<RowSet> {
     ))
 }
 
-/// Rewrites every partition whose journal has callbacks newer than its last write (invariant 3: the
-/// output is a function of the journal, so this can run at any time).
+/// Rewrites every partition whose journal has callbacks newer than its last write
+/// (docs/architecture.md, invariant 3: the output is a function of the journal, so this can run at
+/// any time).
 ///
 /// `fresh` holds the rows of the callbacks this command journaled. A partition whose every journaled
 /// callback is among them is written from them directly; any other is rebuilt from the journal.
