@@ -7,8 +7,8 @@
 - an fdatasync after an overwrite of 16 KiB (as a journal commit: the listener pays one per group).
 
 Both vary between VMs of the same kind by up to 3x (a rename took 8 us on one and 19-25 us on
-another), more than any change to tsusage moves them: `run.sh` and the README quote these lines
-next to the figures they explain.
+another), more than any change to tsusage moves them: `run.sh` and docs/performance.md quote these
+lines next to the figures they explain.
 """
 
 import os

@@ -4,13 +4,14 @@
 #   TSUSAGE_TEST_S3_ENDPOINT=http://127.0.0.1:8333 TSUSAGE_TEST_S3_BUCKET=tsusage-test \
 #   AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... bash benches/compare/s3_read.sh
 #
-# The server and bucket are the tests' (README "Scaling out" starts one). The run writes to
-# s3://$TSUSAGE_TEST_S3_BUCKET/compare-<time>-<pid>/ (left there to look at); each reader lists
-# usage/, reads every partition with hive partitioning, and must find the report's rows per day.
+# The server and bucket are the tests' (docs/development.md, "Servers for the tests", starts
+# one). The run writes to s3://$TSUSAGE_TEST_S3_BUCKET/compare-<time>-<pid>/ (left there to look
+# at); each reader lists usage/, reads every partition with hive partitioning, and must find the
+# report's rows per day.
 # PROFILE=dev skips the release build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-: "${TSUSAGE_TEST_S3_ENDPOINT:?set it to the S3 server, see README \"Scaling out\"}"
+: "${TSUSAGE_TEST_S3_ENDPOINT:?set it to the S3 server, see docs/development.md}"
 : "${TSUSAGE_TEST_S3_BUCKET:?set it to an existing bucket}"
 : "${AWS_ACCESS_KEY_ID:?}" "${AWS_SECRET_ACCESS_KEY:?}"
 export AWS_REGION=${AWS_REGION:-us-east-1}

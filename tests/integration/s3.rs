@@ -426,7 +426,8 @@ fn a_partition_object_is_the_local_file_byte_for_byte_and_is_replaced_whole_unde
         listed,
         vec![format!("usage/{partition}/part-00000.parquet")]
     );
-    // The upload alone (the figure quoted in the README), to a key outside the usage directory.
+    // The upload alone (the figure quoted in docs/scaling-out.md), to a key outside the usage
+    // directory.
     let started = Instant::now();
     to_s3_bucket(&s3, &prefix, scratch.path())
         .put_file("upload-timing.parquet", &local_file)

@@ -14,7 +14,7 @@ fn required(var: &str, what: &str) -> Option<String> {
         Ok(value) if !value.is_empty() => Some(value),
         _ if std::env::var_os("CI").is_some() => panic!("CI must provide {var}"),
         _ => {
-            eprintln!("SKIPPED (no {what}): set {var}, see README \"Scaling out\"");
+            eprintln!("SKIPPED (no {what}): set {var}, see docs/development.md");
             None
         }
     }
