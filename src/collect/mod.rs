@@ -160,6 +160,9 @@ pub fn pack(frames: &mut Frames, mut prepared: Vec<&mut Prepared>) {
 /// The journal's writer thread, journaling prepared callbacks.
 pub type Writer<S> = crate::state::StateWriter<S, Prepared>;
 
+/// Callbacks whose rows a [`RowKeeper`] keeps, at most (about 100 bytes of memory each).
+pub const MAX_KEPT_CALLBACKS: usize = 1 << 20;
+
 /// Keeps the rows of what a writer journals (see [`RowKeeper::after_commit`]), so that partitions
 /// only this run fed are written without parsing the callbacks again. If keeping fails (a spill
 /// file cannot be written), it keeps nothing: the partitions are then rebuilt from the journal.
@@ -172,7 +175,8 @@ impl RowKeeper {
     }
 
     /// The hook for [`crate::state::StateWriter::spawn_with`]: adds the records of the newly
-    /// journaled callbacks of each commit, in journal order.
+    /// journaled callbacks of each commit, in journal order. Past [`MAX_KEPT_CALLBACKS`] it keeps
+    /// nothing more (the rows spill to disk, but each callback's requestId stays in memory).
     pub fn after_commit(&self) -> crate::state::AfterCommit<Prepared> {
         let kept = self.0.clone();
         Box::new(move |store, done, received_at| {
@@ -184,6 +188,14 @@ impl RowKeeper {
                 .map(|(p, _)| p)
                 .collect();
             if new.is_empty() {
+                return;
+            }
+            if rows.origins().len() + new.len() > MAX_KEPT_CALLBACKS {
+                tracing::info!(
+                    callbacks = rows.origins().len(),
+                    "this run journaled more callbacks than it keeps rows for; its partitions will be rebuilt from the journal"
+                );
+                *guard = None;
                 return;
             }
             let ids: Vec<&str> = new.iter().map(|p| p.request_id.as_str()).collect();

@@ -8,9 +8,11 @@
 //! back from the journal). It keeps per job: the ICCIDs asked for, those with usage, those whose
 //! record was rejected, and whether the "Request Completed Processing" message has come.
 //! Callbacks arrive in any order and twice; a callback may even arrive before its requestId is
-//! recorded (it is parked under its requestId until then, for at most [`PARK_FOR`]: a callback
-//! for a request this run never records, such as another worker's or an earlier night's, is
-//! then let go, so that what the tracker holds does not grow with the callbacks it is handed).
+//! recorded (it is parked under its requestId until then, for [`PARK_FOR`] plus `plan.lease_secs`:
+//! a callback for a request this run never records, such as another worker's or an earlier
+//! night's, is then let go, so that what the tracker holds does not grow with the callbacks it is
+//! handed; a worker that takes over a dead worker's jobs after its lease finds their callbacks
+//! still parked).
 //!
 //! A job is complete when its completion message has come and either every ICCID has its record, or
 //! `callbacks.settle_secs` have passed since the job's last callback (ICCIDs without a record then
@@ -225,9 +227,10 @@ pub struct CompletenessRow {
     pub request_ids: String,
 }
 
-/// How long the news of a callback whose requestId is not known stays parked. A run records each
-/// requestId as soon as its POST is answered, so its own callbacks wait milliseconds; those still
-/// unknown after this long are for requests of other processes or earlier nights.
+/// How long the news of a callback whose requestId is not known stays parked, beyond the lease
+/// (see [`Tracker::for_run`]). A run records each requestId as soon as its POST is answered, so its
+/// own callbacks wait milliseconds; those still unknown after this long are for requests of other
+/// processes or earlier nights.
 pub const PARK_FOR: Duration = Duration::from_secs(120);
 
 /// The news of callbacks whose requestId is not (yet) known, since the first of them came.
@@ -243,8 +246,9 @@ pub struct Tracker {
     tracks: Vec<Track>,
     by_job: HashMap<String, usize>,
     by_request: HashMap<String, usize>,
-    /// Callbacks whose requestId is not (yet) known, by requestId (see [`PARK_FOR`]).
+    /// Callbacks whose requestId is not (yet) known, by requestId, each for `park_for`.
     parked: HashMap<String, Parked>,
+    park_for: Duration,
     strict_luhn: bool,
     settle: Duration,
     deadline: Duration,
@@ -288,6 +292,7 @@ impl Tracker {
             by_job,
             by_request: HashMap::new(),
             parked: HashMap::new(),
+            park_for: PARK_FOR,
             strict_luhn,
             settle,
             deadline,
@@ -296,16 +301,21 @@ impl Tracker {
         }
     }
 
-    /// A tracker for `jobs` with the settle time, deadline and re-requests of `[callbacks]`.
+    /// A tracker for `jobs` with the settle time, deadline and re-requests of `[callbacks]`. It
+    /// parks callbacks of unknown requestIds for [`PARK_FOR`] plus `plan.lease_secs`: a worker
+    /// claims a dead worker's jobs once their lease has run out, and their callbacks journaled since
+    /// this run started are then only in what it parked.
     pub fn for_run(jobs: Vec<Job>, config: &crate::config::Config) -> Self {
         let c = &config.callbacks;
-        Tracker::new(
+        let mut tracker = Tracker::new(
             jobs,
             config.input.strict_luhn,
             Duration::from_secs(c.settle_secs),
             Duration::from_secs(c.deadline_secs),
             c.max_resubmits,
-        )
+        );
+        tracker.park_for = PARK_FOR + Duration::from_secs(config.plan.lease_secs);
+        tracker
     }
 
     /// Starts tracking `jobs` too (a worker's newly claimed batch); jobs already tracked are kept.
@@ -382,12 +392,13 @@ impl Tracker {
             .map(|(id, parked)| (id.as_str(), parked.news.len()))
     }
 
-    /// Lets go of the callbacks parked for [`PARK_FOR`] by `now`: their requestIds, with how many
+    /// Lets go of the callbacks parked for their time by `now`: their requestIds, with how many
     /// callbacks each had (to count those of no request at all as unmatched).
     pub fn unpark_stale(&mut self, now: Instant) -> Vec<(String, usize)> {
         let mut stale = Vec::new();
+        let park_for = self.park_for;
         self.parked.retain(|id, parked| {
-            let keep = now.saturating_duration_since(parked.since) < PARK_FOR;
+            let keep = now.saturating_duration_since(parked.since) < park_for;
             if !keep {
                 stale.push((id.clone(), parked.news.len()));
             }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use reqwest::header::CONTENT_TYPE;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use super::callbacks::{Content, Job, MAX_ATTEMPTS, build_messages};
 use super::faults::{Rng, splitmix64};
@@ -34,7 +34,15 @@ struct Ctx {
     warned_gave_up: Arc<AtomicBool>,
     /// Held by every task; when all are dropped, every task has ended.
     _alive: mpsc::Sender<()>,
+    /// The request a task delivers for holds one of [`MAX_DELIVERING`] slots until its last task
+    /// ends (`None` in the dispatcher's own context).
+    _slot: Option<Arc<OwnedSemaphorePermit>>,
 }
+
+/// Requests whose callbacks are being delivered at once, at most. Past it the dispatcher takes no
+/// more accepted requests, their queue fills and the promo handler waits: a receiver slower than
+/// the requests holds the simulator's memory flat instead of a task per request.
+const MAX_DELIVERING: usize = 4096;
 
 /// Runs until `stop` turns true: takes accepted requests from `jobs` and delivers their callbacks.
 pub async fn run(
@@ -55,12 +63,23 @@ pub async fn run(
         warned_unregistered: Arc::default(),
         warned_gave_up: Arc::default(),
         _alive: alive,
+        _slot: None,
     };
+    let delivering = Arc::new(Semaphore::new(MAX_DELIVERING));
     loop {
+        let slot = tokio::select! {
+            slot = delivering.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = stopped(&mut stop) => break,
+        };
         tokio::select! {
             job = jobs.recv() => match job {
                 Some(job) => {
-                    tokio::spawn(deliver_request(ctx.clone(), job));
+                    let mut ctx = ctx.clone();
+                    ctx._slot = Some(Arc::new(slot));
+                    tokio::spawn(deliver_request(ctx, job));
                 }
                 None => break,
             },
