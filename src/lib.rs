@@ -34,7 +34,8 @@
 //! - [`config`]: the TOML configuration with environment overrides.
 //! - [`plan`]: date range and ICCIDs → jobs, and which to send ([`plan::select`]); [`submit`]: jobs →
 //!   requestIds (client in `submit::client`, the vendor's field names in `submit::wire`).
-//! - [`sim`]: the built-in ThingSpace simulator; [`failpoint`]: injected pauses for crash tests.
+//! - [`sim`]: the built-in ThingSpace simulator; [`failpoint`]: injected pauses for crash tests;
+//!   [`tls`]: the rustls setup the API client and the listener share.
 //!
 
 //! # Layers
@@ -43,9 +44,9 @@
 //! every `crate::` path against this table, with the imports that still break it listed there as
 //! debts, each with what fixing it takes):
 //!
-//! `failpoint` < `sim` (shares no code with the client) < `config` < `output` < `ingest` < `plan` <
-//! `normalize` < `state` < `submit` < `collect` < `write` < `report` < `fuzzing` < `error` <
-//! `logging` < `pipeline`.
+//! `failpoint`, `tls` (side by side) < `sim` (shares no code with the client) < `config` < `output` <
+//! `ingest` < `plan` < `normalize` < `state` < `submit` < `collect` < `write` < `report` < `fuzzing` <
+//! `error` < `logging` < `pipeline`.
 
 pub mod collect;
 pub mod config;
@@ -62,6 +63,7 @@ pub mod report;
 pub mod sim;
 pub mod state;
 pub mod submit;
+pub mod tls;
 pub mod write;
 
 pub use error::{Error, Result};

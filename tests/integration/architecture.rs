@@ -9,7 +9,7 @@ use std::path::Path;
 /// Bottom to top. A module may use any module of a lower layer, never one of its own layer or
 /// above (so there are no cycles).
 const LAYERS: &[&[&str]] = &[
-    &["failpoint"],
+    &["failpoint", "tls"],
     // The simulator shares no code with the client: it sits below everything but the failpoints.
     &["sim"],
     &["config"],
