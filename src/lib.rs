@@ -16,8 +16,7 @@
 //! - [`ingest`]: ICCID lists from CSV → validated, deduplicated [`ingest::Iccid`]s; bad rows rejected.
 //! - [`collect`]: callback bodies from a source ([`collect::source`]: the listener, a drop directory,
 //!   an external `tsusage listen`) → stripped of credentials → journaled durably; the tracker
-//!   ([`collect::tracker`]) says which jobs are complete; a run's collection while it submits
-//!   ([`collect::session`]) and its live display ([`collect::progress`]); the archive format
+//!   ([`collect::tracker`]) says which jobs are complete; the archive format
 //!   ([`collect::archive`]); the rows of what a run journals are kept by [`collect::RowKeeper`].
 //! - [`state`]: the state store, reached through its trait from [`state::open`]: callback journal,
 //!   jobs, requests, runs, written partitions, archive files; SQLite is the embedded implementation.
@@ -30,7 +29,8 @@
 //!   when `output.url` is set ([`output::bucket`]: one object per partition, reports beside it).
 //! - [`report`]: the run report, exit codes, the `status` text.
 //! - [`logging`]: log lines on stderr, as text or JSON, each with the run id.
-//! - [`pipeline`]: each command's wiring, in the order above.
+//! - [`pipeline`]: each command's wiring, in the order above; a run's collection while it submits
+//!   ([`pipeline::session`]) and its live display ([`pipeline::progress`]).
 //! - [`config`]: the TOML configuration with environment overrides.
 //! - [`plan`]: date range and ICCIDs → jobs, and which to send ([`plan::select`]); [`submit`]: jobs →
 //!   requestIds (client in `submit::client`, the vendor's field names in `submit::wire`).
@@ -45,8 +45,9 @@
 //! debts, each with what fixing it takes):
 //!
 //! `failpoint`, `tls` (side by side) < `sim` (shares no code with the client) < `config` < `output` <
-//! `ingest` < `plan` < `normalize` < `state` < `submit` < `collect` < `write` < `report` < `fuzzing` <
-//! `error` < `logging` < `pipeline`.
+//! `ingest` < `plan` < `normalize` < `state` < `submit`, `collect` (side by side: neither knows the
+//! other; the pipeline drives them together) < `write` < `report` < `fuzzing` < `error` < `logging` <
+//! `pipeline`.
 
 pub mod collect;
 pub mod config;

@@ -18,8 +18,8 @@ const LAYERS: &[&[&str]] = &[
     &["plan"],
     &["normalize"],
     &["state"],
-    &["submit"],
-    &["collect"],
+    // Two stages side by side: neither knows the other; the pipeline drives them together.
+    &["submit", "collect"],
     &["write"],
     &["report"],
     &["fuzzing"],
