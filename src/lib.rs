@@ -31,10 +31,12 @@
 //! - [`logging`]: log lines on stderr, as text or JSON, each with the run id.
 //! - [`pipeline`]: each command's wiring, in the order above; a run's collection while it submits
 //!   ([`pipeline::session`]) and its live display ([`pipeline::progress`]).
-//! - [`config`]: the TOML configuration with environment overrides.
+//! - [`config`]: the TOML configuration with environment overrides, as plain data (the `[sim]`
+//!   section too: [`config::SimSection`]).
 //! - [`plan`]: date range and ICCIDs → jobs, and which to send ([`plan::select`]); [`submit`]: jobs →
 //!   requestIds (client in `submit::client`, the vendor's field names in `submit::wire`).
-//! - [`sim`]: the built-in ThingSpace simulator; [`failpoint`]: injected pauses for crash tests;
+//! - [`sim`]: the built-in ThingSpace simulator, run with a [`sim::SimConfig`] made from the `[sim]`
+//!   section; [`failpoint`]: injected pauses for crash tests;
 //!   [`tls`]: the rustls setup the API client and the listener share.
 //!
 
@@ -44,10 +46,10 @@
 //! every `crate::` path against this table, with the imports that still break it listed there as
 //! debts, each with what fixing it takes):
 //!
-//! `failpoint`, `tls` (side by side) < `sim` (shares no code with the client) < `config` < `output` <
-//! `ingest` < `plan` < `normalize` < `state` < `submit`, `collect` (side by side: neither knows the
-//! other; the pipeline drives them together) < `write` < `report` < `fuzzing` < `error` < `logging` <
-//! `pipeline`.
+//! `failpoint`, `tls` (side by side) < `config` < `sim` (shares no code with the client; it converts
+//! its `[sim]` section of the configuration into its own) < `output` < `ingest` < `plan` <
+//! `normalize` < `state` < `submit`, `collect` (side by side: neither knows the other; the pipeline
+//! drives them together) < `write` < `report` < `fuzzing` < `error` < `logging` < `pipeline`.
 
 pub mod collect;
 pub mod config;

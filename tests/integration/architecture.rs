@@ -10,9 +10,10 @@ use std::path::Path;
 /// above (so there are no cycles).
 const LAYERS: &[&[&str]] = &[
     &["failpoint", "tls"],
-    // The simulator shares no code with the client: it sits below everything but the failpoints.
-    &["sim"],
     &["config"],
+    // The simulator shares no code with the client: it uses only its `[sim]` section of the
+    // configuration, below every stage.
+    &["sim"],
     &["output"],
     &["ingest"],
     &["plan"],
