@@ -63,7 +63,6 @@ impl From<crate::collect::CollectError> for Error {
             C::State(e) => Error::State(e),
             C::Output(e) => Error::Write(e),
             C::Listener(e) => Error::Listener(e),
-            C::Api(e) => Error::Api(e),
             C::Io { path, source } => Error::Io { path, source },
         }
     }

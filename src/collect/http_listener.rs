@@ -352,7 +352,7 @@ where
 fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, ListenerError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    crate::submit::client::install_crypto_provider();
+    crate::tls::install_crypto_provider();
     let bad = |file: &Path, e: &dyn std::fmt::Display| {
         ListenerError::Tls(format!("{}: {e}", file.display()))
     };

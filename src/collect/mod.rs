@@ -1,9 +1,16 @@
-//! Stage 4, collect: callback bodies from any source → checked, stripped, journaled durably.
+//! Stage 4, collect: callback bodies from any source → checked, stripped, journaled durably, and
+//! what they say about each job.
 //!
 //! [`Intake`] is what every source shares: [`Intake::prepare`] strips the credentials, recognizes the
 //! callback and inspects its records (counting, rejecting); [`Intake::commit`] journals a batch in one
-//! durable commit. Sources ([`source`]): [`drop_dir`] (files in a directory), [`http_listener`]
-//! (callbacks POSTed by ThingSpace), and a separate `tsusage listen` read back from the journal.
+//! durable commit; [`RowKeeper`] keeps the rows of what a run journals. Sources ([`source`]):
+//! [`drop_dir`] (files in a directory), [`http_listener`] (callbacks POSTed by ThingSpace, with its
+//! [`listener_metrics`]), and a separate `tsusage listen` read back from the journal. The
+//! [`tracker`] says which jobs are complete, overdue or missing; [`claims`] shares a range's jobs
+//! among workers; [`archive`] is the format of the journal's cold archive.
+//!
+//! Collecting knows nothing of submitting: the loop that submits a run's jobs while it collects
+//! their callbacks, and the run's live display, are wiring and live in the pipeline.
 
 pub use crate::config::allow_list;
 pub mod archive;
@@ -11,8 +18,6 @@ pub mod claims;
 pub mod drop_dir;
 pub mod http_listener;
 pub mod listener_metrics;
-pub mod progress;
-pub mod session;
 pub mod source;
 pub mod tracker;
 
@@ -86,9 +91,6 @@ pub enum CollectError {
     Output(#[from] crate::output::WriteError),
     #[error(transparent)]
     Listener(#[from] http_listener::ListenerError),
-    /// The vendor API cannot be used: credentials rejected or missing.
-    #[error(transparent)]
-    Api(#[from] crate::submit::ApiError),
     /// A file or directory of a drop directory or the archive, with its path.
     #[error("{path}: {source}")]
     Io {

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::sim::SimConfig;
-
 pub mod allow_list;
+pub mod sim;
+
+pub use sim::{DEFAULT_SIM_LISTEN_ADDR, SimSection};
 
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "TSUSAGE_";
@@ -97,8 +98,6 @@ pub const DEFAULT_MAX_ROWS_PER_FILE: u64 = 1_000_000;
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// Default `state.path`.
 pub const DEFAULT_STATE_PATH: &str = "state/tsusage.db";
-/// Default `sim.listen_addr`.
-pub use crate::sim::DEFAULT_SIM_LISTEN_ADDR;
 
 /// The keys that hold secrets: environment only, never in the file, never printed.
 const SECRET_KEYS: &[(&str, &str)] = &[
@@ -211,7 +210,7 @@ pub struct Config {
     pub output: OutputConfig,
     pub state: StateConfig,
     #[serde(default)]
-    pub sim: SimConfig,
+    pub sim: SimSection,
 }
 
 /// `[input]`: the ICCID lists.
@@ -583,7 +582,11 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-use crate::sim::parse_default_addr;
+/// A default address from its text (a constant that parses; loopback port 0 if it did not).
+fn parse_default_addr(text: &str) -> SocketAddr {
+    text.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
 
 impl Config {
     /// Loads `path`, applies the `TSUSAGE_*` variables of the process environment, and validates.
@@ -925,7 +928,7 @@ fn default_table() -> toml::Table {
             retain_days: 0,
             journal_compression: JournalCompression::Lz4,
         },
-        sim: SimConfig::default(),
+        sim: SimSection::default(),
     };
     toml::Table::try_from(defaults).unwrap_or_default()
 }

@@ -4,7 +4,8 @@
 //! `validate`: ingest (CSV) → report.
 //! `ingest DIR`: collect (drop dir) → journal → normalize → write (every pending partition) → report.
 //! `submit`: ingest (CSV) → plan → record intent → authenticate → submit (requestIds recorded) → report.
-//! `run`: the whole pipeline, in [`run`].
+//! `run`: the whole pipeline, in [`run`]; its submit-while-collecting loop, which drives
+//! submission and collection together, is [`session`], and its live display [`progress`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,8 +28,10 @@ use crate::write::publish;
 use crate::{Error, Result};
 
 mod listen;
+pub mod progress;
 mod prune;
 mod run;
+pub mod session;
 mod simulate;
 
 pub use listen::listen;

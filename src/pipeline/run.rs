@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Outcome, conclude, read_iccids, simulate};
+use super::{Outcome, conclude, read_iccids, session, simulate};
 use crate::Result;
 use crate::collect::claims::Claims;
 use crate::collect::tracker::Tracker;
-use crate::collect::{RowKeeper, Writer, session};
+use crate::collect::{RowKeeper, Writer};
 use crate::config::Config;
 use crate::plan::{self, DateRange};
 use crate::report::{CollectReport, RunReport, new_run_id};
@@ -112,7 +112,7 @@ async fn run_inner(config: &Config, options: RunOptions) -> Result<Outcome> {
         Ok(both) => both,
         Err(e) => {
             let _ = Writer::finish_shared(writer);
-            return Err(e.into());
+            return Err(e);
         }
     };
     report.collected(source_report, tracker.stats.unmatched_callbacks);

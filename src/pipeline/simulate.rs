@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::Result;
 use crate::config::{CallbackSource, Config, Secret};
-use crate::sim::{self, SimHandle};
+use crate::sim::{self, SimConfig, SimHandle};
 
 /// Redelivery interval of the in-process simulator: the vendor's ~5 minutes would make a demo run wait.
 pub const SIM_REDELIVERY_MS: u64 = 500;
@@ -42,7 +42,7 @@ fn fresh_secret(label: &str) -> Secret {
 /// is `external`, an in-process listener on a free port (`callbacks.public_url` is set once the
 /// listener is bound).
 pub async fn start(config: &mut Config) -> Result<SimHandle> {
-    let mut sim_config = config.sim.clone();
+    let mut sim_config = SimConfig::from(config.sim.clone());
     sim_config.listen_addr = loopback_any_port();
     sim_config.redelivery_interval_ms = sim_config.redelivery_interval_ms.min(SIM_REDELIVERY_MS);
     let credential = |fixed: &Option<String>, label: &str| match fixed {

@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //!
-//! - `config`: [`SimConfig`], the `[sim]` section: credentials, limits, faults.
+//! - `config`: [`SimConfig`], made from the `[sim]` section: credentials, limits, faults.
 //! - `server`: the router and shared state; OAuth, session and callback registration.
 //! - `reply`: error answers in the vendor's and the gateway's shapes; the error codes.
 //! - `promo`: the promoaggregateusage endpoint: faults, checks, validation.

@@ -160,14 +160,9 @@ impl fmt::Debug for ApiClient {
     }
 }
 
-/// Sets up rustls' crypto provider (ring) once per process; reqwest needs it before any client.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 impl ApiClient {
     pub fn new(config: &ApiConfig) -> Result<ApiClient, ApiError> {
-        install_crypto_provider();
+        crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(config.timeout_secs))
             .connect_timeout(Duration::from_secs(config.timeout_secs.min(10)))

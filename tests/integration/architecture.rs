@@ -9,17 +9,18 @@ use std::path::Path;
 /// Bottom to top. A module may use any module of a lower layer, never one of its own layer or
 /// above (so there are no cycles).
 const LAYERS: &[&[&str]] = &[
-    &["failpoint"],
-    // The simulator shares no code with the client: it sits below everything but the failpoints.
-    &["sim"],
+    &["failpoint", "tls"],
     &["config"],
+    // The simulator shares no code with the client: it uses only its `[sim]` section of the
+    // configuration, below every stage.
+    &["sim"],
     &["output"],
     &["ingest"],
     &["plan"],
     &["normalize"],
     &["state"],
-    &["submit"],
-    &["collect"],
+    // Two stages side by side: neither knows the other; the pipeline drives them together.
+    &["submit", "collect"],
     &["write"],
     &["report"],
     &["fuzzing"],

@@ -207,7 +207,7 @@ async fn the_listener_serves_https_with_the_configured_certificate() {
         ],
     );
 
-    tsusage::submit::client::install_crypto_provider();
+    tsusage::tls::install_crypto_provider();
     let root = reqwest::Certificate::from_pem(&std::fs::read(&ca).expect("ca")).expect("pem");
     let client = reqwest::Client::builder()
         .add_root_certificate(root)

@@ -2,7 +2,7 @@
 //! complete with an ETA, on three lines of one `indicatif` display, cleared when the run ends.
 //!
 //! Off a terminal (cron, systemd, a pipe) the display is hidden and draws nothing; the run logs its
-//! progress instead (see `pipeline::run`).
+//! progress instead (see [`super::session`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::tracker::TrackerStats;
+use crate::collect::tracker::TrackerStats;
+use crate::submit::SubmitGauge;
 
 /// How often the spinners move while nothing else changes.
 const TICK: Duration = Duration::from_millis(120);
-
-pub use crate::submit::SubmitGauge;
 
 /// The run's display: one line for requests, one for callbacks, one bar for jobs.
 #[derive(Debug)]

@@ -1,25 +1,27 @@
 //! A run's collection: submits the jobs to send and collects their callbacks from the source until
 //! every tracked job has ended (complete, failed, missing) or cannot be sent, re-requesting overdue
-//! ones (stages 3 and 4 of the flow in docs/architecture.md).
+//! ones (stages 3 and 4 of the flow in docs/architecture.md). Wiring, not a stage: it drives
+//! [`crate::submit`] and [`crate::collect`] together, each of which knows nothing of the other.
 //!
 //! Each look, in this order: the source is polled for what the callbacks it journaled since the
 //! last look say; ended submissions are taken; the requestIds recorded so far are handed to the
 //! tracker; then what the source heard. Collection stops only on durable facts: nothing is being
 //! sent, every requestId sent is tracked, and no job still waits for a callback.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use std::borrow::Cow;
-
-use super::claims::{CLAIM_RETRY, Claims, Next};
-use super::http_listener;
-use super::source::{CallbackSource, SourceReport};
-use super::tracker::Tracker;
-use super::{CollectError, Result, Writer};
+use super::progress::RunProgress;
+use crate::Result;
+use crate::collect::Writer;
+use crate::collect::claims::{CLAIM_RETRY, Claims, Next};
+use crate::collect::http_listener;
+use crate::collect::source::{self, CallbackSource, SourceReport};
+use crate::collect::tracker::Tracker;
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::plan::Job;
 use crate::state::{AsyncStore, StateError, Store};
@@ -61,7 +63,7 @@ pub async fn collect<S: Store + Send + 'static>(
     let job_ids: Vec<String> = tracker.job_ids().map(str::to_owned).collect();
     read_earlier(&reader, tracker, cursor, job_ids).await?;
     // The source is up before the first request goes out.
-    let mut source = super::source::open(config, run_id, writer, &reader, cursor).await?;
+    let mut source = source::open(config, run_id, writer, &reader, cursor).await?;
     let mut config = Cow::Borrowed(config);
     if let Some(addr) = source.bound_addr()
         && config.callbacks.listen_addr.port() == 0
@@ -109,16 +111,14 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     (reader, cursor): (&AsyncStore, i64),
     mut sharing: Option<&mut Sharing>,
 ) -> Result<SubmitReport> {
-    let client = Arc::new(ApiClient::new(&config.api).map_err(SubmitError::Api)?);
+    let client = Arc::new(ApiClient::new(&config.api)?);
     let needs_api = !to_send.is_empty()
         || tracker.waiting() > 0
         || sharing.as_ref().is_some_and(|s| s.claims.has_work());
     if needs_api {
-        client.authenticate().await.map_err(SubmitError::Api)?;
+        client.authenticate().await?;
         if config.callbacks.source != SourceKind::DropDir {
-            submit::registration::ensure_registered(&client, config)
-                .await
-                .map_err(SubmitError::Api)?;
+            submit::registration::ensure_registered(&client, config).await?;
         }
     }
     let name = config.state.name();
@@ -126,7 +126,7 @@ async fn submit_and_collect<S: Store + Send + 'static>(
     // The submission tells the collector each requestId once it is durable, and every one before
     // it returns: when a submission has ended, what it recorded is in `recorded`.
     let (recorded_tx, mut recorded) = tokio::sync::mpsc::unbounded_channel();
-    let progress = super::progress::RunProgress::new(tracker.stats.jobs);
+    let progress = RunProgress::new(tracker.stats.jobs);
     let budget = sharing.as_ref().map(|s| s.budget.clone());
     let mut next_claim = Instant::now();
     let mut submissions: JoinSet<std::result::Result<SubmitReport, SubmitError>> = JoinSet::new();
@@ -314,14 +314,5 @@ fn update_job(update: &crate::state::JobUpdate) -> &str {
         | JobUpdate::GaveUp { job_id, .. }
         | JobUpdate::Completed { job_id }
         | JobUpdate::Missing { job_id, .. } => job_id,
-    }
-}
-
-impl From<SubmitError> for CollectError {
-    fn from(e: SubmitError) -> Self {
-        match e {
-            SubmitError::Api(e) => CollectError::Api(e),
-            SubmitError::State(e) => CollectError::State(e),
-        }
     }
 }
