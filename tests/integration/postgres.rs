@@ -3,8 +3,9 @@
 //! concurrent writers, the run lock, and three `tsusage listen` replicas on one store with one
 //! killed under load.
 //!
-//! The server comes from `TSUSAGE_TEST_PG_URL` (`postgres://postgres@127.0.0.1:PORT/postgres`);
-//! each test works in a database of its own, created for it and dropped after.
+//! The server comes from `TSUSAGE_TEST_PG_URL` (`postgres://postgres@127.0.0.1:PORT/postgres`), or
+//! else is started by the test process (see `crate::servers`); each test works in a database of its
+//! own, created for it and dropped after.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -393,8 +394,12 @@ fn sorted<K: Ord, V>(map: std::collections::HashMap<K, V>) -> BTreeMap<K, V> {
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn postgres_gives_the_same_answers_as_sqlite_for_the_same_calls() {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut sqlite = SqliteStore::open(&dir.path().join("s.db")).expect("sqlite");
@@ -435,8 +440,12 @@ fn postgres_gives_the_same_answers_as_sqlite_for_the_same_calls() {
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn postgres_store_answers_from_a_thread_the_blocking_pool_and_inside_async_tasks() {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     let mut store = PgStore::open(&db.url).expect("open");
     let body = cb(
@@ -482,11 +491,15 @@ fn postgres_store_answers_from_a_thread_the_blocking_pool_and_inside_async_tasks
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn journal_ids_are_committed_in_order_so_a_reader_following_them_misses_none() {
     // Three writers (three processes' worth of stores) journal concurrently while a reader follows
     // the journal by id, as `run` does. An id handed out before a smaller one commits would be
     // skipped by the reader for good.
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     drop(PgStore::open(&db.url).expect("migrate"));
     let (writers, batches, per_batch) = (3, 60, 8);
@@ -534,8 +547,12 @@ fn journal_ids_are_committed_in_order_so_a_reader_following_them_misses_none() {
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn the_run_lock_is_one_holder_at_a_time_named_and_free_again_when_released() {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     let a = PgStore::open(&db.url).expect("a");
     let b = PgStore::open(&db.url).expect("b");
@@ -552,8 +569,12 @@ fn the_run_lock_is_one_holder_at_a_time_named_and_free_again_when_released() {
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn state_url_selects_postgres_and_its_password_is_never_shown() {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     let ws = Workspace::new();
     let env = db.env();
@@ -593,8 +614,12 @@ fn state_url_selects_postgres_and_its_password_is_never_shown() {
 /// delivered to the next replica, one replica `kill -9`ed under load: every acknowledged callback
 /// is in the journal exactly once.
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn three_listeners_on_one_store_journal_every_acknowledged_callback_exactly_once() {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     let ws = Workspace::new();
     let env = db.env();
@@ -710,7 +735,7 @@ fn three_listeners_on_one_store_journal_every_acknowledged_callback_exactly_once
 #[test]
 #[ignore = "a measurement: run with --ignored --nocapture"]
 fn journal_throughput() {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     for (writers, per_batch) in [(1, 1), (1, 16), (1, 64), (3, 16), (3, 64)] {
         let db = TestDb::new(&admin);
         drop(PgStore::open(&db.url).expect("migrate"));
