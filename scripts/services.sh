@@ -2,7 +2,8 @@
 # The real servers the scale-out tests use, on loopback: PostgreSQL 15 and SeaweedFS (S3).
 #
 #   eval "$(scripts/services.sh start)"   # starts both (or finds them running), prints `export ...`
-#   cargo test                            # the PostgreSQL and S3 tests now run instead of skipping
+#   cargo test                            # the PostgreSQL and S3 tests use them (without the variables the
+#                                         # test binary starts servers of its own, see docs/development.md)
 #   scripts/services.sh env               # the `export ...` lines again, for another shell
 #   scripts/services.sh stop              # stops both and removes their data
 #

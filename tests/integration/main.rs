@@ -21,6 +21,7 @@ mod s3;
 mod secrets;
 mod servers;
 mod sim;
+mod store_conformance;
 mod submit;
 mod util;
 mod validate;

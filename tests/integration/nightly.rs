@@ -120,8 +120,12 @@ fn ten_nights_on_one_store_are_each_complete_exact_and_read_only_their_own_callb
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn ten_nights_on_one_postgres_store_are_each_complete_exact_and_read_only_their_own_callbacks() {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     ten_nights(postgres_env(&db));
 }
@@ -204,9 +208,13 @@ fn a_submission_ending_while_the_collector_looks_away_still_has_every_request_tr
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn on_postgres_a_submission_ending_while_the_collector_looks_away_still_has_every_request_tracked()
 {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     submission_ending_while_the_collector_looks_away(postgres_env(&db));
 }

@@ -1,28 +1,189 @@
-//! The real servers of the scale-out tests, PostgreSQL and S3 (SeaweedFS), found through the
-//! environment that `scripts/services.sh start` prints and `.ci/run` exports. Outside CI a test
-//! without them says SKIPPED loudly and returns; under CI (`CI` set) it fails instead.
+//! The real servers of the scale-out tests, PostgreSQL and S3 (SeaweedFS), from one of:
+//!
+//! 1. the environment that `scripts/services.sh start` prints and `.ci/run` exports
+//!    (`TSUSAGE_TEST_PG_URL`; `TSUSAGE_TEST_S3_ENDPOINT`, `TSUSAGE_TEST_S3_BUCKET` and the `AWS_*`
+//!    credentials);
+//! 2. under CI (`CI` set), nothing else: a missing variable fails the test;
+//! 3. otherwise this test process starts them itself, once, when the first test asks for one:
+//!    `scripts/services.sh start` with a `SERVICES_DIR` of the process's own (so that parallel test
+//!    processes do not share servers), stopped again by an `atexit` hook when the process exits. A
+//!    failed start fails every test that needs a server, with the script's stderr.
+//!
+//! Where the servers cannot be started (build.rs looks for initdb, pg_ctl, python3 and curl, and
+//! honours `TSUSAGE_TEST_NO_SERVERS=1`), the tests that need them are compiled with
+//! `#[cfg_attr(tsusage_no_pg, ignore = "…")]` / `tsusage_no_s3`: libtest reports them as ignored,
+//! with the reason, never as passed.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-/// The value of `var`; `None` (after a loud SKIPPED line) when it is unset outside CI.
-/// Panics under CI: there the servers must be there.
-fn required(var: &str, what: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(value) if !value.is_empty() => Some(value),
-        _ if std::env::var_os("CI").is_some() => panic!("CI must provide {var}"),
-        _ => {
-            eprintln!("SKIPPED (no {what}): set {var}, see docs/development.md");
-            None
-        }
+/// A variable's value, `None` when unset or empty.
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The servers this process started: their variables, as `scripts/services.sh start` printed them.
+#[derive(Debug)]
+struct Started {
+    vars: BTreeMap<String, String>,
+}
+
+/// The `SERVICES_DIR` of the servers this process started (set before the start, for the stop).
+static SERVICES_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+fn services_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/services.sh")
+}
+
+/// The servers of this process, started by the first caller; every caller panics with the
+/// script's output when the start failed.
+fn started() -> &'static Started {
+    static STARTED: OnceLock<Result<Started, String>> = OnceLock::new();
+    match STARTED.get_or_init(start) {
+        Ok(started) => started,
+        Err(why) => panic!("{why}"),
     }
 }
 
-/// `TSUSAGE_TEST_PG_URL`, e.g. `postgres://postgres@127.0.0.1:5432/postgres`.
-pub fn pg_url() -> Option<String> {
-    required("TSUSAGE_TEST_PG_URL", "PostgreSQL")
+fn start() -> Result<Started, String> {
+    let dir = std::env::temp_dir().join(format!("tsusage-test-services-{}", std::process::id()));
+    let script = services_script();
+    if SERVICES_DIR.set(dir.clone()).is_ok() {
+        // SAFETY: `stop_at_exit` is a plain `extern "C" fn` that never unwinds; registering it
+        // has no other precondition.
+        if unsafe { libc::atexit(stop_at_exit) } != 0 {
+            return Err("atexit failed: the servers would not be stopped".to_owned());
+        }
+    }
+    let began = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("start")
+        .env("SERVICES_DIR", &dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!(
+            "the test servers did not start ({} start, SERVICES_DIR={}, {}):\n{stderr}\
+             (set TSUSAGE_TEST_NO_SERVERS=1 to skip these tests, see docs/development.md)",
+            script.display(),
+            dir.display(),
+            out.status
+        ));
+    }
+    let vars = parse_exports(&String::from_utf8_lossy(&out.stdout));
+    for (name, value) in S3_CREDENTIALS {
+        if vars.get(name).map(String::as_str) != Some(value) {
+            return Err(format!(
+                "{} start printed {name}={:?}, but this process set {value:?} before main \
+                 (S3_CREDENTIALS in tests/integration/servers.rs): keep the two equal",
+                script.display(),
+                vars.get(name)
+            ));
+        }
+    }
+    eprintln!(
+        "servers: started by this test process in {:.1} s (SERVICES_DIR={}):\n{stderr}",
+        began.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    Ok(Started { vars })
+}
+
+/// The test-only S3 credentials `scripts/services.sh` configures its server with, and prints.
+const S3_CREDENTIALS: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "tsusage-test"),
+    ("AWS_SECRET_ACCESS_KEY", "tsusage-test-secret"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+/// The code under test reads the S3 credentials from the process environment (an in-process run,
+/// and the `tsusage` processes the tests start), as under .ci/run, which exports them. Where this
+/// process may start the S3 server itself, they are set here, before `main`: setting the
+/// environment once test threads run would race with C code reading it (glibc before 2.40).
+/// `start` checks that the script printed the same values.
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static SET_S3_CREDENTIALS: extern "C" fn() = set_s3_credentials;
+
+#[cfg(target_os = "linux")]
+extern "C" fn set_s3_credentials() {
+    if cfg!(tsusage_no_s3)
+        || std::env::var_os("CI").is_some()
+        || var("TSUSAGE_TEST_S3_ENDPOINT").is_some()
+    {
+        return;
+    }
+    for (name, value) in S3_CREDENTIALS {
+        // SAFETY: this runs from .init_array, before `main`: the process has one thread.
+        unsafe { std::env::set_var(name, value) };
+    }
+}
+
+/// Stops the servers this process started, as it exits (libtest returns from `main` after its
+/// summary, so `atexit` hooks run).
+extern "C" fn stop_at_exit() {
+    let Some(dir) = SERVICES_DIR.get() else {
+        return;
+    };
+    let _ = Command::new("bash")
+        .arg(services_script())
+        .arg("stop")
+        .env("SERVICES_DIR", dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status();
+}
+
+/// `export K='V'` lines, as `scripts/services.sh start` prints them.
+fn parse_exports(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| {
+            let v = v
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .unwrap_or(v);
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+/// `name` as printed by the servers this process starts; under CI, which must provide them, a
+/// panic instead.
+fn started_var(name: &str) -> String {
+    if std::env::var_os("CI").is_some() {
+        panic!("CI must provide {name}");
+    }
+    started()
+        .vars
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| panic!("scripts/services.sh start printed no {name}"))
+}
+
+/// `TSUSAGE_TEST_PG_URL`, e.g. `postgres://postgres@127.0.0.1:5432/postgres`: from the environment,
+/// else from the servers this process starts. A test calling this is marked
+/// `#[cfg_attr(tsusage_no_pg, ignore = "…")]`.
+pub fn pg_url() -> String {
+    var("TSUSAGE_TEST_PG_URL").unwrap_or_else(|| {
+        if cfg!(tsusage_no_pg) {
+            panic!(
+                "no PostgreSQL for the tests: built without one (initdb/pg_ctl/python3/curl not \
+                 found, or TSUSAGE_TEST_NO_SERVERS=1); set TSUSAGE_TEST_PG_URL, see \
+                 docs/development.md"
+            );
+        }
+        started_var("TSUSAGE_TEST_PG_URL")
+    })
 }
 
 /// The S3 server of the tests, with the standard AWS credentials.
@@ -37,14 +198,28 @@ pub struct S3 {
     pub region: String,
 }
 
-pub fn s3() -> Option<S3> {
-    Some(S3 {
-        endpoint: required("TSUSAGE_TEST_S3_ENDPOINT", "S3")?,
-        bucket: required("TSUSAGE_TEST_S3_BUCKET", "S3")?,
-        access_key_id: required("AWS_ACCESS_KEY_ID", "S3")?,
-        secret_access_key: required("AWS_SECRET_ACCESS_KEY", "S3")?,
-        region: required("AWS_REGION", "S3")?,
-    })
+/// The S3 server: from the environment (`TSUSAGE_TEST_S3_ENDPOINT` and the rest, all of them),
+/// else from the servers this process starts. A test calling this is marked
+/// `#[cfg_attr(tsusage_no_s3, ignore = "…")]`.
+pub fn s3() -> S3 {
+    let get: fn(&str) -> String = if var("TSUSAGE_TEST_S3_ENDPOINT").is_some() {
+        |name| var(name).unwrap_or_else(|| panic!("TSUSAGE_TEST_S3_ENDPOINT is set, {name} is not"))
+    } else if cfg!(tsusage_no_s3) {
+        panic!(
+            "no S3 server for the tests: built without one (initdb/pg_ctl/python3/curl not \
+             found, or TSUSAGE_TEST_NO_SERVERS=1); set TSUSAGE_TEST_S3_ENDPOINT, see \
+             docs/development.md"
+        );
+    } else {
+        started_var
+    };
+    S3 {
+        endpoint: get("TSUSAGE_TEST_S3_ENDPOINT"),
+        bucket: get("TSUSAGE_TEST_S3_BUCKET"),
+        access_key_id: get("AWS_ACCESS_KEY_ID"),
+        secret_access_key: get("AWS_SECRET_ACCESS_KEY"),
+        region: get("AWS_REGION"),
+    }
 }
 
 /// `(user, host:port, database)` of a `postgres://user@host:port/database` URL.
@@ -63,8 +238,12 @@ fn pg_parts(url: &str) -> (String, String, String) {
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn postgresql_answers_at_the_test_url_and_lets_the_test_user_in() {
-    let Some(url) = pg_url() else { return };
+    let url = pg_url();
     let (user, address, database) = pg_parts(&url);
     assert!(
         address.starts_with("127.0.0.1:") || address.starts_with("localhost:"),
@@ -118,8 +297,12 @@ fn s3_request(s3: &S3, method: &str, key: &str, data: Option<&str>) -> (u16, Str
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_s3,
+    ignore = "no S3 server here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn s3_stores_and_returns_an_object_with_the_test_credentials() {
-    let Some(s3) = s3() else { return };
+    let s3 = s3();
     assert!(
         s3.endpoint.starts_with("http://127.0.0.1:")
             || s3.endpoint.starts_with("http://localhost:"),
@@ -157,4 +340,18 @@ fn postgres_urls_are_read_as_user_address_and_database() {
         pg_parts("postgresql://u:pw@localhost:5432/db?sslmode=disable").1,
         "localhost:5432"
     );
+}
+
+#[test]
+fn the_export_lines_of_the_services_script_are_read_as_variables() {
+    let vars = parse_exports(
+        "export TSUSAGE_TEST_PG_URL='postgres://postgres@127.0.0.1:5/postgres'\n\
+         export AWS_REGION='us-east-1'\nnot an export\n",
+    );
+    assert_eq!(vars.len(), 2);
+    assert_eq!(
+        vars["TSUSAGE_TEST_PG_URL"],
+        "postgres://postgres@127.0.0.1:5/postgres"
+    );
+    assert_eq!(vars["AWS_REGION"], "us-east-1");
 }

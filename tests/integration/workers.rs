@@ -55,8 +55,12 @@ fn claimed_by(url: &str, pid: u32) -> BTreeSet<(String, String)> {
 }
 
 #[test]
+#[cfg_attr(
+    tsusage_no_pg,
+    ignore = "no PostgreSQL here: initdb/pg_ctl/python3/curl not found or TSUSAGE_TEST_NO_SERVERS=1, see docs/development.md"
+)]
 fn three_workers_share_one_range_within_one_budget_and_survive_a_kill() {
-    let Some(admin) = pg_url() else { return };
+    let admin = pg_url();
     let db = TestDb::new(&admin);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
