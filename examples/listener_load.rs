@@ -20,8 +20,9 @@ use tsusage::collect::http_listener::{self, ListenerState};
 use tsusage::config::{CallbacksConfig, PartitionBy, Secret};
 use tsusage::plan::Job;
 use tsusage::state::{
-    ArchiveFile, ArchivedCallback, JobUpdate, Journaled, NewCallback, PendingPartition,
-    PruneCounts, RunGuard, SqliteStore, StateError, Store, StoredCallback,
+    ArchiveFile, ArchivedCallback, FinishedRun, JobUpdate, JournalEntry, Journaled, NewCallback,
+    OutstandingJob, PendingPartition, PruneCounts, RecordedRequest, RunGuard, SqliteStore,
+    StateError, Store, StoredCallback, WindowStatusCount,
 };
 use tsusage::write::rejects::RecordRejects;
 
@@ -68,24 +69,16 @@ impl Store for NullStore {
     ) -> Result<u32, StateError> {
         Ok(want)
     }
-    fn callbacks_since(
-        &self,
-        _: i64,
-        _: usize,
-    ) -> Result<Vec<(i64, String, String, String)>, StateError> {
+    fn callbacks_since(&self, _: i64, _: usize) -> Result<Vec<JournalEntry>, StateError> {
         Ok(Vec::new())
     }
-    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
+    fn last_run(&self) -> Result<Option<FinishedRun>, StateError> {
         Ok(None)
     }
-    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
+    fn outstanding_jobs(&self) -> Result<Vec<OutstandingJob>, StateError> {
         Ok(Vec::new())
     }
-    fn window_status_counts(
-        &self,
-        _: &str,
-        _: &str,
-    ) -> Result<Vec<(String, String, String, u64)>, StateError> {
+    fn window_status_counts(&self, _: &str, _: &str) -> Result<Vec<WindowStatusCount>, StateError> {
         Ok(Vec::new())
     }
     fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
@@ -147,7 +140,7 @@ impl Store for NullStore {
     fn journal_high_water(&self) -> Result<i64, StateError> {
         Ok(self.0)
     }
-    fn requests_of_jobs(&self, _: &[&str]) -> Result<Vec<(String, String)>, StateError> {
+    fn requests_of_jobs(&self, _: &[&str]) -> Result<Vec<RecordedRequest>, StateError> {
         Ok(Vec::new())
     }
     fn archivable(

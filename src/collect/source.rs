@@ -266,9 +266,13 @@ impl CallbackSource for External {
                     .call(move |s| s.callbacks_since(after, JOURNAL_PAGE))
                     .await?;
                 let full = page.len() == JOURNAL_PAGE;
-                for (id, request_id, _kind, body) in page {
-                    self.cursor = id;
-                    heard.push(Heard::from_body(request_id, &body, self.strict_luhn));
+                for entry in page {
+                    self.cursor = entry.id;
+                    heard.push(Heard::from_body(
+                        entry.request_id,
+                        &entry.body,
+                        self.strict_luhn,
+                    ));
                 }
                 if !full {
                     return Ok(heard);

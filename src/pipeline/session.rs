@@ -263,7 +263,7 @@ async fn read_earlier(
         .call(move |s| {
             let ids: Vec<&str> = job_ids.iter().map(String::as_str).collect();
             let earlier = s.requests_of_jobs(&ids)?;
-            let request_ids: Vec<&str> = earlier.iter().map(|(r, _)| r.as_str()).collect();
+            let request_ids: Vec<&str> = earlier.iter().map(|r| r.request_id.as_str()).collect();
             let mut callbacks = Vec::new();
             s.callbacks_of_requests(&request_ids, cursor, &mut |_, request_id, body| {
                 callbacks.push((request_id, body));
@@ -272,8 +272,8 @@ async fn read_earlier(
         })
         .await?;
     let now = Instant::now();
-    for (request_id, job_id) in earlier {
-        tracker.request_recorded(request_id, &job_id, now);
+    for request in earlier {
+        tracker.request_recorded(request.request_id, &request.job_id, now);
     }
     for (request_id, body) in callbacks {
         tracker.callback(request_id, body, now);

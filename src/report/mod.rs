@@ -301,8 +301,11 @@ pub fn status(
         let to = format!("{}T00:00:00Z", range.to + chrono::Days::new(1));
         let mut windows: std::collections::BTreeMap<(String, String), Vec<(String, u64)>> =
             Default::default();
-        for (start, end, status, n) in store.window_status_counts(&from, &to)? {
-            windows.entry((start, end)).or_default().push((status, n));
+        for w in store.window_status_counts(&from, &to)? {
+            windows
+                .entry((w.window_start, w.window_end))
+                .or_default()
+                .push((w.status, w.jobs));
         }
         let planned_days = (range.to - range.from).num_days() + 1;
         lines.push(format!(
@@ -355,10 +358,10 @@ pub fn status(
         i64::try_from(config.callbacks.deadline_secs).unwrap_or(i64::MAX),
     );
     let now = chrono::Utc::now();
-    let overdue: Vec<&(String, String, String)> = outstanding
+    let overdue: Vec<&crate::state::OutstandingJob> = outstanding
         .iter()
-        .filter(|(_, _, at)| {
-            chrono::DateTime::parse_from_rfc3339(at)
+        .filter(|job| {
+            chrono::DateTime::parse_from_rfc3339(&job.last_submitted_at)
                 .is_ok_and(|t| now.signed_duration_since(t) > deadline)
         })
         .collect();
@@ -368,19 +371,24 @@ pub fn status(
         overdue.len(),
         config.callbacks.deadline_secs
     ));
-    for (job, window, at) in overdue.iter().take(20) {
+    for job in overdue.iter().take(20) {
         lines.push(format!(
-            "  overdue: job {job} window {window} requested {at}"
+            "  overdue: job {} window {} requested {}",
+            job.job_id, job.window_start, job.last_submitted_at
         ));
     }
     match store.last_run()? {
-        Some((run_id, command, finished, code)) => lines.push(format!(
-            "last run: {run_id} ({command}) finished {finished}, exit code {code}; report: {}",
+        Some(run) => lines.push(format!(
+            "last run: {} ({}) finished {}, exit code {}; report: {}",
+            run.run_id,
+            run.command,
+            run.finished_at,
+            run.exit_code,
             config
                 .output
                 .dir
                 .join("runs")
-                .join(format!("{run_id}.json"))
+                .join(format!("{}.json", run.run_id))
                 .display()
         )),
         None => lines.push("last run: none".into()),

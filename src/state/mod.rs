@@ -117,6 +117,51 @@ pub struct StoredCallback {
     pub account_name: Option<String>,
 }
 
+/// A journaled callback as [`Store::callbacks_since`] reads it back, in journal order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    pub id: i64,
+    pub request_id: String,
+    /// `usage`, `completion` or `fault`.
+    pub kind: String,
+    pub body: String,
+}
+
+/// A finished run ([`Store::last_run`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedRun {
+    pub run_id: String,
+    pub command: String,
+    /// RFC 3339, UTC.
+    pub finished_at: String,
+    pub exit_code: i64,
+}
+
+/// A submitted job still waiting for callbacks ([`Store::outstanding_jobs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutstandingJob {
+    pub job_id: String,
+    pub window_start: String,
+    /// When its latest request was sent (RFC 3339, UTC).
+    pub last_submitted_at: String,
+}
+
+/// How many jobs of one window are in one status ([`Store::window_status_counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowStatusCount {
+    pub window_start: String,
+    pub window_end: String,
+    pub status: String,
+    pub jobs: u64,
+}
+
+/// A request recorded for a job ([`Store::requests_of_jobs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    pub request_id: String,
+    pub job_id: String,
+}
+
 /// A journaled callback on its way to (or back from) the archive: everything a rebuild needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchivedCallback {
@@ -285,27 +330,22 @@ pub trait Store {
         now: i64,
     ) -> Result<u32, StateError>;
 
-    /// Up to `limit` journaled callbacks after `id` (exclusive): `(id, request_id, kind, body)`.
-    fn callbacks_since(
-        &self,
-        id: i64,
-        limit: usize,
-    ) -> Result<Vec<(i64, String, String, String)>, StateError>;
+    /// Up to `limit` journaled callbacks after `id` (exclusive), in journal order.
+    fn callbacks_since(&self, id: i64, limit: usize) -> Result<Vec<JournalEntry>, StateError>;
 
-    /// The last finished run: `(run_id, command, finished_at, exit_code)`.
-    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError>;
+    /// The last finished run.
+    fn last_run(&self) -> Result<Option<FinishedRun>, StateError>;
 
-    /// Submitted jobs still waiting for callbacks, with their latest request time:
-    /// `(job_id, window_start, latest submitted_at)`.
-    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError>;
+    /// Submitted jobs still waiting for callbacks, with their latest request time, by window.
+    fn outstanding_jobs(&self) -> Result<Vec<OutstandingJob>, StateError>;
 
     /// Jobs per window and status for windows starting in `[from, to)` (texts like
-    /// `2021-08-15T00:00:00Z`): `(window_start, window_end, status, jobs)`.
+    /// `2021-08-15T00:00:00Z`), ordered by window and status.
     fn window_status_counts(
         &self,
         from: &str,
         to: &str,
-    ) -> Result<Vec<(String, String, String, u64)>, StateError>;
+    ) -> Result<Vec<WindowStatusCount>, StateError>;
 
     /// How many jobs are in each status.
     fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError>;
@@ -380,8 +420,8 @@ pub trait Store {
     /// higher ids.
     fn journal_high_water(&self) -> Result<i64, StateError>;
 
-    /// The requests recorded for each of `job_ids`: `(request_id, job_id)`, oldest first.
-    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<(String, String)>, StateError>;
+    /// The requests recorded for each of `job_ids`, oldest first.
+    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<RecordedRequest>, StateError>;
 
     /// Journaled callbacks that may move to the archive, oldest received first: received before
     /// `before` (µs), every partition they touch written through them, their job not waiting for
@@ -467,24 +507,20 @@ impl Store for Box<dyn Store + Send> {
     ) -> Result<u32, StateError> {
         (**self).take_tokens(account, rate, burst, want, now)
     }
-    fn callbacks_since(
-        &self,
-        id: i64,
-        limit: usize,
-    ) -> Result<Vec<(i64, String, String, String)>, StateError> {
+    fn callbacks_since(&self, id: i64, limit: usize) -> Result<Vec<JournalEntry>, StateError> {
         (**self).callbacks_since(id, limit)
     }
-    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
+    fn last_run(&self) -> Result<Option<FinishedRun>, StateError> {
         (**self).last_run()
     }
-    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
+    fn outstanding_jobs(&self) -> Result<Vec<OutstandingJob>, StateError> {
         (**self).outstanding_jobs()
     }
     fn window_status_counts(
         &self,
         from: &str,
         to: &str,
-    ) -> Result<Vec<(String, String, String, u64)>, StateError> {
+    ) -> Result<Vec<WindowStatusCount>, StateError> {
         (**self).window_status_counts(from, to)
     }
     fn job_status_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
@@ -556,7 +592,7 @@ impl Store for Box<dyn Store + Send> {
     fn journal_high_water(&self) -> Result<i64, StateError> {
         (**self).journal_high_water()
     }
-    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<(String, String)>, StateError> {
+    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<RecordedRequest>, StateError> {
         (**self).requests_of_jobs(job_ids)
     }
     fn archivable(

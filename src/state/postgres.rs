@@ -41,8 +41,9 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::types::{FromSql, ToSql};
 
 use super::{
-    ArchiveFile, ArchivedCallback, JobStatus, JobUpdate, Journaled, NewCallback, PendingPartition,
-    PruneCounts, RunGuard, StateError, Store, StoredCallback,
+    ArchiveFile, ArchivedCallback, FinishedRun, JobStatus, JobUpdate, JournalEntry, Journaled,
+    NewCallback, OutstandingJob, PendingPartition, PruneCounts, RecordedRequest, RunGuard,
+    StateError, Store, StoredCallback, WindowStatusCount,
 };
 use crate::plan::Job;
 
@@ -758,11 +759,7 @@ impl Store for PgStore {
         })
     }
 
-    fn callbacks_since(
-        &self,
-        id: i64,
-        limit: usize,
-    ) -> Result<Vec<(i64, String, String, String)>, StateError> {
+    fn callbacks_since(&self, id: i64, limit: usize) -> Result<Vec<JournalEntry>, StateError> {
         let limit = limit as i64;
         let rows: Vec<(i64, String, String, Vec<u8>, String)> =
             self.call(move |pool| async move {
@@ -783,13 +780,18 @@ impl Store for PgStore {
         rows.into_iter()
             .map(|(id, request_id, kind, body, encoding)| {
                 let body = decode_body(&body, &encoding).map_err(|e| self.fail(e))?;
-                Ok((id, request_id, kind, body))
+                Ok(JournalEntry {
+                    id,
+                    request_id,
+                    kind,
+                    body,
+                })
             })
             .collect()
     }
 
-    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
-        self.call(|pool| async move {
+    fn last_run(&self) -> Result<Option<FinishedRun>, StateError> {
+        let last: Option<(String, String, String, i64)> = self.call(|pool| async move {
             let client = pool.get().await?;
             Ok(client
                 .query_opt(
@@ -801,11 +803,19 @@ impl Store for PgStore {
                 .as_ref()
                 .map(tuple)
                 .transpose()?)
-        })
+        })?;
+        Ok(
+            last.map(|(run_id, command, finished_at, exit_code)| FinishedRun {
+                run_id,
+                command,
+                finished_at,
+                exit_code,
+            }),
+        )
     }
 
-    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
-        self.call(|pool| async move {
+    fn outstanding_jobs(&self) -> Result<Vec<OutstandingJob>, StateError> {
+        let rows: Vec<(String, String, String)> = self.call(|pool| async move {
             let client = pool.get().await?;
             Ok(client
                 .query(
@@ -818,14 +828,22 @@ impl Store for PgStore {
                 .iter()
                 .map(tuple)
                 .collect::<Result<_, _>>()?)
-        })
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(job_id, window_start, last_submitted_at)| OutstandingJob {
+                job_id,
+                window_start,
+                last_submitted_at,
+            })
+            .collect())
     }
 
     fn window_status_counts(
         &self,
         from: &str,
         to: &str,
-    ) -> Result<Vec<(String, String, String, u64)>, StateError> {
+    ) -> Result<Vec<WindowStatusCount>, StateError> {
         let (from, to) = (from.to_owned(), to.to_owned());
         self.call(move |pool| async move {
             let client = pool.get().await?;
@@ -840,12 +858,12 @@ impl Store for PgStore {
                 .await?
                 .iter()
                 .map(|r| -> Result<_, tokio_postgres::Error> {
-                    Ok((
-                        r.try_get(0)?,
-                        r.try_get(1)?,
-                        r.try_get(2)?,
-                        r.try_get::<_, i64>(3)? as u64,
-                    ))
+                    Ok(WindowStatusCount {
+                        window_start: r.try_get(0)?,
+                        window_end: r.try_get(1)?,
+                        status: r.try_get(2)?,
+                        jobs: r.try_get::<_, i64>(3)? as u64,
+                    })
                 })
                 .collect::<Result<_, _>>()?)
         })
@@ -1370,9 +1388,9 @@ impl Store for PgStore {
         })
     }
 
-    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<(String, String)>, StateError> {
+    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<RecordedRequest>, StateError> {
         let ids = owned(job_ids);
-        self.call(move |pool| async move {
+        let rows: Vec<(String, String)> = self.call(move |pool| async move {
             let client = pool.get().await?;
             let stmt = client
                 .prepare_cached(
@@ -1385,7 +1403,11 @@ impl Store for PgStore {
                 .iter()
                 .map(tuple)
                 .collect::<Result<_, _>>()?)
-        })
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(request_id, job_id)| RecordedRequest { request_id, job_id })
+            .collect())
     }
 
     fn archivable(

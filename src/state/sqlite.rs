@@ -13,8 +13,9 @@ use std::ops::ControlFlow;
 use super::lock::RunLock;
 use super::segments::{self, Appender, BodyRef, Frames, Reader, Recovery};
 use super::{
-    ArchiveFile, ArchivedCallback, JobStatus, JobUpdate, Journaled, NewCallback, PendingPartition,
-    PruneCounts, RunGuard, StateError, Store, StoredCallback,
+    ArchiveFile, ArchivedCallback, FinishedRun, JobStatus, JobUpdate, JournalEntry, Journaled,
+    NewCallback, OutstandingJob, PendingPartition, PruneCounts, RecordedRequest, RunGuard,
+    StateError, Store, StoredCallback, WindowStatusCount,
 };
 use crate::config::JournalCompression;
 use crate::plan::Job;
@@ -765,11 +766,7 @@ impl Store for SqliteStore {
     }
 
     /// Up to `limit` journaled callbacks after `id` (exclusive): `(id, request_id, kind, body)`.
-    fn callbacks_since(
-        &self,
-        id: i64,
-        limit: usize,
-    ) -> Result<Vec<(i64, String, String, String)>, StateError> {
+    fn callbacks_since(&self, id: i64, limit: usize) -> Result<Vec<JournalEntry>, StateError> {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
@@ -779,21 +776,32 @@ impl Store for SqliteStore {
             .map_err(self.err())?;
         let rows = stmt
             .query_map(params![id, limit as i64], |r| {
-                let body = self.body_at(r, 3)?;
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, body))
+                Ok(JournalEntry {
+                    id: r.get(0)?,
+                    request_id: r.get(1)?,
+                    kind: r.get(2)?,
+                    body: self.body_at(r, 3)?,
+                })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
     /// The last finished run: `(run_id, command, finished_at, exit_code)`.
-    fn last_run(&self) -> Result<Option<(String, String, String, i64)>, StateError> {
+    fn last_run(&self) -> Result<Option<FinishedRun>, StateError> {
         self.conn
             .query_row(
                 "SELECT run_id, command, finished_at, exit_code FROM runs
                  WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| {
+                    Ok(FinishedRun {
+                        run_id: r.get(0)?,
+                        command: r.get(1)?,
+                        finished_at: r.get(2)?,
+                        exit_code: r.get(3)?,
+                    })
+                },
             )
             .optional()
             .map_err(self.err())
@@ -801,7 +809,7 @@ impl Store for SqliteStore {
 
     /// Submitted jobs still waiting for callbacks, with their latest request time:
     /// `(job_id, window_start, latest submitted_at)`.
-    fn outstanding_jobs(&self) -> Result<Vec<(String, String, String)>, StateError> {
+    fn outstanding_jobs(&self) -> Result<Vec<OutstandingJob>, StateError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -811,7 +819,13 @@ impl Store for SqliteStore {
             )
             .map_err(self.err())?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map([], |r| {
+                Ok(OutstandingJob {
+                    job_id: r.get(0)?,
+                    window_start: r.get(1)?,
+                    last_submitted_at: r.get(2)?,
+                })
+            })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
@@ -822,7 +836,7 @@ impl Store for SqliteStore {
         &self,
         from: &str,
         to: &str,
-    ) -> Result<Vec<(String, String, String, u64)>, StateError> {
+    ) -> Result<Vec<WindowStatusCount>, StateError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -833,7 +847,12 @@ impl Store for SqliteStore {
             .map_err(self.err())?;
         let rows = stmt
             .query_map([from, to], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64))
+                Ok(WindowStatusCount {
+                    window_start: r.get(0)?,
+                    window_end: r.get(1)?,
+                    status: r.get(2)?,
+                    jobs: r.get::<_, i64>(3)? as u64,
+                })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
@@ -1258,7 +1277,7 @@ impl Store for SqliteStore {
             .map_err(self.err())
     }
 
-    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<(String, String)>, StateError> {
+    fn requests_of_jobs(&self, job_ids: &[&str]) -> Result<Vec<RecordedRequest>, StateError> {
         let ids = serde_json::to_string(job_ids).unwrap_or_else(|_| "[]".into());
         let mut stmt = self
             .conn
@@ -1268,7 +1287,12 @@ impl Store for SqliteStore {
             )
             .map_err(self.err())?;
         let rows = stmt
-            .query_map([ids], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([ids], |r| {
+                Ok(RecordedRequest {
+                    request_id: r.get(0)?,
+                    job_id: r.get(1)?,
+                })
+            })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
@@ -1668,7 +1692,7 @@ mod tests {
             .callbacks_since(0, 100)
             .expect("since")
             .into_iter()
-            .map(|c| c.3)
+            .map(|c| c.body)
             .collect();
         assert_eq!(since, bodies);
     }
@@ -1720,7 +1744,7 @@ mod tests {
                 .callbacks_since(0, 100)
                 .expect("since")
                 .into_iter()
-                .map(|c| c.3)
+                .map(|c| c.body)
                 .collect();
             assert_eq!(since, bodies);
             let mut by_partition = Vec::new();

@@ -354,7 +354,7 @@ fn listener_durability(kills: usize, n: usize, pause: &str) -> (usize, usize) {
         .callbacks_since(0, usize::MAX >> 1)
         .expect("journal")
         .into_iter()
-        .map(|(_, request_id, _, _)| request_id)
+        .map(|entry| entry.request_id)
         .collect();
     let missing = acked.iter().filter(|id| !journaled.contains(*id)).count();
     // What the killed listeners left past their committed bytes, later listeners cut off; the last

@@ -170,9 +170,9 @@ fn journal_ids_are_committed_in_order_so_a_reader_following_them_misses_none() {
             let (mut cursor, mut seen) = (0i64, BTreeSet::new());
             loop {
                 let finished = done.load(Ordering::SeqCst);
-                for (id, request_id, _, _) in store.callbacks_since(cursor, 1000).expect("since") {
-                    cursor = id;
-                    seen.insert(request_id);
+                for entry in store.callbacks_since(cursor, 1000).expect("since") {
+                    cursor = entry.id;
+                    seen.insert(entry.request_id);
                 }
                 if finished {
                     return seen;
@@ -361,8 +361,8 @@ fn three_listeners_on_one_store_journal_every_acknowledged_callback_exactly_once
     }
     let store = PgStore::open(&db.url).expect("store");
     let mut copies: BTreeMap<String, u64> = BTreeMap::new();
-    for (_, request_id, _, _) in store.callbacks_since(0, usize::MAX >> 1).expect("journal") {
-        *copies.entry(request_id).or_default() += 1;
+    for entry in store.callbacks_since(0, usize::MAX >> 1).expect("journal") {
+        *copies.entry(entry.request_id).or_default() += 1;
     }
     let missing: Vec<&String> = acknowledged
         .iter()

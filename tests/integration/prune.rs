@@ -82,7 +82,7 @@ fn journal_ids(ws: &Workspace) -> BTreeSet<i64> {
         .callbacks_since(0, usize::MAX >> 1)
         .expect("journal")
         .into_iter()
-        .map(|(id, ..)| id)
+        .map(|entry| entry.id)
         .collect()
 }
 
@@ -291,7 +291,7 @@ fn a_prune_killed_before_its_commit_loses_nothing_and_the_rerun_archives_exactly
         .callbacks_since(newest - 1, 1)
         .expect("journal")
         .first()
-        .map(|(_, _, kind, _)| kind.clone())
+        .map(|entry| entry.kind.clone())
         .unwrap_or_default();
     for n in 0..3 {
         if n == 2 && kept_kind == "usage" {

@@ -245,7 +245,7 @@ fn journaled_request_ids(ws: &Workspace) -> Vec<String> {
         .callbacks_since(0, 1000)
         .expect("journal")
         .into_iter()
-        .map(|(_, request_id, _, _)| request_id)
+        .map(|entry| entry.request_id)
         .collect()
 }
 

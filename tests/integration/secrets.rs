@@ -34,9 +34,9 @@ fn assert_files_clean(ws: &Workspace) {
         .expect("state store");
     let journal = store.callbacks_since(0, 1 << 30).expect("journal");
     assert!(!journal.is_empty(), "callbacks were journaled");
-    for (id, _, _, body) in journal {
-        assert_clean(&format!("journaled callback {id}"), &body);
-        assert!(body.starts_with('{'), "decoded body {id}");
+    for entry in journal {
+        assert_clean(&format!("journaled callback {}", entry.id), &entry.body);
+        assert!(entry.body.starts_with('{'), "decoded body {}", entry.id);
     }
 }
 

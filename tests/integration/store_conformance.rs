@@ -271,7 +271,7 @@ fn exercise(store: &mut dyn Store) -> Vec<String> {
         .outstanding_jobs()
         .expect("outstanding")
         .into_iter()
-        .map(|(job, start, _)| (job, start))
+        .map(|job| (job.job_id, job.window_start))
         .collect();
     say("outstanding_jobs", format!("{outstanding:?}"));
     say(
@@ -298,7 +298,7 @@ fn exercise(store: &mut dyn Store) -> Vec<String> {
     let last = store
         .last_run()
         .expect("last run")
-        .map(|(id, cmd, _, code)| (id, cmd, code));
+        .map(|run| (run.run_id, run.command, run.exit_code));
     say("last_run", format!("{last:?}"));
 
     // The journal: a duplicate inside a batch, a redelivery in a later batch, an archived one.
