@@ -137,6 +137,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE callbacks ADD COLUMN body_len INTEGER;
     CREATE INDEX callbacks_by_segment ON callbacks(segment) WHERE segment IS NOT NULL;
     "#,
+    // v6: nothing here (PostgreSQL's v6 tunes its autovacuum); the two schemas keep one numbering.
+    "",
 ];
 
 /// The columns a journaled body is read back from (`callbacks c` joined with [`BODY_JOIN`]), in
