@@ -166,9 +166,8 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // v6: the journal's two insert-only tables are vacuumed after every 200,000 new rows instead
     // of after a fifth of the table (PostgreSQL's default): each vacuum then has the same work at
-    // 1 M rows as at 100 M, instead of longer and longer ones that a listener's throughput dips
-    // through (a 10-minute soak: last minute 0.83x of the first at 5.2 GB with the default,
-    // 1.04x at 5.7 GB with this; docs/performance.md).
+    // 1 M rows as at 100 M, instead of ever longer ones that a listener's throughput dips through
+    // (docs/performance.md, "A listener up for weeks: the soak").
     r#"
     ALTER TABLE callbacks SET (autovacuum_vacuum_insert_scale_factor = 0,
                                autovacuum_vacuum_insert_threshold = 200000);
