@@ -35,8 +35,8 @@
 //!   section too: [`config::SimSection`]).
 //! - [`plan`]: date range and ICCIDs → jobs, and which to send ([`plan::select`]); [`submit`]: jobs →
 //!   requestIds (client in `submit::client`, the vendor's field names in `submit::wire`).
-//! - [`sim`]: the built-in ThingSpace simulator, run with a [`sim::SimConfig`] made from the `[sim]`
-//!   section; [`failpoint`]: injected pauses for crash tests;
+//! - [`sim`]: the built-in ThingSpace simulator, run with the `[sim]` section ([`sim::SimConfig`]);
+//!   [`failpoint`]: injected pauses for crash tests;
 //!   [`tls`]: the rustls setup the API client and the listener share.
 //!
 

@@ -363,7 +363,7 @@ fn run(command: Command, config: Option<&Path>) -> tsusage::Result<Done> {
         }
         Command::Sim => {
             let config = load_config(config)?;
-            runtime()?.block_on(tsusage::sim::serve(config.sim.into()))?;
+            runtime()?.block_on(tsusage::sim::serve(config.sim))?;
             Ok(Done::Message(String::new()))
         }
         Command::Callbacks { action } => {

@@ -42,7 +42,7 @@ fn fresh_secret(label: &str) -> Secret {
 /// is `external`, an in-process listener on a free port (`callbacks.public_url` is set once the
 /// listener is bound).
 pub async fn start(config: &mut Config) -> Result<SimHandle> {
-    let mut sim_config = SimConfig::from(config.sim.clone());
+    let mut sim_config: SimConfig = config.sim.clone();
     sim_config.listen_addr = loopback_any_port();
     sim_config.redelivery_interval_ms = sim_config.redelivery_interval_ms.min(SIM_REDELIVERY_MS);
     let credential = |fixed: &Option<String>, label: &str| match fixed {
