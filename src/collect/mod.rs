@@ -169,18 +169,25 @@ pub const MAX_KEPT_CALLBACKS: usize = 1 << 20;
 /// only this run fed are written without parsing the callbacks again. If keeping fails (a spill
 /// file cannot be written), it keeps nothing: the partitions are then rebuilt from the journal.
 #[derive(Debug, Clone)]
-pub struct RowKeeper(Arc<Mutex<Option<RowSet>>>);
+pub struct RowKeeper {
+    kept: Arc<Mutex<Option<RowSet>>>,
+    /// Callbacks it keeps rows for, at most ([`MAX_KEPT_CALLBACKS`]).
+    limit: usize,
+}
 
 impl RowKeeper {
     pub fn new(rows: RowSet) -> Self {
-        RowKeeper(Arc::new(Mutex::new(Some(rows))))
+        RowKeeper {
+            kept: Arc::new(Mutex::new(Some(rows))),
+            limit: MAX_KEPT_CALLBACKS,
+        }
     }
 
     /// The hook for [`crate::state::StateWriter::spawn_with`]: adds the records of the newly
     /// journaled callbacks of each commit, in journal order. Past [`MAX_KEPT_CALLBACKS`] it keeps
     /// nothing more (the rows spill to disk, but each callback's requestId stays in memory).
     pub fn after_commit(&self) -> crate::state::AfterCommit<Prepared> {
-        let kept = self.0.clone();
+        let (kept, limit) = (self.kept.clone(), self.limit);
         Box::new(move |store, done, received_at| {
             let mut guard = kept.lock().unwrap_or_else(|e| e.into_inner());
             let Some(rows) = guard.as_mut() else { return };
@@ -192,7 +199,7 @@ impl RowKeeper {
             if new.is_empty() {
                 return;
             }
-            if rows.origins().len() + new.len() > MAX_KEPT_CALLBACKS {
+            if rows.origins().len() + new.len() > limit {
                 tracing::info!(
                     callbacks = rows.origins().len(),
                     "this run journaled more callbacks than it keeps rows for; its partitions will be rebuilt from the journal"
@@ -218,7 +225,7 @@ impl RowKeeper {
 
     /// The rows kept, once the writer has finished (`None` if keeping failed).
     pub fn take(self) -> Option<RowSet> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -516,4 +523,55 @@ fn keep_rows(
 /// Now, in µs since the epoch: the `received_at` of a journal commit.
 pub fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros() + crate::failpoint::clock_shift_micros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(request_id: &str) -> String {
+        format!(
+            r#"{{"requestId":"{request_id}","deviceResponse":{{"devicePromoUsageResponse":[{{"deviceIdentifierCollection":[{{"id":"89148000000000000019","kind":"ICCID"}}],"dataUsage":"10","smsUsage":"1","moSms":"1","mtSms":"0","startDate":"2021-08-15T00:00:00.0000000","endDate":"2021-08-16T00:00:00.0000000"}}]}},"callbackCount":1,"maxCallbackThreshold":4}}"#
+        )
+    }
+
+    /// A run keeps the rows of what it journals up to its limit of callbacks; past it, it keeps
+    /// nothing (memory stays bounded, and the partitions are rebuilt from the journal).
+    #[test]
+    fn a_keeper_past_its_limit_of_callbacks_keeps_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::state::SqliteStore::open(&dir.path().join("s.db")).expect("store");
+        let mut intake = Intake::new(false, PartitionBy::Day);
+        let done: Vec<(Prepared, Journaled)> = (0..3)
+            .map(|n| {
+                let mut rejects = Vec::new();
+                let p = intake
+                    .prepare(&usage(&format!("r-{n}")), "test".into(), &mut rejects)
+                    .expect("a callback");
+                (p, Journaled::New(n + 1))
+            })
+            .collect();
+        let spill = dir.path().join("spill");
+        let rows = || RowSet::new(PartitionBy::Day, Arc::from("acct"), 1 << 20, &spill);
+        let commit_all = |keeper: &RowKeeper| {
+            let mut hook = keeper.after_commit();
+            hook(&store, &done[..1], 1);
+            hook(&store, &done[1..], 2);
+        };
+        let within = RowKeeper {
+            limit: 3,
+            ..RowKeeper::new(rows())
+        };
+        commit_all(&within);
+        assert_eq!(within.take().map(|r| r.origins().len()), Some(3));
+        let past = RowKeeper {
+            limit: 2,
+            ..RowKeeper::new(rows())
+        };
+        commit_all(&past);
+        assert!(
+            past.take().is_none(),
+            "past its limit a keeper keeps nothing"
+        );
+    }
 }

@@ -138,7 +138,7 @@ impl Bucket {
             .or_else(|| var(ENV_REGION))
             .unwrap_or_else(|| DEFAULT_REGION.to_owned());
         // reqwest (under object_store) needs rustls' process-wide provider before any client.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_crypto_provider();
         let allow_http = output
             .endpoint
             .as_deref()

@@ -119,7 +119,7 @@ pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
         .map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
     // reqwest is built without a default TLS provider; callbacks to https:// URLs need one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_crypto_provider();
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_millis(config.callback_timeout_ms.max(1)))
