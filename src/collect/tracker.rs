@@ -233,6 +233,9 @@ pub struct CompletenessRow {
 /// processes or earlier nights.
 pub const PARK_FOR: Duration = Duration::from_secs(120);
 
+/// How often [`Tracker::unpark_stale`] looks through the parked callbacks, at most.
+pub const UNPARK_EVERY: Duration = Duration::from_secs(10);
+
 /// The news of callbacks whose requestId is not (yet) known, since the first of them came.
 #[derive(Debug)]
 struct Parked {
@@ -249,6 +252,8 @@ pub struct Tracker {
     /// Callbacks whose requestId is not (yet) known, by requestId, each for `park_for`.
     parked: HashMap<String, Parked>,
     park_for: Duration,
+    /// When the parked callbacks were last looked through (see [`Tracker::unpark_stale`]).
+    unparked_at: Option<Instant>,
     strict_luhn: bool,
     settle: Duration,
     deadline: Duration,
@@ -293,6 +298,7 @@ impl Tracker {
             by_request: HashMap::new(),
             parked: HashMap::new(),
             park_for: PARK_FOR,
+            unparked_at: None,
             strict_luhn,
             settle,
             deadline,
@@ -394,8 +400,17 @@ impl Tracker {
 
     /// Lets go of the callbacks parked for their time by `now`: their requestIds, with how many
     /// callbacks each had (to count those of no request at all as unmatched).
+    /// The run calls it at every look; it looks through them at most every [`UNPARK_EVERY`] (a
+    /// callback is let go that much later at worst), not the whole map five times a second.
     pub fn unpark_stale(&mut self, now: Instant) -> Vec<(String, usize)> {
         let mut stale = Vec::new();
+        if self
+            .unparked_at
+            .is_some_and(|at| now.saturating_duration_since(at) < UNPARK_EVERY)
+        {
+            return stale;
+        }
+        self.unparked_at = Some(now);
         let park_for = self.park_for;
         self.parked.retain(|id, parked| {
             let keep = now.saturating_duration_since(parked.since) < park_for;
