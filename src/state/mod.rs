@@ -9,8 +9,11 @@
 
 mod lock;
 mod postgres;
+mod rules;
+mod schema;
 mod segments;
 mod shared;
+mod sql;
 mod sqlite;
 mod writer;
 
@@ -19,9 +22,10 @@ use std::ops::ControlFlow;
 
 pub use lock::RunLock;
 pub use postgres::PgStore;
+pub use rules::{SqlStore, encode_body};
 pub use segments::{Frames, Packed, Placement, SEGMENT_DIR_EXTENSION};
 pub use shared::AsyncStore;
-pub use sqlite::{SqliteStore, encode_body};
+pub use sqlite::SqliteStore;
 pub use writer::{AfterCommit, Journalable, StateWriter};
 
 use crate::plan::Job;
