@@ -74,6 +74,8 @@ static POSTGRES: Dialect = Dialect {
     skip_locked: " FOR UPDATE SKIP LOCKED",
     for_update: " FOR UPDATE",
     now_ms: "(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+    // `ON CONFLICT` alone would draw an id from the sequence first (a gap at each redelivery).
+    new_digest_only: "WHERE NOT EXISTS (SELECT 1 FROM callbacks WHERE body_digest = $5)",
     // Advisory lock classes 0x7473_7503 and 0x7473_7502, in decimal.
     migrate_lock: Some("SELECT pg_advisory_xact_lock(1953723651, hashtext(current_schema()))"),
     journal_lock: Some("SELECT pg_advisory_xact_lock(1953723650, hashtext(current_schema()))"),
@@ -496,7 +498,8 @@ enum Op {
     Execute(String, Vec<Value>),
     /// Pipelined: every statement is sent before the first answer is read, and runs in order.
     ExecuteAll(Vec<(String, Vec<Value>)>),
-    QueryAll(Vec<(String, Vec<Value>)>),
+    /// Pipelined, as `ExecuteAll`: one statement with each row of parameters, its answers.
+    QueryEach(String, Vec<Vec<Value>>),
     Batch(String),
 }
 
@@ -536,13 +539,10 @@ async fn run(client: &deadpool_postgres::ClientWrapper, op: Op) -> Result<Answer
                 .map(|(stmt, params)| client.execute(stmt, params));
             Answer::Counts(futures_util::future::try_join_all(pending).await?)
         }
-        Op::QueryAll(statements) => {
-            let prepared = prepare_all(client, &statements).await?;
-            let params: Vec<_> = statements.iter().map(|(_, p)| refs(p)).collect();
-            let pending = prepared
-                .iter()
-                .zip(&params)
-                .map(|(stmt, params)| client.query(stmt, params));
+        Op::QueryEach(sql, rows) => {
+            let stmt = client.prepare_cached(&sql).await?;
+            let params: Vec<_> = rows.iter().map(|p| refs(p)).collect();
+            let pending = params.iter().map(|params| client.query(&stmt, params));
             let answers = futures_util::future::try_join_all(pending).await?;
             Answer::RowSets(
                 answers
@@ -602,11 +602,20 @@ fn counts(a: Answer) -> Vec<u64> {
     }
 }
 
-fn row_sets(a: Answer) -> Vec<Vec<Row>> {
-    match a {
-        Answer::RowSets(sets) => sets,
-        _ => Vec::new(),
-    }
+/// An insert that answers the new row's id.
+fn returning_id(sql: &str) -> String {
+    format!("{sql} RETURNING id")
+}
+
+/// The ids an insert of each row answered ([`returning_id`]).
+fn new_ids(db: &Postgres, answer: Answer) -> Result<Vec<Option<i64>>, StateError> {
+    let Answer::RowSets(sets) = answer else {
+        return Ok(Vec::new());
+    };
+    sets.iter()
+        .map(|rows| rows.first().map(|r| r.int(0)).transpose())
+        .collect::<Result<_, _>>()
+        .map_err(|e| db.bad(e))
 }
 
 impl Exec for Postgres {
@@ -686,8 +695,9 @@ impl Exec for Postgres {
         self.pooled(Op::ExecuteAll(owned(statements))).map(counts)
     }
 
-    fn query_all(&self, statements: &[Statement<'_>]) -> Result<Vec<Vec<Row>>, StateError> {
-        self.pooled(Op::QueryAll(owned(statements))).map(row_sets)
+    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
+        let answer = self.pooled(Op::QueryEach(returning_id(sql), rows.to_vec()))?;
+        new_ids(self, answer)
     }
 
     fn batch(&self, sql: &str) -> Result<(), StateError> {
@@ -750,8 +760,9 @@ impl Exec for PgTx<'_> {
         self.run(Op::ExecuteAll(owned(statements))).map(counts)
     }
 
-    fn query_all(&self, statements: &[Statement<'_>]) -> Result<Vec<Vec<Row>>, StateError> {
-        self.run(Op::QueryAll(owned(statements))).map(row_sets)
+    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
+        let answer = self.run(Op::QueryEach(returning_id(sql), rows.to_vec()))?;
+        new_ids(self.db, answer)
     }
 
     fn batch(&self, sql: &str) -> Result<(), StateError> {

@@ -97,20 +97,12 @@ impl<'a> JournalRow<'a> {
     }
 }
 
-const INSERT_CALLBACK: &str = "
-    INSERT INTO callbacks
-      (request_id, kind, received_at, source, body_digest, body, body_encoding,
-       segment, frame_offset, frame_len, body_offset, body_len)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
-    WHERE NOT EXISTS (SELECT 1 FROM callbacks WHERE body_digest = $5)
-    ON CONFLICT (body_digest) DO NOTHING RETURNING id";
-
 /// Commits `rows` to the journal in one transaction, in order: a body the journal holds (or one
 /// twice in `rows`) is [`Journaled::AlreadyJournaled`], found by the insert itself. With
 /// `segment`, `(id, committed length)` of the segment that holds their bodies.
 ///
-/// The `NOT EXISTS` spares a duplicate an id (`ON CONFLICT` alone draws one first on PostgreSQL),
-/// so ids have no gaps; `ON CONFLICT` stays as the unique index's guarantee.
+/// `ON CONFLICT` on the unique digest is the guarantee; the dialect's `new_digest_only` spares a
+/// duplicate an id where the conflict would draw one.
 pub fn commit_journal(
     db: &mut impl Backend,
     rows: &[JournalRow<'_>],
@@ -119,45 +111,45 @@ pub fn commit_journal(
 ) -> Result<Vec<Journaled>, StateError> {
     let d = db.dialect();
     let name = db.name().to_owned();
-    let bad = |e| StateError::Invalid {
-        path: name.clone(),
-        message: format!("{e}"),
-    };
+    let insert = format!(
+        "INSERT INTO callbacks
+           (request_id, kind, received_at, source, body_digest, body, body_encoding,
+            segment, frame_offset, frame_len, body_offset, body_len)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 {}
+         ON CONFLICT (body_digest) DO NOTHING",
+        d.new_digest_only
+    );
     db.transaction(|tx| {
         if let Some(lock) = d.journal_lock {
             tx.query(lock, &[])?;
         }
-        let inserts: Vec<Statement<'_>> = rows
+        let inserts: Vec<Vec<Value>> = rows
             .iter()
             .map(|r| {
                 let cb = r.callback;
                 let at = |n: usize| r.at.map(|a| a[n]);
-                (
-                    INSERT_CALLBACK,
-                    params![
-                        cb.request_id,
-                        cb.kind,
-                        cb.received_at.unwrap_or(received_at),
-                        cb.source,
-                        &cb.digest[..],
-                        &*r.body,
-                        r.encoding,
-                        at(0),
-                        at(1),
-                        at(2),
-                        at(3),
-                        at(4),
-                    ],
-                )
+                params![
+                    cb.request_id,
+                    cb.kind,
+                    cb.received_at.unwrap_or(received_at),
+                    cb.source,
+                    &cb.digest[..],
+                    &*r.body,
+                    r.encoding,
+                    at(0),
+                    at(1),
+                    at(2),
+                    at(3),
+                    at(4),
+                ]
             })
             .collect();
-        let inserted = tx.query_all(&inserts)?;
+        let inserted = tx.insert_all(&insert, &inserts)?;
         let mut outcomes = Vec::with_capacity(rows.len());
         let mut partitions = Vec::new();
-        for (r, answer) in rows.iter().zip(inserted) {
-            match answer.first() {
-                Some(row) => {
-                    let id = row.int(0).map_err(bad)?;
+        for (r, new) in rows.iter().zip(inserted) {
+            match new {
+                Some(id) => {
                     for p in r.callback.partitions {
                         partitions.push((
                             "INSERT INTO callback_partitions (partition, callback_id)

@@ -1,8 +1,8 @@
 //! What a backend gives the store's rules ([`super::rules`]): statements run with values, typed
 //! rows back, transactions, and the few words of SQL that differ ([`Dialect`]).
 //!
-//! Statements are written once, with PostgreSQL's `$1, $2, …` placeholders (SQLite's executor reads
-//! them as its own `?1, ?2, …`), and a list parameter ([`Value::Texts`], [`Value::Ints`]) is tested
+//! Statements are written once, with `$1, $2, …` placeholders (SQLite's executor binds them by
+//! name), and a list parameter ([`Value::Texts`], [`Value::Ints`]) is tested
 //! with [`Dialect::any`].
 
 use std::ops::ControlFlow;
@@ -172,7 +172,7 @@ impl Row {
     }
 }
 
-/// One statement and its parameters, for [`Exec::execute_all`] and [`Exec::query_all`].
+/// One statement and its parameters, for [`Exec::execute_all`].
 pub type Statement<'a> = (&'a str, Vec<Value>);
 
 /// What runs a statement: a backend outside a transaction, or a transaction.
@@ -191,8 +191,9 @@ pub trait Exec {
     /// Runs the statements in order (PostgreSQL sends them all before reading an answer): the
     /// rows each changed.
     fn execute_all(&self, statements: &[Statement<'_>]) -> Result<Vec<u64>, StateError>;
-    /// Runs the statements in order, as [`Exec::execute_all`]: the rows each answered.
-    fn query_all(&self, statements: &[Statement<'_>]) -> Result<Vec<Vec<Row>>, StateError>;
+    /// Runs the `INSERT` `sql` once for each row of parameters, in order (pipelined, as
+    /// [`Exec::execute_all`]): the `id` of each new row, or `None` where it inserted nothing.
+    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError>;
     /// Runs `sql`, several statements without parameters (a migration).
     fn batch(&self, sql: &str) -> Result<(), StateError>;
 
@@ -223,6 +224,9 @@ pub struct Dialect {
     pub for_update: &'static str,
     /// The store's clock, in ms since the epoch (one clock for every worker).
     pub now_ms: &'static str,
+    /// The `WHERE` of the journal's `INSERT … SELECT $1, …` (`$5`: the body's digest) that spares
+    /// a body already journaled an id, so that journal ids have no gaps.
+    pub new_digest_only: &'static str,
     /// Taken first in a migration, where several processes may migrate at once.
     pub migrate_lock: Option<&'static str>,
     /// Taken first in a journal commit, where several processes write the journal at once, so

@@ -58,6 +58,9 @@ static SQLITE: Dialect = Dialect {
     skip_locked: "",
     for_update: "",
     now_ms: "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+    // A conflict draws no rowid, and a subquery on `callbacks` would have SQLite copy each row
+    // through a temporary table first.
+    new_digest_only: "WHERE true",
     migrate_lock: None,
     journal_lock: None,
 };
@@ -120,13 +123,19 @@ impl SqliteStore {
     }
 }
 
-/// `sql` with SQLite's placeholders: `$1` read as `?1` (SQLite would take `$1` for a named
-/// parameter, numbered by first appearance).
-fn placeholders(sql: &str) -> Cow<'_, str> {
-    if !sql.contains('$') {
-        return Cow::Borrowed(sql);
+/// Binds `params` to `stmt` by name: the rules write `$1`, which SQLite reads as a parameter named
+/// `$1` (numbered by first appearance, so not necessarily its first).
+fn bind(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> rusqlite::Result<()> {
+    for i in 1..=stmt.parameter_count() {
+        let value = stmt
+            .parameter_name(i)
+            .and_then(|name| name.strip_prefix('$'))
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| params.get(n.checked_sub(1)?))
+            .ok_or(rusqlite::Error::InvalidParameterCount(i, params.len()))?;
+        stmt.raw_bind_parameter(i, value)?;
     }
-    Cow::Owned(sql.replace('$', "?"))
+    Ok(())
 }
 
 impl rusqlite::ToSql for Value {
@@ -190,13 +199,9 @@ impl Exec for On<'_> {
         params: &[Value],
         each: &mut dyn FnMut(Row) -> Result<ControlFlow<()>, StateError>,
     ) -> Result<(), StateError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&placeholders(sql))
-            .map_err(self.err())?;
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(params))
-            .map_err(self.err())?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
+        bind(&mut stmt, params).map_err(self.err())?;
+        let mut rows = stmt.raw_query();
         while let Some(row) = rows.next().map_err(self.err())? {
             if each(read_row(row).map_err(self.err())?)?.is_break() {
                 break;
@@ -206,13 +211,9 @@ impl Exec for On<'_> {
     }
 
     fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&placeholders(sql))
-            .map_err(self.err())?;
-        let changed = stmt
-            .execute(rusqlite::params_from_iter(params))
-            .map_err(self.err())?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
+        bind(&mut stmt, params).map_err(self.err())?;
+        let changed = stmt.raw_execute().map_err(self.err())?;
         Ok(changed as u64)
     }
 
@@ -223,11 +224,17 @@ impl Exec for On<'_> {
             .collect()
     }
 
-    fn query_all(&self, statements: &[Statement<'_>]) -> Result<Vec<Vec<Row>>, StateError> {
-        statements
-            .iter()
-            .map(|(sql, params)| self.query(sql, params))
-            .collect()
+    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
+        // `last_insert_rowid`, not `RETURNING`: SQLite would open a temporary table for each.
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
+        rows.iter()
+            .map(|params| {
+                bind(&mut stmt, params)?;
+                let inserted = stmt.raw_execute()? == 1;
+                Ok(inserted.then(|| self.conn.last_insert_rowid()))
+            })
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())
     }
 
     fn batch(&self, sql: &str) -> Result<(), StateError> {
@@ -433,8 +440,8 @@ impl Exec for Sqlite {
         self.on().execute_all(statements)
     }
 
-    fn query_all(&self, statements: &[Statement<'_>]) -> Result<Vec<Vec<Row>>, StateError> {
-        self.on().query_all(statements)
+    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
+        self.on().insert_all(sql, rows)
     }
 
     fn batch(&self, sql: &str) -> Result<(), StateError> {
