@@ -200,14 +200,11 @@ fn bodies(callbacks: usize, records: usize) -> Vec<String> {
         .collect()
 }
 
-async fn serve<S: Store + Send + 'static>(
-    store: S,
+async fn serve(
+    store: Box<dyn Store + Send>,
     out: &std::path::Path,
 ) -> Result<
-    (
-        http_listener::ListenerHandle,
-        Arc<tsusage::collect::Writer<S>>,
-    ),
+    (http_listener::ListenerHandle, Arc<tsusage::collect::Writer>),
     Box<dyn std::error::Error>,
 > {
     let config = CallbacksConfig {
@@ -312,7 +309,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{callbacks} callbacks x {records} records ({mb:.0} MB), {concurrency} connections");
 
     let dir = tempfile::tempdir()?;
-    let (handle, writer) = serve(NullStore(0), dir.path()).await?;
+    let (handle, writer) = serve(Box::new(NullStore(0)), dir.path()).await?;
     let cpu = cpu_seconds();
     let (secs, ok) = load(handle.addr, bodies.clone(), concurrency).await;
     let cpu = cpu_seconds() - cpu;
@@ -325,7 +322,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let store = SqliteStore::open(&dir.path().join("state/tsusage.db"))?;
-    let (handle, writer) = serve(store, dir.path()).await?;
+    let (handle, writer) = serve(Box::new(store), dir.path()).await?;
     let cpu = cpu_seconds();
     let (secs, ok) = load(handle.addr, bodies.clone(), concurrency).await;
     let cpu = cpu_seconds() - cpu;
@@ -350,7 +347,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut handles = Vec::new();
         for _ in 0..replicas {
             let store = tsusage::state::PgStore::open(&url)?;
-            handles.push(serve(store, dir.path()).await?);
+            handles.push(serve(Box::new(store), dir.path()).await?);
         }
         let addrs: Vec<SocketAddr> = handles.iter().map(|(h, _)| h.addr).collect();
         let (secs, ok) = load_spread(&addrs, bodies.clone(), concurrency).await;

@@ -42,13 +42,13 @@ use crate::config::{CallbacksConfig, Secret};
 use crate::normalize::payload::Body;
 use crate::output::WriteError;
 use crate::output::rejects::{RecordReject, RecordRejects};
-use crate::state::{Journaled, Store};
+use crate::state::Journaled;
 
 /// What the handlers share.
-pub struct ListenerState<S> {
+pub struct ListenerState {
     username: Secret,
     password: Secret,
-    writer: Arc<super::Writer<S>>,
+    writer: Arc<super::Writer>,
     pub intake: Mutex<Intake>,
     /// Record-level and body-level rejects, written as they come (memory stays flat).
     rejects: Mutex<Option<RecordRejects>>,
@@ -118,14 +118,14 @@ pub fn listen_path(public_url: &str) -> Result<String, ListenerError> {
 }
 
 /// The router, without a socket (tests call it directly too).
-pub fn app<S: Store + Send + 'static>(
+pub fn app(
     path: &str,
-    state: Arc<ListenerState<S>>,
+    state: Arc<ListenerState>,
     max_body_bytes: usize,
     request_timeout: Duration,
 ) -> Router {
     let tracked = state.clone();
-    let callbacks = post(receive::<S>)
+    let callbacks = post(receive)
         .layer(axum::middleware::from_fn(
             move |req, next: axum::middleware::Next| async move {
                 match tokio::time::timeout(request_timeout, next.run(req)).await {
@@ -155,13 +155,13 @@ pub fn app<S: Store + Send + 'static>(
         ));
     Router::new()
         .route(path, callbacks)
-        .route("/healthz", get(healthz::<S>))
-        .route("/metrics", get(metrics::<S>))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
-impl<S> std::fmt::Debug for ListenerState<S> {
+impl std::fmt::Debug for ListenerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ListenerState")
             .field("credentials", &"[redacted]")
@@ -169,7 +169,7 @@ impl<S> std::fmt::Debug for ListenerState<S> {
     }
 }
 
-impl<S> ListenerState<S> {
+impl ListenerState {
     /// Appends rejects to the rejects file. A failure to write them is logged, not fatal: the
     /// callbacks themselves are in the journal, and their rejects can be derived again from it.
     fn write_rejects(&self, rejects: &[RecordReject]) {
@@ -219,10 +219,10 @@ impl ListenerHandle {
     }
 }
 
-impl<S: Store + Send + 'static> ListenerState<S> {
+impl ListenerState {
     pub fn new(
         config: &CallbacksConfig,
-        writer: Arc<super::Writer<S>>,
+        writer: Arc<super::Writer>,
         intake: Intake,
         rejects: RecordRejects,
     ) -> Result<Self, ListenerError> {
@@ -243,9 +243,9 @@ impl<S: Store + Send + 'static> ListenerState<S> {
 }
 
 /// Binds `callbacks.listen_addr` and serves until [`ListenerHandle::shutdown`].
-pub async fn start<S: Store + Send + 'static>(
+pub async fn start(
     config: &CallbacksConfig,
-    state: Arc<ListenerState<S>>,
+    state: Arc<ListenerState>,
 ) -> Result<ListenerHandle, ListenerError> {
     let path = listen_path(&config.public_url)?;
     if RESERVED_PATHS.contains(&path.as_str()) {
@@ -392,9 +392,7 @@ fn answer(status: StatusCode, message: &str) -> Response {
 }
 
 /// `GET /healthz`: 200 once the store answered through the writer thread, 503 otherwise.
-async fn healthz<S: Store + Send + 'static>(
-    State(state): State<Arc<ListenerState<S>>>,
-) -> Response {
+async fn healthz(State(state): State<Arc<ListenerState>>) -> Response {
     match tokio::time::timeout(HEALTH_TIMEOUT, state.writer.ping()).await {
         Ok(Ok(())) => answer(StatusCode::OK, "ok"),
         Ok(Err(e)) => {
@@ -409,9 +407,7 @@ async fn healthz<S: Store + Send + 'static>(
 }
 
 /// `GET /metrics`: the Prometheus exposition.
-async fn metrics<S: Store + Send + 'static>(
-    State(state): State<Arc<ListenerState<S>>>,
-) -> Response {
+async fn metrics(State(state): State<Arc<ListenerState>>) -> Response {
     match state.metrics.encode() {
         Ok(text) => (
             StatusCode::OK,
@@ -426,8 +422,8 @@ async fn metrics<S: Store + Send + 'static>(
     }
 }
 
-async fn receive<S: Store + Send + 'static>(
-    State(state): State<Arc<ListenerState<S>>>,
+async fn receive(
+    State(state): State<Arc<ListenerState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -572,7 +568,7 @@ mod tests {
         )
         .expect("config");
         let store = crate::state::SqliteStore::open(&dir.path().join("s.db")).expect("store");
-        let writer = Arc::new(super::super::Writer::spawn(store, "s.db".into()));
+        let writer = Arc::new(super::super::Writer::spawn(Box::new(store), "s.db".into()));
         let state = Arc::new(
             ListenerState::new(
                 &config.callbacks,

@@ -160,7 +160,7 @@ pub fn pack(frames: &mut Frames, mut prepared: Vec<&mut Prepared>) {
 }
 
 /// The journal's writer thread, journaling prepared callbacks.
-pub type Writer<S> = crate::state::StateWriter<S, Prepared>;
+pub type Writer = crate::state::StateWriter<Prepared>;
 
 /// Callbacks whose rows a [`RowKeeper`] keeps, at most (about 100 bytes of memory each).
 pub const MAX_KEPT_CALLBACKS: usize = 1 << 20;

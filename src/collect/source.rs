@@ -62,10 +62,10 @@ pub trait CallbackSource: Send {
 /// The source `callbacks.source` names, journaling through `writer` (or its own connection).
 /// `journal` and `cursor` (the journal's high-water mark before anything was sent) are where the
 /// external source reads what another process journals.
-pub async fn open<S: Store + Send + 'static>(
+pub async fn open(
     config: &Config,
     run_id: &str,
-    writer: &Arc<super::Writer<S>>,
+    writer: &Arc<super::Writer>,
     journal: &AsyncStore,
     cursor: i64,
 ) -> Result<Box<dyn CallbackSource>> {
@@ -114,16 +114,16 @@ pub enum Tracked {
 }
 
 /// The HTTP listener, in this process.
-pub struct Listener<S> {
-    state: Arc<ListenerState<S>>,
+pub struct Listener {
+    state: Arc<ListenerState>,
     handle: ListenerHandle,
 }
 
-impl<S: Store + Send + 'static> Listener<S> {
+impl Listener {
     /// Binds `callbacks.listen_addr` and serves until [`CallbackSource::finish`].
     pub async fn start(
         config: &Config,
-        writer: Arc<super::Writer<S>>,
+        writer: Arc<super::Writer>,
         rejects_file: PathBuf,
         tracked: Tracked,
     ) -> Result<Self> {
@@ -166,7 +166,7 @@ impl<S: Store + Send + 'static> Listener<S> {
     }
 }
 
-impl<S> std::fmt::Debug for Listener<S> {
+impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Listener")
             .field("addr", &self.handle.addr)
@@ -174,7 +174,7 @@ impl<S> std::fmt::Debug for Listener<S> {
     }
 }
 
-impl<S: Store + Send + 'static> CallbackSource for Listener<S> {
+impl CallbackSource for Listener {
     fn bound_addr(&self) -> Option<SocketAddr> {
         Some(self.handle.addr)
     }

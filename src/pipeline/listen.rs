@@ -10,7 +10,6 @@ use crate::collect::Writer;
 use crate::collect::source::{CallbackSource, Listener, Tracked};
 use crate::config::Config;
 use crate::report::{RunReport, new_run_id};
-use crate::state::Store;
 
 /// How long in-flight requests get to finish after SIGTERM or Ctrl-C.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -39,7 +38,7 @@ pub async fn listen(config: &Config) -> Result<Outcome> {
     report.records = Some(served.records);
     report.listener = served.listener;
     let mut store = Writer::finish_shared(writer)?;
-    conclude(report, &mut store, &config.output)
+    conclude(report, &mut *store, &config.output)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

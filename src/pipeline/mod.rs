@@ -151,7 +151,7 @@ pub async fn submit(config: &Config, range: DateRange) -> Result<Outcome> {
     client.logout().await;
     let mut store = Writer::finish_shared(writer)?;
     report.submit = Some(submitted?);
-    conclude(report, &mut store, &config.output)
+    conclude(report, &mut *store, &config.output)
 }
 
 /// Stage 2 for `run` and `submit`: the jobs of `range` (with the `plan.lookback_days` before it)
@@ -259,7 +259,7 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
         report.restored = Some(archive::restore(
             &archives,
             &mut intake,
-            &mut store,
+            &mut *store,
             &mut rejects,
             Some(&mut rows),
         )?);
@@ -269,7 +269,7 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
         dir,
         options,
         &mut intake,
-        &mut store,
+        &mut *store,
         &mut rejects,
         &progress,
         Some(&mut rows),
@@ -283,10 +283,10 @@ pub fn ingest_dir(config: &Config, dir: &Path, keep_files: bool) -> Result<Outco
         "journaled"
     );
 
-    report.output = Some(publish::publish(config, &mut store, &run_id, Some(rows))?);
+    report.output = Some(publish::publish(config, &mut *store, &run_id, Some(rows))?);
     report.callbacks = Some(intake.callbacks);
     report.records = Some(intake.records);
-    conclude(report, &mut store, &config.output)
+    conclude(report, &mut *store, &config.output)
 }
 
 /// With `output.url`, checks that the bucket answers and takes the credentials before a command

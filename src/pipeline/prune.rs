@@ -42,8 +42,8 @@ pub fn prune(config: &Config, before: Option<NaiveDate>) -> Result<Outcome> {
     let mut store = crate::state::open(&config.state)?;
     let _lock = store.lock(&run_id, "prune")?;
     store.begin_run(&run_id, "prune")?;
-    report.prune = Some(prune_store(config, &mut store, horizon, &run_id)?);
-    conclude(report, &mut store, &config.output)
+    report.prune = Some(prune_store(config, &mut *store, horizon, &run_id)?);
+    conclude(report, &mut *store, &config.output)
 }
 
 /// The horizon `retain_days` before now, in µs.

@@ -124,7 +124,7 @@ async fn run_inner(config: &Config, options: RunOptions) -> Result<Outcome> {
     let _publishing = store.lock_publish(&run_id)?;
     report.output = Some(crate::write::publish::publish(
         config,
-        &mut store,
+        &mut *store,
         &run_id,
         kept.take(),
     )?);
@@ -132,7 +132,10 @@ async fn run_inner(config: &Config, options: RunOptions) -> Result<Outcome> {
     if config.state.retain_days > 0 {
         let horizon = super::prune::retention_horizon(config.state.retain_days);
         report.prune = Some(super::prune::prune_store(
-            config, &mut store, horizon, &run_id,
+            config,
+            &mut *store,
+            horizon,
+            &run_id,
         )?);
     }
 
@@ -146,7 +149,7 @@ async fn run_inner(config: &Config, options: RunOptions) -> Result<Outcome> {
         completeness_file,
     });
     report.submit = Some(submitted);
-    conclude(report, &mut store, &config.output)
+    conclude(report, &mut *store, &config.output)
 }
 
 /// A worker's claims and budget on a store several workers share: its name is the run id and

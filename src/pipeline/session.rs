@@ -24,7 +24,7 @@ use crate::collect::source::{self, CallbackSource, SourceReport};
 use crate::collect::tracker::Tracker;
 use crate::config::{CallbackSource as SourceKind, Config};
 use crate::plan::Job;
-use crate::state::{AsyncStore, StateError, Store};
+use crate::state::{AsyncStore, StateError};
 use crate::submit::{self, ApiClient, SubmitError, SubmitOptions, SubmitReport};
 
 /// How often the run looks at the journal and the clock.
@@ -46,10 +46,10 @@ pub struct Sharing {
 /// With `sharing` (a store several workers share), the jobs come from claims instead: batch after
 /// batch, each sent or tracked, its outcomes recorded and its claims released, until no job of
 /// the range is left to anyone.
-pub async fn collect<S: Store + Send + 'static>(
+pub async fn collect(
     config: &Config,
     run_id: &str,
-    writer: &Arc<Writer<S>>,
+    writer: &Arc<Writer>,
     tracker: &mut Tracker,
     to_send: Vec<Job>,
     mut sharing: Option<&mut Sharing>,
@@ -102,9 +102,9 @@ pub async fn collect<S: Store + Send + 'static>(
 
 /// Submits `to_send` and collects from `source` until every tracked job has ended or cannot be
 /// sent; re-requests overdue jobs. Returns the merged submission report.
-async fn submit_and_collect<S: Store + Send + 'static>(
+async fn submit_and_collect(
     config: &Config,
-    writer: &Arc<Writer<S>>,
+    writer: &Arc<Writer>,
     tracker: &mut Tracker,
     to_send: Vec<Job>,
     source: &mut dyn CallbackSource,

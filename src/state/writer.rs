@@ -42,9 +42,9 @@ enum Op<P> {
 
 /// A handle for async tasks to the store's writer thread, journaling callbacks of type `P`.
 #[derive(Debug)]
-pub struct StateWriter<S, P> {
+pub struct StateWriter<P> {
     tx: mpsc::Sender<Op<P>>,
-    thread: JoinHandle<S>,
+    thread: JoinHandle<Box<dyn Store + Send>>,
     path: String,
 }
 
@@ -58,14 +58,18 @@ impl<P> std::fmt::Debug for Op<P> {
     }
 }
 
-impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
+impl<P: Journalable> StateWriter<P> {
     /// Moves `store` to a writer thread. `path` names the store in errors.
-    pub fn spawn(store: S, path: String) -> Self {
+    pub fn spawn(store: Box<dyn Store + Send>, path: String) -> Self {
         Self::spawn_with(store, path, None)
     }
 
     /// Like [`StateWriter::spawn`], calling `after` after each commit that journaled callbacks.
-    pub fn spawn_with(mut store: S, path: String, mut after: Option<AfterCommit<P>>) -> Self {
+    pub fn spawn_with(
+        mut store: Box<dyn Store + Send>,
+        path: String,
+        mut after: Option<AfterCommit<P>>,
+    ) -> Self {
         let (tx, mut rx) = mpsc::channel::<Op<P>>(QUEUE);
         let thread = std::thread::spawn(move || {
             let mut last_received_at = 0i64;
@@ -77,7 +81,7 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
                         Err(_) => break,
                     }
                 }
-                commit_group(&mut store, group, after.as_mut(), &mut last_received_at);
+                commit_group(&mut *store, group, after.as_mut(), &mut last_received_at);
             }
             store
         });
@@ -156,7 +160,9 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
     }
 
     /// [`StateWriter::finish`] for a writer shared with tasks that have all ended.
-    pub fn finish_shared(writer: std::sync::Arc<Self>) -> Result<S, StateError> {
+    pub fn finish_shared(
+        writer: std::sync::Arc<Self>,
+    ) -> Result<Box<dyn Store + Send>, StateError> {
         match std::sync::Arc::try_unwrap(writer) {
             Ok(writer) => writer.finish(),
             Err(shared) => Err(StateError::Invalid {
@@ -167,7 +173,7 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
     }
 
     /// Stops the writer once everything sent is committed, and gives the store back.
-    pub fn finish(self) -> Result<S, StateError> {
+    pub fn finish(self) -> Result<Box<dyn Store + Send>, StateError> {
         drop(self.tx);
         self.thread.join().map_err(|_| StateError::Invalid {
             path: self.path,
@@ -177,8 +183,8 @@ impl<S: Store + Send + 'static, P: Journalable> StateWriter<S, P> {
 }
 
 /// One commit for the group's callbacks, one for its job updates; each sender gets its answer.
-fn commit_group<S: Store, P: Journalable>(
-    store: &mut S,
+fn commit_group<P: Journalable>(
+    store: &mut dyn Store,
     group: Vec<Op<P>>,
     after: Option<&mut AfterCommit<P>>,
     last_received_at: &mut i64,
@@ -231,7 +237,7 @@ fn commit_group<S: Store, P: Journalable>(
                         .map(|(p, _, _)| p)
                         .zip(outcomes)
                         .collect();
-                    after(&*store, &done, received_at);
+                    after(store, &done, received_at);
                 }
             }
             Err(e) => {

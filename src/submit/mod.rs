@@ -31,7 +31,7 @@ pub use client::{ApiClient, ApiError};
 
 use crate::config::{ApiConfig, MIN_RETRY_BUDGET};
 use crate::plan::Job;
-use crate::state::{JobUpdate, Journalable, StateError, StateWriter, Store};
+use crate::state::{JobUpdate, Journalable, StateError, StateWriter};
 
 /// How to submit, from `[api]`.
 #[derive(Debug, Clone)]
@@ -306,9 +306,9 @@ impl Shared {
 ///
 /// Returns an error only when the run cannot go on (credentials rejected, state store failing);
 /// what was recorded until then stays recorded.
-pub async fn submit<S: Store + Send + 'static, P: Journalable>(
+pub async fn submit<P: Journalable>(
     client: Arc<ApiClient>,
-    writer: Arc<StateWriter<S, P>>,
+    writer: Arc<StateWriter<P>>,
     jobs: Vec<Job>,
     options: &SubmitOptions,
 ) -> Result<SubmitReport, SubmitError> {
@@ -445,9 +445,9 @@ pub async fn submit<S: Store + Send + 'static, P: Journalable>(
 const MAX_RENEWALS_PER_JOB: u32 = 3;
 
 /// One job to its end: submitted, failed, or given up for this run. `Ok(Some(_))` is a refusal.
-async fn submit_job<S: Store + Send + 'static, P: Journalable>(
+async fn submit_job<P: Journalable>(
     client: &ApiClient,
-    writer: &StateWriter<S, P>,
+    writer: &StateWriter<P>,
     shared: &Shared,
     options: &SubmitOptions,
     rng: &mut Jitter,

@@ -236,7 +236,7 @@ fn write_partition(
             };
             let mut set = rebuild(
                 config,
-                &*store,
+                &**store,
                 &pending.partition,
                 pending.through_id,
                 &archives,

@@ -174,7 +174,7 @@ async fn an_idle_session_is_renewed_by_exactly_one_login() {
     let jobs = plan::plan(ACCOUNT, &iccids, &windows, 2);
     let mut store = SqliteStore::open(&ws.path("state/tsusage.db")).expect("store");
     store.record_jobs(&jobs).expect("intent");
-    let writer = Arc::new(Writer::spawn(store, "test".into()));
+    let writer = Arc::new(Writer::spawn(Box::new(store), "test".into()));
     let options = SubmitOptions::new(&cfg.api, jobs.len());
     let report = submit::submit(client.clone(), writer, jobs, &options)
         .await
