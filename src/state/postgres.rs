@@ -570,16 +570,6 @@ async fn prepare_all(
     Ok(prepared)
 }
 
-impl Postgres {
-    /// Runs `op` on a connection of the pool.
-    fn pooled(&self, op: Op) -> Result<Answer, StateError> {
-        call(&self.tasks, &self.name, move |pool| async move {
-            let client = pool.get().await?;
-            run(&client, op).await
-        })
-    }
-}
-
 /// The answer an [`Op`] of each kind gives.
 fn rows(a: Answer) -> Vec<Row> {
     match a {
@@ -618,13 +608,76 @@ fn new_ids(db: &Postgres, answer: Answer) -> Result<Vec<Option<i64>>, StateError
         .map_err(|e| db.bad(e))
 }
 
-impl Exec for Postgres {
+/// What runs an [`Op`]: a connection of the pool ([`Postgres`]) or a transaction's ([`PgTx`]).
+trait Runner {
+    fn db(&self) -> &Postgres;
+    fn run(&self, op: Op) -> Result<Answer, StateError>;
+
+    /// [`Exec::query_each`]: the whole answer, then each row (within a transaction the rules read
+    /// only small answers; [`Postgres`] reads through a portal).
+    fn stream(
+        &self,
+        sql: &str,
+        params: &[Value],
+        each: &mut dyn FnMut(Row) -> Result<ControlFlow<()>, StateError>,
+    ) -> Result<(), StateError> {
+        for row in rows(self.run(Op::Query(sql.to_owned(), params.to_vec()))?) {
+            if each(row)?.is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Runner> Exec for R {
     fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StateError> {
-        self.pooled(Op::Query(sql.to_owned(), params.to_vec()))
+        self.run(Op::Query(sql.to_owned(), params.to_vec()))
             .map(rows)
     }
 
     fn query_each(
+        &self,
+        sql: &str,
+        params: &[Value],
+        each: &mut dyn FnMut(Row) -> Result<ControlFlow<()>, StateError>,
+    ) -> Result<(), StateError> {
+        self.stream(sql, params, each)
+    }
+
+    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, StateError> {
+        self.run(Op::Execute(sql.to_owned(), params.to_vec()))
+            .map(count)
+    }
+
+    fn execute_all(&self, statements: &[Statement<'_>]) -> Result<Vec<u64>, StateError> {
+        self.run(Op::ExecuteAll(owned(statements))).map(counts)
+    }
+
+    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
+        let answer = self.run(Op::QueryEach(returning_id(sql), rows.to_vec()))?;
+        new_ids(self.db(), answer)
+    }
+
+    fn batch(&self, sql: &str) -> Result<(), StateError> {
+        self.run(Op::Batch(sql.to_owned())).map(drop)
+    }
+}
+
+impl Runner for Postgres {
+    fn db(&self) -> &Postgres {
+        self
+    }
+
+    /// On a connection of the pool.
+    fn run(&self, op: Op) -> Result<Answer, StateError> {
+        call(&self.tasks, &self.name, move |pool| async move {
+            let client = pool.get().await?;
+            run(&client, op).await
+        })
+    }
+
+    fn stream(
         &self,
         sql: &str,
         params: &[Value],
@@ -685,24 +738,6 @@ impl Exec for Postgres {
             }
         }
     }
-
-    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, StateError> {
-        self.pooled(Op::Execute(sql.to_owned(), params.to_vec()))
-            .map(count)
-    }
-
-    fn execute_all(&self, statements: &[Statement<'_>]) -> Result<Vec<u64>, StateError> {
-        self.pooled(Op::ExecuteAll(owned(statements))).map(counts)
-    }
-
-    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
-        let answer = self.pooled(Op::QueryEach(returning_id(sql), rows.to_vec()))?;
-        new_ids(self, answer)
-    }
-
-    fn batch(&self, sql: &str) -> Result<(), StateError> {
-        self.pooled(Op::Batch(sql.to_owned())).map(drop)
-    }
 }
 
 /// A transaction: one connection, sent to the store's thread with each statement and back.
@@ -711,7 +746,11 @@ struct PgTx<'a> {
     db: &'a Postgres,
 }
 
-impl PgTx<'_> {
+impl Runner for PgTx<'_> {
+    fn db(&self) -> &Postgres {
+        self.db
+    }
+
     fn run(&self, op: Op) -> Result<Answer, StateError> {
         let client = self
             .client
@@ -727,46 +766,6 @@ impl PgTx<'_> {
         })?;
         *self.client.borrow_mut() = Some(client);
         answer.map_err(|e| fail(&self.db.name, e))
-    }
-}
-
-impl Exec for PgTx<'_> {
-    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>, StateError> {
-        self.run(Op::Query(sql.to_owned(), params.to_vec()))
-            .map(rows)
-    }
-
-    fn query_each(
-        &self,
-        sql: &str,
-        params: &[Value],
-        each: &mut dyn FnMut(Row) -> Result<ControlFlow<()>, StateError>,
-    ) -> Result<(), StateError> {
-        // Within a transaction the rules read only small answers.
-        for row in self.query(sql, params)? {
-            if each(row)?.is_break() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, StateError> {
-        self.run(Op::Execute(sql.to_owned(), params.to_vec()))
-            .map(count)
-    }
-
-    fn execute_all(&self, statements: &[Statement<'_>]) -> Result<Vec<u64>, StateError> {
-        self.run(Op::ExecuteAll(owned(statements))).map(counts)
-    }
-
-    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
-        let answer = self.run(Op::QueryEach(returning_id(sql), rows.to_vec()))?;
-        new_ids(self.db, answer)
-    }
-
-    fn batch(&self, sql: &str) -> Result<(), StateError> {
-        self.run(Op::Batch(sql.to_owned())).map(drop)
     }
 }
 
