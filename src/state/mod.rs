@@ -3,9 +3,12 @@
 //! [`Store`] holds every durable operation the stages use, 34 methods (grouped by role in
 //! docs/architecture.md, "The state store"): the run lock and the coordination of workers (claims,
 //! the shared rate budget), jobs and requests, runs, the journal, written partitions, the archive,
-//! and a health ping. [`SqliteStore`] is the embedded implementation
-//! (one SQLite file in WAL mode, `state.path`); [`PgStore`] is the same tables on PostgreSQL
-//! (`state.url`), for several listeners and workers sharing one store.
+//! and a health ping.
+//!
+//! Its rules are written once: every statement and transaction in `rules` ([`SqlStore`]), the
+//! schema in `schema`, over the small executor interface of `sql` that each backend implements.
+//! [`SqliteStore`] is the embedded store (one SQLite file in WAL mode, `state.path`); [`PgStore`] is
+//! the same schema on PostgreSQL (`state.url`), for several listeners and workers sharing one store.
 
 mod lock;
 mod postgres;

@@ -740,9 +740,11 @@ impl Runner for Postgres {
     }
 }
 
-/// A transaction: one connection, sent to the store's thread with each statement and back.
+/// A transaction: one connection, sent to the store's thread with each statement and back. It
+/// begins with its first statement, in the same trip.
 struct PgTx<'a> {
     client: std::cell::RefCell<Option<Object>>,
+    begun: std::cell::Cell<bool>,
     db: &'a Postgres,
 }
 
@@ -752,15 +754,23 @@ impl Runner for PgTx<'_> {
     }
 
     fn run(&self, op: Op) -> Result<Answer, StateError> {
-        let client = self
-            .client
-            .borrow_mut()
-            .take()
-            .ok_or_else(|| StateError::Invalid {
+        let client = self.client.borrow_mut().take();
+        if client.is_none() && self.begun.get() {
+            return Err(StateError::Invalid {
                 path: self.db.name.clone(),
                 message: "a transaction's connection was lost after an error".into(),
-            })?;
-        let (client, answer) = call(&self.db.tasks, &self.db.name, move |_pool| async move {
+            });
+        }
+        self.begun.set(true);
+        let (client, answer) = call(&self.db.tasks, &self.db.name, move |pool| async move {
+            let client = match client {
+                Some(client) => client,
+                None => {
+                    let client = pool.get().await?;
+                    client.batch_execute("BEGIN").await?;
+                    client
+                }
+            };
             let answer = run(&client, op).await;
             Ok((client, answer))
         })?;
@@ -782,13 +792,9 @@ impl Backend for Postgres {
         &mut self,
         f: impl FnOnce(&dyn Exec) -> Result<T, StateError>,
     ) -> Result<T, StateError> {
-        let client = call(&self.tasks, &self.name, |pool| async move {
-            let client = pool.get().await?;
-            client.batch_execute("BEGIN").await?;
-            Ok(client)
-        })?;
         let tx = PgTx {
-            client: std::cell::RefCell::new(Some(client)),
+            client: std::cell::RefCell::new(None),
+            begun: std::cell::Cell::new(false),
             db: self,
         };
         let out = f(&tx);

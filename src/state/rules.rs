@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::ControlFlow;
 
 use super::schema;
-use super::sql::{Backend, Row, Statement, Value, params};
+use super::sql::{Backend, Row, Statement, Value, json_rows, params};
 use super::{
     ArchiveFile, ArchivedCallback, FinishedRun, JobStatus, JobUpdate, JournalEntry, Journaled,
     NewCallback, OutstandingJob, PendingPartition, PruneCounts, RecordedRequest, RunGuard,
@@ -151,18 +151,23 @@ pub fn commit_journal(
             match new {
                 Some(id) => {
                     for p in r.callback.partitions {
-                        partitions.push((
-                            "INSERT INTO callback_partitions (partition, callback_id)
-                             VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                            params![p, id],
-                        ));
+                        partitions.push((p, id));
                     }
                     outcomes.push(Journaled::New(id));
                 }
                 None => outcomes.push(Journaled::AlreadyJournaled),
             }
         }
-        tx.execute_all(&partitions)?;
+        if !partitions.is_empty() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO callback_partitions (partition, callback_id)
+                     SELECT c0, c1 FROM {} z WHERE true ON CONFLICT DO NOTHING",
+                    d.rows_of(1, &["text", "bigint"])
+                ),
+                &[json_rows(&partitions)],
+            )?;
+        }
         if let Some((id, end)) = segment {
             tx.execute(
                 "UPDATE segments SET committed = $2 WHERE id = $1",
@@ -431,29 +436,30 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     fn record_jobs(&mut self, jobs: &[Job]) -> Result<u64, StateError> {
-        let now = now_text();
-        let inserts: Vec<Statement<'_>> = jobs
+        let rows: Vec<[String; 5]> = jobs
             .iter()
             .map(|job| {
                 let iccids: Vec<&str> = job.iccids.iter().map(|i| i.as_str()).collect();
-                (
-                    "INSERT INTO jobs (job_id, account_name, window_start, window_end, iccids,
-                                       status, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT DO NOTHING",
-                    params![
-                        job.id.as_str(),
-                        job.account_name.to_string(),
-                        job.window.start_time(),
-                        job.window.end_time(),
-                        iccids.join(","),
-                        JobStatus::Planned.as_str(),
-                        now.as_str(),
-                    ],
-                )
+                [
+                    job.id.as_str().to_owned(),
+                    job.account_name.to_string(),
+                    job.window.start_time(),
+                    job.window.end_time(),
+                    iccids.join(","),
+                ]
             })
             .collect();
-        let new = self.db.transaction(|tx| tx.execute_all(&inserts))?;
-        Ok(new.iter().sum())
+        // One statement for the batch.
+        let sql = format!(
+            "INSERT INTO jobs (job_id, account_name, window_start, window_end, iccids,
+                               status, created_at, updated_at)
+             SELECT c0, c1, c2, c3, c4, $2, $3, $3 FROM {} z WHERE true ON CONFLICT DO NOTHING",
+            self.db.dialect().rows_of(1, &["text"; 5])
+        );
+        self.db.execute(
+            &sql,
+            &params![json_rows(&rows), JobStatus::Planned.as_str(), now_text()],
+        )
     }
 
     fn job_statuses(&self, job_ids: &[&str]) -> Result<HashMap<String, JobStatus>, StateError> {

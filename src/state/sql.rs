@@ -172,6 +172,11 @@ impl Row {
     }
 }
 
+/// `rows` as the parameter of [`Dialect::rows_of`].
+pub fn json_rows<T: serde::Serialize>(rows: &[T]) -> Value {
+    Value::Text(serde_json::to_string(rows).unwrap_or_else(|_| "[]".into()))
+}
+
 /// One statement and its parameters, for [`Exec::execute_all`].
 pub type Statement<'a> = (&'a str, Vec<Value>);
 
@@ -251,6 +256,26 @@ impl Dialect {
         match self.family {
             Family::Sqlite => format!("{column} IN (SELECT value FROM json_each(${n}))"),
             Family::Postgres => format!("{column} = ANY(${n})"),
+        }
+    }
+
+    /// The rows of the parameter `$n`, a JSON array of arrays ([`json_rows`]) whose columns have
+    /// the PostgreSQL `types`, as a table with columns `c0`, `c1`, …: one statement inserts many rows.
+    pub fn rows_of(&self, n: usize, types: &[&str]) -> String {
+        let columns: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| match self.family {
+                Family::Sqlite => format!("value ->> {i} AS c{i}"),
+                Family::Postgres => format!("(e ->> {i})::{ty} AS c{i}"),
+            })
+            .collect();
+        match self.family {
+            Family::Sqlite => format!("(SELECT {} FROM json_each(${n}))", columns.join(", ")),
+            Family::Postgres => format!(
+                "(SELECT {} FROM jsonb_array_elements(${n}::text::jsonb) e)",
+                columns.join(", ")
+            ),
         }
     }
 
