@@ -25,7 +25,7 @@ export SOAK_BIN="$PWD/target/release/tsusage"
 soak_sqlite() {
   local dir="$ROOT/sqlite-$$"
   rm -rf "$dir" && mkdir -p "$dir"
-  SOAK_DIR="$dir" "$SOAK" "$SECS" "$KILLS" "$CONNECTIONS"
+  SOAK_DIR="$dir" env -u SOAK_PG_URL "$SOAK" "$SECS" "$KILLS" "$CONNECTIONS"
   [ "${SOAK_KEEP:-0}" = 1 ] || rm -rf "$dir"
 }
 
