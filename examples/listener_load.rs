@@ -42,11 +42,13 @@ impl Store for NullStore {
     fn shares_work(&self) -> bool {
         false
     }
+    fn clock_ms(&self) -> Result<i64, StateError> {
+        Ok(0)
+    }
     fn claim_jobs(
         &mut self,
         job_ids: &[&str],
         _: &str,
-        _: i64,
         _: i64,
         _: i64,
         max: usize,
@@ -59,14 +61,7 @@ impl Store for NullStore {
     fn release_claims(&mut self, _: &str, _: &[&str]) -> Result<(), StateError> {
         Ok(())
     }
-    fn take_tokens(
-        &mut self,
-        _: &str,
-        _: f64,
-        _: f64,
-        want: u32,
-        _: i64,
-    ) -> Result<u32, StateError> {
+    fn take_tokens(&mut self, _: &str, _: f64, _: f64, want: u32) -> Result<u32, StateError> {
         Ok(want)
     }
     fn callbacks_since(&self, _: i64, _: usize) -> Result<Vec<JournalEntry>, StateError> {

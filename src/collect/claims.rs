@@ -58,8 +58,8 @@ pub struct Claims {
     pool: HashMap<String, Job>,
     /// The jobs the run selected to send, with the status each had when it planned.
     to_send: HashMap<String, Option<JobStatus>>,
-    /// When this run started claiming (ms): a job asked again is re-pulled once by the workers
-    /// that started before anyone claimed it.
+    /// When this run looked at the statuses, by the store's clock (ms): a job asked again is
+    /// re-pulled once by the workers that started before anyone claimed it.
     since: i64,
     lease: Duration,
     batch: usize,
@@ -74,13 +74,15 @@ pub struct Claims {
 
 impl Claims {
     /// The claims of `worker` on `tracked` (of which `to_send` are to be sent, with the statuses
-    /// seen when planning).
+    /// seen when planning, at `since` by the store's clock).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: AsyncStore,
         worker: String,
         tracked: Vec<Job>,
         to_send: &[Job],
         planned: &HashMap<String, JobStatus>,
+        since: i64,
         lease: Duration,
         batch: usize,
     ) -> Self {
@@ -97,7 +99,7 @@ impl Claims {
             worker,
             pool: tracked.into_iter().map(|j| (j.id.to_string(), j)).collect(),
             to_send,
-            since: chrono::Utc::now().timestamp_millis(),
+            since,
             lease,
             batch: batch.max(1),
             held: Vec::new(),
@@ -130,14 +132,13 @@ impl Claims {
             return Ok(Next::Done);
         }
         candidates.sort_unstable();
-        let now = chrono::Utc::now().timestamp_millis();
-        let lease_until = now + i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let lease_ms = self.lease_ms();
         let (worker, since, batch) = (self.worker.clone(), self.since, self.batch);
         let (claimed, statuses) = self
             .store
             .call(move |s| {
                 let ids: Vec<&str> = candidates.iter().map(String::as_str).collect();
-                let claimed = s.claim_jobs(&ids, &worker, now, lease_until, since, batch)?;
+                let claimed = s.claim_jobs(&ids, &worker, lease_ms, since, batch)?;
                 // Claimed: their statuses now; nothing claimed: whether others still work.
                 let asked: Vec<&str> = if claimed.is_empty() {
                     ids
@@ -195,6 +196,10 @@ impl Claims {
         Ok(Next::Batch { send, track })
     }
 
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX / 2)
+    }
+
     fn stop_waiting(&mut self) {
         if let Some(since) = self.waiting_since.take() {
             self.report.waited_secs += since.elapsed().as_secs_f64();
@@ -207,14 +212,13 @@ impl Claims {
             return Ok(());
         }
         self.last_renewed = Instant::now();
-        let lease_until = chrono::Utc::now().timestamp_millis()
-            + i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let lease_ms = self.lease_ms();
         let (worker, ids) = (self.worker.clone(), self.held.clone());
         let held = self
             .store
             .call(move |s| {
                 let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                s.renew_claims(&worker, &ids, lease_until)
+                s.renew_claims(&worker, &ids, lease_ms)
             })
             .await?;
         let lost = (self.held.len() as u64).saturating_sub(held);

@@ -165,6 +165,7 @@ fn sharing(
     let name = config.state.name();
     let ids: Vec<&str> = tracked.iter().map(|j| j.id.as_str()).collect();
     let planned = store.job_statuses(&ids)?;
+    let since = store.clock_ms()?;
     let worker = format!("{run_id} pid {}", std::process::id());
     tracing::info!(%worker, jobs = tracked.len(), "sharing the range with other workers");
     let claims = Claims::new(
@@ -173,6 +174,7 @@ fn sharing(
         tracked,
         to_send,
         &planned,
+        since,
         Duration::from_secs(config.plan.lease_secs),
         config.plan.claim_batch as usize,
     );

@@ -299,42 +299,46 @@ pub trait Store {
     /// Whether several processes can share a run's work on this store (claims, one rate budget).
     fn shares_work(&self) -> bool;
 
-    /// Of `job_ids`, claims up to `max` for `worker` until `lease_until` (ms since the epoch) and
-    /// returns them, in job id order. A job is claimable when its lease is free, expired (before
-    /// `now`) or already `worker`'s, and it still needs work: planned or submitted, or (asked
-    /// again: forced, lookback, missing) not claimed by anyone since `since` (ms), the start of
-    /// the claiming run, so that the workers of one range re-pull such a job once between them.
+    /// The store's clock, ms since the epoch: the one clock of every worker's leases (a worker's
+    /// own clock may run ahead or behind).
+    fn clock_ms(&self) -> Result<i64, StateError>;
+
+    /// Of `job_ids`, claims up to `max` for `worker` for `lease_ms` from now by the store's clock,
+    /// and returns them, in job id order. A job is claimable when its lease is free, expired (by
+    /// the store's clock) or already `worker`'s, and it still needs work: planned or submitted, or
+    /// (asked again: forced, lookback, missing) not claimed by anyone since `since` (the store's
+    /// [`Store::clock_ms`] when the claiming run started), so that the workers of one range re-pull
+    /// such a job once between them.
     fn claim_jobs(
         &mut self,
         job_ids: &[&str],
         worker: &str,
-        now: i64,
-        lease_until: i64,
+        lease_ms: i64,
         since: i64,
         max: usize,
     ) -> Result<Vec<String>, StateError>;
 
-    /// Extends `worker`'s leases on `job_ids` to `lease_until` (ms); returns how many it still held.
+    /// Extends `worker`'s leases on `job_ids` to `lease_ms` from now by the store's clock; returns
+    /// how many it still held.
     fn renew_claims(
         &mut self,
         worker: &str,
         job_ids: &[&str],
-        lease_until: i64,
+        lease_ms: i64,
     ) -> Result<u64, StateError>;
 
     /// Gives `worker`'s claims on `job_ids` back (a final status releases a claim too).
     fn release_claims(&mut self, worker: &str, job_ids: &[&str]) -> Result<(), StateError>;
 
     /// Takes up to `want` request tokens from `account`'s bucket (refilled at `rate` per second up
-    /// to `burst`, starting full) in one transaction; returns how many were granted. `now` is ms
-    /// since the epoch (PostgreSQL uses the server's clock instead, one clock for every host).
+    /// to `burst`, starting full, by the store's clock) in one transaction; returns how many were
+    /// granted.
     fn take_tokens(
         &mut self,
         account: &str,
         rate: f64,
         burst: f64,
         want: u32,
-        now: i64,
     ) -> Result<u32, StateError>;
 
     /// Up to `limit` journaled callbacks after `id` (exclusive), in journal order.

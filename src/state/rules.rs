@@ -242,35 +242,39 @@ impl<B: Backend> Store for SqlStore<B> {
         self.db.shares_work()
     }
 
+    fn clock_ms(&self) -> Result<i64, StateError> {
+        self.count(&format!("SELECT {}", self.db.dialect().now_ms), &[])
+    }
+
     fn claim_jobs(
         &mut self,
         job_ids: &[&str],
         worker: &str,
-        now: i64,
-        lease_until: i64,
+        lease_ms: i64,
         since: i64,
         max: usize,
     ) -> Result<Vec<String>, StateError> {
         let d = self.db.dialect();
+        // Every time here is the store's: a worker whose clock runs ahead takes no live claim.
         let sql = format!(
-            "UPDATE jobs SET claimed_by = $2, lease_until = $4, claimed_at = $3
+            "UPDATE jobs SET claimed_by = $2, lease_until = {now} + $3, claimed_at = {now}
              WHERE job_id IN (
                SELECT job_id FROM jobs
                WHERE {}
-                 AND (claimed_by IS NULL OR lease_until < $3 OR claimed_by = $2)
+                 AND (claimed_by IS NULL OR lease_until < {now} OR claimed_by = $2)
                  AND (status IN ('planned', 'submitted') OR claimed_at IS NULL
-                      OR claimed_at < $5)
-               ORDER BY job_id LIMIT $6{})
+                      OR claimed_at < $4)
+               ORDER BY job_id LIMIT $5{})
              RETURNING job_id",
             d.any("job_id", 1),
-            d.skip_locked
+            d.skip_locked,
+            now = d.now_ms,
         );
         let max = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut claimed = self.rows(
-            &sql,
-            &params![job_ids, worker, now, lease_until, since, max],
-            |r| r.text(0),
-        )?;
+        let mut claimed =
+            self.rows(&sql, &params![job_ids, worker, lease_ms, since, max], |r| {
+                r.text(0)
+            })?;
         claimed.sort_unstable();
         Ok(claimed)
     }
@@ -279,14 +283,15 @@ impl<B: Backend> Store for SqlStore<B> {
         &mut self,
         worker: &str,
         job_ids: &[&str],
-        lease_until: i64,
+        lease_ms: i64,
     ) -> Result<u64, StateError> {
+        let d = self.db.dialect();
         let sql = format!(
-            "UPDATE jobs SET lease_until = $3 WHERE {} AND claimed_by = $2",
-            self.db.dialect().any("job_id", 1)
+            "UPDATE jobs SET lease_until = {} + $3 WHERE {} AND claimed_by = $2",
+            d.now_ms,
+            d.any("job_id", 1)
         );
-        self.db
-            .execute(&sql, &params![job_ids, worker, lease_until])
+        self.db.execute(&sql, &params![job_ids, worker, lease_ms])
     }
 
     fn release_claims(&mut self, worker: &str, job_ids: &[&str]) -> Result<(), StateError> {
@@ -303,7 +308,6 @@ impl<B: Backend> Store for SqlStore<B> {
         rate: f64,
         burst: f64,
         want: u32,
-        _now: i64,
     ) -> Result<u32, StateError> {
         let d = self.db.dialect();
         let name = self.db.name().to_owned();
@@ -311,31 +315,19 @@ impl<B: Backend> Store for SqlStore<B> {
             path: name.clone(),
             message: e.to_string(),
         };
+        // The account's row, created full if new, held until the commit (the upsert locks it),
+        // and the store's clock read once it is held: one clock for every worker.
+        let upsert = format!(
+            "INSERT INTO rate_budget (account, tokens, updated_at) VALUES ($1, $2, {now})
+             ON CONFLICT (account) DO UPDATE SET tokens = rate_budget.tokens
+             RETURNING tokens, updated_at, {now}",
+            now = d.now_ms
+        );
         self.db.transaction(|tx| {
-            tx.execute(
-                &format!(
-                    "INSERT INTO rate_budget (account, tokens, updated_at)
-                     VALUES ($1, $2, {}) ON CONFLICT DO NOTHING",
-                    d.now_ms
-                ),
-                &params![account, burst],
-            )?;
             let row = tx
-                .query_opt(
-                    &format!(
-                        "SELECT tokens, updated_at FROM rate_budget WHERE account = $1{}",
-                        d.for_update
-                    ),
-                    &params![account],
-                )?
-                .unwrap_or(Row(vec![Value::Real(burst), Value::Null]));
-            // The store's clock, read once the row is held: one clock for every worker.
-            let now = tx
-                .query_opt(&format!("SELECT {}", d.now_ms), &[])?
-                .map(|r| r.int(0))
-                .transpose()
-                .map_err(bad)?
-                .unwrap_or(0);
+                .query_opt(&upsert, &params![account, burst])?
+                .unwrap_or(Row(vec![Value::Real(burst), Value::Null, Value::Null]));
+            let now = row.opt_int(2).map_err(bad)?.unwrap_or(0);
             let tokens = row.real(0).map_err(bad)?;
             let updated_at = row.opt_int(1).map_err(bad)?.unwrap_or(now);
             let (granted, left) =

@@ -56,7 +56,6 @@ static SQLITE: Dialect = Dialect {
     request_order: "rowid",
     // One process writes at a time (`BEGIN IMMEDIATE`): nothing to skip or hold.
     skip_locked: "",
-    for_update: "",
     now_ms: "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
     // A conflict draws no rowid, and a subquery on `callbacks` would have SQLite copy each row
     // through a temporary table first.

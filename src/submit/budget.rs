@@ -77,10 +77,9 @@ impl SharedBudget {
         while *held == 0 {
             let (account, rate, burst, want) =
                 (self.account.clone(), self.rate, self.burst, self.grant);
-            let now = chrono::Utc::now().timestamp_millis();
             let granted = self
                 .store
-                .call(move |s| s.take_tokens(&account, rate, burst, want, now))
+                .call(move |s| s.take_tokens(&account, rate, burst, want))
                 .await?;
             if granted > 0 {
                 self.grants.fetch_add(1, Ordering::Relaxed);

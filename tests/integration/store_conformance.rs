@@ -83,11 +83,18 @@ struct Behaviour {
 }
 
 /// Every store behaviour; each runs on a fresh store of every backend.
-const BEHAVIOURS: &[Behaviour] = &[Behaviour {
-    name: "one call sequence over the whole trait",
-    run: exercise,
-    spot_checks: exercise_says_what_it_should,
-}];
+const BEHAVIOURS: &[Behaviour] = &[
+    Behaviour {
+        name: "one call sequence over the whole trait",
+        run: exercise,
+        spot_checks: exercise_says_what_it_should,
+    },
+    Behaviour {
+        name: "claims and leases by the store's clock",
+        run: claims,
+        spot_checks: claims_say_what_they_should,
+    },
+];
 
 /// Runs every behaviour on a fresh `backend` store and on a fresh SQLite store: the same answers,
 /// and reopening the store migrates nothing twice.
@@ -147,6 +154,70 @@ fn exercise_says_what_it_should(got: &[String]) {
         got.contains(&"pending all written: Ok([])".to_owned()),
         "{got:#?}"
     );
+}
+
+/// Two workers claim, renew and take over three jobs. Leases run on the store's clock: no call
+/// takes a worker's own time, so a worker whose clock runs ahead has nothing to steal with.
+fn claims(store: &mut dyn Store) -> Vec<String> {
+    let mut said = Vec::new();
+    let mut say = |what: &str, answer: String| said.push(format!("{what}: {answer}"));
+    let jobs = [job(1, 15), job(2, 15), job(3, 15)];
+    store.record_jobs(&jobs).expect("record");
+    // In id order, the order claims take them in: j1, j2, j3.
+    let mut ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    ids.sort_unstable();
+    let name = |claimed: Vec<String>| -> String {
+        let names: Vec<String> = claimed
+            .iter()
+            .map(|c| format!("j{}", ids.iter().position(|i| i == c).map_or(0, |p| p + 1)))
+            .collect();
+        names.join(",")
+    };
+    let since = store.clock_ms().expect("clock");
+    let now = chrono::Utc::now().timestamp_millis();
+    say(
+        "the store's clock is this host's, within a minute",
+        ((since - now).abs() < 60_000).to_string(),
+    );
+    let a = store
+        .claim_jobs(&ids, "a", 60_000, since, 2)
+        .expect("claim");
+    say("a claims two", name(a));
+    let b = store
+        .claim_jobs(&ids, "b", 60_000, since, 5)
+        .expect("claim");
+    say("b claims what a does not hold", name(b));
+    let c = store
+        .claim_jobs(&ids, "c", 60_000, since, 5)
+        .expect("claim");
+    say("c finds every lease live", name(c));
+    let held = store.renew_claims("a", &ids[..2], 60_000).expect("renew");
+    say("a renews its two", held.to_string());
+    let held = store.renew_claims("b", &ids[..2], 60_000).expect("renew");
+    say("b renews none of a's", held.to_string());
+    // a's leases lapse (renewed to end a second ago, by the store's clock): b takes them over.
+    store.renew_claims("a", &ids[..2], -1_000).expect("renew");
+    let b = store
+        .claim_jobs(&ids, "b", 60_000, since, 5)
+        .expect("claim");
+    say("b takes over a's lapsed leases and keeps its own", name(b));
+    let held = store.renew_claims("a", &ids[..2], 60_000).expect("renew");
+    say("a's renewal finds them gone", held.to_string());
+    said
+}
+
+fn claims_say_what_they_should(got: &[String]) {
+    let expected = [
+        "the store's clock is this host's, within a minute: true",
+        "a claims two: j1,j2",
+        "b claims what a does not hold: j3",
+        "c finds every lease live: ",
+        "a renews its two: 2",
+        "b renews none of a's: 0",
+        "b takes over a's lapsed leases and keeps its own: j1,j2,j3",
+        "a's renewal finds them gone: 0",
+    ];
+    assert_eq!(got, expected);
 }
 
 fn job(i: u32, day: u32) -> tsusage::plan::Job {
