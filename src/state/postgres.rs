@@ -72,6 +72,7 @@ static POSTGRES: Dialect = Dialect {
     without_rowid: "",
     request_order: "seq",
     skip_locked: " FOR UPDATE SKIP LOCKED",
+    for_update: " FOR UPDATE",
     now_ms: "(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
     // `ON CONFLICT` alone would draw an id from the sequence first (a gap at each redelivery).
     new_digest_only: "WHERE NOT EXISTS (SELECT 1 FROM callbacks WHERE body_digest = $5)",

@@ -315,19 +315,31 @@ impl<B: Backend> Store for SqlStore<B> {
             path: name.clone(),
             message: e.to_string(),
         };
-        // The account's row, created full if new, held until the commit (the upsert locks it),
-        // and the store's clock read once it is held: one clock for every worker.
-        let upsert = format!(
-            "INSERT INTO rate_budget (account, tokens, updated_at) VALUES ($1, $2, {now})
-             ON CONFLICT (account) DO UPDATE SET tokens = rate_budget.tokens
-             RETURNING tokens, updated_at, {now}",
-            now = d.now_ms
-        );
         self.db.transaction(|tx| {
+            tx.execute(
+                &format!(
+                    "INSERT INTO rate_budget (account, tokens, updated_at)
+                     VALUES ($1, $2, {}) ON CONFLICT DO NOTHING",
+                    d.now_ms
+                ),
+                &params![account, burst],
+            )?;
             let row = tx
-                .query_opt(&upsert, &params![account, burst])?
-                .unwrap_or(Row(vec![Value::Real(burst), Value::Null, Value::Null]));
-            let now = row.opt_int(2).map_err(bad)?.unwrap_or(0);
+                .query_opt(
+                    &format!(
+                        "SELECT tokens, updated_at FROM rate_budget WHERE account = $1{}",
+                        d.for_update
+                    ),
+                    &params![account],
+                )?
+                .unwrap_or(Row(vec![Value::Real(burst), Value::Null]));
+            // The store's clock, read once the row is held: one clock for every worker.
+            let now = tx
+                .query_opt(&format!("SELECT {}", d.now_ms), &[])?
+                .map(|r| r.int(0))
+                .transpose()
+                .map_err(bad)?
+                .unwrap_or(0);
             let tokens = row.real(0).map_err(bad)?;
             let updated_at = row.opt_int(1).map_err(bad)?.unwrap_or(now);
             let (granted, left) =

@@ -225,6 +225,8 @@ pub struct Dialect {
     pub request_order: &'static str,
     /// After a `SELECT` whose rows the statement changes: skips rows another transaction holds.
     pub skip_locked: &'static str,
+    /// After a `SELECT` whose row the transaction changes next: holds it until the commit.
+    pub for_update: &'static str,
     /// The store's clock, in ms since the epoch (one clock for every worker).
     pub now_ms: &'static str,
     /// The `WHERE` of the journal's `INSERT … SELECT $1, …` (`$5`: the body's digest) that spares

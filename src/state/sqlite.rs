@@ -56,6 +56,7 @@ static SQLITE: Dialect = Dialect {
     request_order: "rowid",
     // One process writes at a time (`BEGIN IMMEDIATE`): nothing to skip or hold.
     skip_locked: "",
+    for_update: "",
     now_ms: "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
     // A conflict draws no rowid, and a subquery on `callbacks` would have SQLite copy each row
     // through a temporary table first.
@@ -87,10 +88,7 @@ impl Drop for Sqlite {
     fn drop(&mut self) {
         // Sealed: no one appends to it again (a crash leaves it to the next writer's recovery).
         if let Some(appender) = self.appender.take() {
-            let _ = self.conn.execute(
-                "UPDATE segments SET sealed = 1 WHERE id = ?1",
-                [appender.id],
-            );
+            let _ = self.seal(appender.id);
         }
     }
 }
@@ -316,18 +314,28 @@ impl Sqlite {
             .map_err(self.err())
     }
 
+    /// Marks segment `id` sealed: no one appends to it again.
+    fn seal(&self, id: i64) -> Result<(), StateError> {
+        self.execute(
+            "UPDATE segments SET sealed = 1 WHERE id = $1",
+            &[Value::Int(id)],
+        )
+        .map(drop)
+    }
+
+    /// Removes segment `id`'s row (its file is gone, or goes next).
+    fn forget_segment(&self, id: i64) -> Result<(), StateError> {
+        self.execute("DELETE FROM segments WHERE id = $1", &[Value::Int(id)])
+            .map(drop)
+    }
+
     /// This process's segment, created on first use.
     fn appender(&mut self) -> Result<Appender, StateError> {
         if let Some(appender) = self.appender.take() {
             if appender.end() < segments::ROLL_BYTES {
                 return Ok(appender);
             }
-            self.conn
-                .execute(
-                    "UPDATE segments SET sealed = 1 WHERE id = ?1",
-                    [appender.id],
-                )
-                .map_err(self.err())?;
+            self.seal(appender.id)?;
         }
         // This process commits batches (set again at each new segment: harmless, and rare).
         self.conn
@@ -372,14 +380,10 @@ impl Sqlite {
                             "journal segment: removed the unreferenced tail of an interrupted commit"
                         );
                     }
-                    self.conn
-                        .execute("UPDATE segments SET sealed = 1 WHERE id = ?1", [id])
-                        .map_err(self.err())?;
+                    self.seal(*id)?;
                 }
                 Recovery::Missing => {
-                    self.conn
-                        .execute("DELETE FROM segments WHERE id = ?1", [id])
-                        .map_err(self.err())?;
+                    self.forget_segment(*id)?;
                 }
             }
         }
@@ -408,9 +412,7 @@ impl Sqlite {
         for (id, file) in gone {
             // The row goes first: a crash between the two leaves a stray file, which the next
             // writer's recovery removes.
-            self.conn
-                .execute("DELETE FROM segments WHERE id = ?1", [id])
-                .map_err(self.err())?;
+            self.forget_segment(id)?;
             segments::remove(&self.segment_dir, &file).map_err(self.io_err())?;
         }
         Ok(())
