@@ -511,10 +511,10 @@ enum Answer {
     Done,
 }
 
-fn owned(statements: &[Statement<'_>]) -> Vec<(String, Vec<Value>)> {
+fn owned(statements: Vec<Statement<'_>>) -> Vec<(String, Vec<Value>)> {
     statements
-        .iter()
-        .map(|(sql, params)| ((*sql).to_owned(), params.clone()))
+        .into_iter()
+        .map(|(sql, params)| (sql.to_owned(), params))
         .collect()
 }
 
@@ -650,12 +650,12 @@ impl<R: Runner> Exec for R {
             .map(count)
     }
 
-    fn execute_all(&self, statements: &[Statement<'_>]) -> Result<Vec<u64>, StateError> {
+    fn execute_all(&self, statements: Vec<Statement<'_>>) -> Result<Vec<u64>, StateError> {
         self.run(Op::ExecuteAll(owned(statements))).map(counts)
     }
 
-    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
-        let answer = self.run(Op::QueryEach(returning_id(sql), rows.to_vec()))?;
+    fn insert_all(&self, sql: &str, rows: Vec<Vec<Value>>) -> Result<Vec<Option<i64>>, StateError> {
+        let answer = self.run(Op::QueryEach(returning_id(sql), rows))?;
         new_ids(self.db(), answer)
     }
 

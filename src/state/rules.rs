@@ -144,7 +144,7 @@ pub fn commit_journal(
                 ]
             })
             .collect();
-        let inserted = tx.insert_all(&insert, &inserts)?;
+        let inserted = tx.insert_all(&insert, inserts)?;
         let mut outcomes = Vec::with_capacity(rows.len());
         let mut partitions = Vec::new();
         for (r, new) in rows.iter().zip(inserted) {
@@ -536,7 +536,7 @@ impl<B: Backend> Store for SqlStore<B> {
             }
         }
         self.db
-            .transaction(|tx| tx.execute_all(&statements))
+            .transaction(|tx| tx.execute_all(statements))
             .map(drop)
     }
 
@@ -821,7 +821,7 @@ impl<B: Backend> Store for SqlStore<B> {
         );
         let delete = format!("DELETE FROM callbacks WHERE {}", d.any("id", 1));
         let counts = self.db.transaction(|tx| {
-            tx.execute_all(&recorded)?;
+            tx.execute_all(recorded)?;
             let mut counts = PruneCounts::default();
             for chunk in ids.chunks(10_000) {
                 tx.execute(&unindex, &params![chunk])?;

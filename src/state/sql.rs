@@ -195,10 +195,10 @@ pub trait Exec {
     fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, StateError>;
     /// Runs the statements in order (PostgreSQL sends them all before reading an answer): the
     /// rows each changed.
-    fn execute_all(&self, statements: &[Statement<'_>]) -> Result<Vec<u64>, StateError>;
+    fn execute_all(&self, statements: Vec<Statement<'_>>) -> Result<Vec<u64>, StateError>;
     /// Runs the `INSERT` `sql` once for each row of parameters, in order (pipelined, as
     /// [`Exec::execute_all`]): the `id` of each new row, or `None` where it inserted nothing.
-    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError>;
+    fn insert_all(&self, sql: &str, rows: Vec<Vec<Value>>) -> Result<Vec<Option<i64>>, StateError>;
     /// Runs `sql`, several statements without parameters (a migration).
     fn batch(&self, sql: &str) -> Result<(), StateError>;
 

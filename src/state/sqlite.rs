@@ -214,14 +214,14 @@ impl Exec for On<'_> {
         Ok(changed as u64)
     }
 
-    fn execute_all(&self, statements: &[Statement<'_>]) -> Result<Vec<u64>, StateError> {
+    fn execute_all(&self, statements: Vec<Statement<'_>>) -> Result<Vec<u64>, StateError> {
         statements
             .iter()
             .map(|(sql, params)| self.execute(sql, params))
             .collect()
     }
 
-    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
+    fn insert_all(&self, sql: &str, rows: Vec<Vec<Value>>) -> Result<Vec<Option<i64>>, StateError> {
         // `last_insert_rowid`, not `RETURNING`: SQLite would open a temporary table for each.
         let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
         rows.iter()
@@ -437,11 +437,11 @@ impl Exec for Sqlite {
         self.on().execute(sql, params)
     }
 
-    fn execute_all(&self, statements: &[Statement<'_>]) -> Result<Vec<u64>, StateError> {
+    fn execute_all(&self, statements: Vec<Statement<'_>>) -> Result<Vec<u64>, StateError> {
         self.on().execute_all(statements)
     }
 
-    fn insert_all(&self, sql: &str, rows: &[Vec<Value>]) -> Result<Vec<Option<i64>>, StateError> {
+    fn insert_all(&self, sql: &str, rows: Vec<Vec<Value>>) -> Result<Vec<Option<i64>>, StateError> {
         self.on().insert_all(sql, rows)
     }
 
